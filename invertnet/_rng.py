@@ -1,0 +1,112 @@
+"""Recording and replaying the random-number state of sub-module calls.
+
+Recomputation in backward must see the same random numbers as the forward pass did,
+or dropout masks differ and gradients are wrong (memcnn issue 56). A coupling's inverse
+calls its sub-modules in the reverse order of the forward, so restoring one global state
+at the start is not enough: the state before *each* sub-module call is recorded, keyed
+by the call, and set again before the same call is recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+__all__ = ["RNGTape", "call_recorded"]
+
+_active_tape: contextvars.ContextVar[RNGTape | None] = contextvars.ContextVar(
+    "invertnet_rng_tape", default=None
+)
+
+
+def _devices_of(tensors: Sequence[torch.Tensor]) -> list[torch.device]:
+    return sorted(
+        {t.device for t in tensors if t.device.type not in ("cpu", "meta")},
+        key=lambda d: (d.type, d.index if d.index is not None else -1),
+    )
+
+
+class RNGTape:
+    """The RNG states seen by one forward call, for replay during its backward.
+
+    Parameters
+    ----------
+    tensors : sequence of torch.Tensor
+        The call's inputs; the accelerator devices they live on have their
+        generators recorded as well as the CPU generator.
+    """
+
+    def __init__(self, tensors: Sequence[torch.Tensor]) -> None:
+        self._devices = _devices_of(tensors)
+        self._initial = self._capture()
+        self._states: dict[Hashable, tuple[torch.Tensor, list[torch.Tensor]]] = {}
+        self._replaying = False
+
+    def _capture(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        accel = [torch.get_device_module(d.type).get_rng_state(d) for d in self._devices]
+        return torch.get_rng_state(), accel
+
+    def _restore(self, state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
+        cpu, accel = state
+        torch.set_rng_state(cpu)
+        for device, s in zip(self._devices, accel):
+            torch.get_device_module(device.type).set_rng_state(s, device)
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        """Record the state before every :func:`call_recorded` inside the block."""
+        token = _active_tape.set(self)
+        self._replaying = False
+        try:
+            yield
+        finally:
+            _active_tape.reset(token)
+
+    @contextlib.contextmanager
+    def replaying(self) -> Iterator[None]:
+        """Replay recorded states; the caller's RNG state is left untouched."""
+        device_type = self._devices[0].type if self._devices else "cuda"
+        with torch.random.fork_rng(devices=self._devices, device_type=device_type):
+            self._restore(self._initial)
+            token = _active_tape.set(self)
+            self._replaying = True
+            try:
+                yield
+            finally:
+                self._replaying = False
+                _active_tape.reset(token)
+
+    def reset_to_initial(self) -> None:
+        """Set the generators to the state at the start of the recorded call."""
+        self._restore(self._initial)
+
+    def _call(self, key: Hashable, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+        if self._replaying:
+            state = self._states.get(key)
+            if state is not None:
+                self._restore(state)
+        else:
+            self._states[key] = self._capture()
+        # Nested couplings inside `fn` must not see this tape: they replay
+        # naturally once the state before `fn` is restored.
+        token = _active_tape.set(None)
+        try:
+            return fn(*args)
+        finally:
+            _active_tape.reset(token)
+
+
+def call_recorded(key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
+    """Call ``fn(*args)``, recording or replaying its RNG state under ``key``.
+
+    Outside a wrapper that preserves RNG state this is a plain call. ``key`` must
+    identify the call uniquely within one forward pass of the enclosing module.
+    """
+    tape = _active_tape.get()
+    if tape is None:
+        return fn(*args)
+    return tape._call(key, fn, args)

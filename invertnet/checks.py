@@ -1,0 +1,174 @@
+"""Checking that a module really is invertible."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from invertnet.wrappers import InvertibleModuleWrapper
+
+__all__ = ["is_invertible_module"]
+
+Shape = Sequence[int] | Sequence[Sequence[int]]
+
+
+def _is_shape(s: Any) -> bool:
+    return isinstance(s, (tuple, list, torch.Size)) and all(
+        isinstance(e, int) and not isinstance(e, bool) and e >= 0 for e in s
+    )
+
+
+def _normalise_shapes(test_input_shape: Any) -> list[tuple[int, ...]]:
+    if _is_shape(test_input_shape) and len(test_input_shape) > 0:
+        return [tuple(test_input_shape)]
+    if (
+        isinstance(test_input_shape, (tuple, list))
+        and len(test_input_shape) > 0
+        and all(_is_shape(s) and len(s) > 0 for s in test_input_shape)
+    ):
+        return [tuple(s) for s in test_input_shape]
+    raise ValueError(
+        "test_input_shape must be a shape (a tuple of non-negative ints, e.g. (2, 4, 8, 8)) "
+        "or a tuple of shapes for a module with several inputs, got "
+        f"{test_input_shape!r}"
+    )
+
+
+def _as_tuple(y: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(y) if isinstance(y, (tuple, list)) else (y,)
+
+
+def _allclose(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float) -> bool:
+    return len(a) == len(b) and all(
+        isinstance(x, torch.Tensor) and x.shape == y.shape and torch.allclose(x, y, atol=atol)
+        for x, y in zip(a, b)
+    )
+
+
+@contextlib.contextmanager
+def _module_state_preserved(module: nn.Module) -> Iterator[None]:
+    """Leave the module, its buffers and the global RNG as they were."""
+    modes = [(m, m.training) for m in module.modules()]
+    buffers = [(b, b.detach().clone()) for b in module.buffers()]
+    with torch.random.fork_rng(devices=[]):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, saved in buffers:
+                    b.copy_(saved)
+            for m, mode in modes:
+                m.training = mode
+
+
+def _warn_shared(tensors: tuple[torch.Tensor, ...], what: str) -> None:
+    ptrs = [t.data_ptr() for t in tensors]
+    if len(set(ptrs)) != len(ptrs):
+        warnings.warn(
+            f"is_invertible_module: some {what} share the same tensor; an "
+            "InvertibleModuleWrapper cannot free and restore such tensors independently",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def is_invertible_module(
+    module_in: nn.Module,
+    test_input_shape: Shape,
+    test_input_dtype: torch.dtype = torch.float32,
+    atol: float = 1e-6,
+    random_seed: int = 42,
+    device: torch.device | str | None = None,
+) -> bool:
+    """Test numerically whether a module is invertible.
+
+    The module is run on uniform random inputs: it passes when
+    ``inverse(forward(x))`` equals ``x`` and ``forward(inverse(y))`` equals
+    ``y = forward(x)``, both within ``atol``. A wrapper is unwrapped first. The
+    module's training flags, buffers (such as BatchNorm statistics) and the global
+    RNG state are left as they were.
+
+    Parameters
+    ----------
+    module_in : torch.nn.Module
+        The module (or an :class:`~invertnet.InvertibleModuleWrapper`) to test.
+    test_input_shape : tuple of int, or tuple of tuples of int
+        Shape of the input, or one shape per input for several inputs.
+    test_input_dtype : torch.dtype
+        Dtype of the random inputs.
+    atol : float
+        Absolute tolerance of the round trips.
+    random_seed : int
+        Seed of the generator that draws the inputs.
+    device : torch.device or str, optional
+        Where to create the inputs; by default where the module's first parameter
+        lives, else the CPU.
+
+    Returns
+    -------
+    bool
+        ``False`` if the module has no ``inverse`` or a round trip fails.
+
+    Raises
+    ------
+    ValueError
+        If ``test_input_shape`` is not a shape or a tuple of shapes.
+
+    Warns
+    -----
+    UserWarning
+        If inputs share a tensor, outputs share a tensor, or an output is an input.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from invertnet import AdditiveCoupling, is_invertible_module
+    >>> is_invertible_module(AdditiveCoupling(torch.nn.Linear(2, 2)), (3, 4))
+    True
+    >>> is_invertible_module(torch.nn.Linear(4, 4), (3, 4))  # no inverse
+    False
+    """
+    shapes = _normalise_shapes(test_input_shape)
+    if isinstance(module_in, InvertibleModuleWrapper):
+        module_in = module_in.module
+    if not callable(getattr(module_in, "inverse", None)):
+        return False
+    if device is None:
+        first = next(iter(module_in.parameters()), None)
+        device = first.device if first is not None else torch.device("cpu")
+    generator = torch.Generator(device=device).manual_seed(random_seed)
+    with _module_state_preserved(module_in), torch.no_grad():
+        xs = tuple(
+            torch.rand(s, dtype=test_input_dtype, device=device, generator=generator)
+            for s in shapes
+        )
+        try:
+            ys = _as_tuple(module_in(*xs))
+            if not _allclose(_as_tuple(module_in.inverse(*ys)), xs, atol):
+                return False
+            ys = _as_tuple(module_in(*xs))
+            if not _allclose(_as_tuple(module_in(*_as_tuple(module_in.inverse(*ys)))), ys, atol):
+                return False
+        except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as error:
+            warnings.warn(
+                f"is_invertible_module: {type(module_in).__name__} raised "
+                f"{type(error).__name__} during the round trip: {error}",
+                UserWarning,
+                stacklevel=2,
+            )
+            return False
+        _warn_shared(xs, "inputs")
+        _warn_shared(ys, "outputs")
+        if {t.data_ptr() for t in xs} & {t.data_ptr() for t in ys}:
+            warnings.warn(
+                "is_invertible_module: an output is one of the inputs; an "
+                "InvertibleModuleWrapper would free it while it is still needed",
+                UserWarning,
+                stacklevel=2,
+            )
+    return True

@@ -1,0 +1,19 @@
+"""Invertible coupling blocks."""
+
+from invertnet.couplings.additive import AdditiveCoupling
+from invertnet.couplings.affine import AffineAdapterNaive, AffineAdapterSigmoid, AffineCoupling
+from invertnet.couplings.base import Combine, CouplingBase, Step
+from invertnet.couplings.factory import available_couplings, create_coupling, register_coupling
+
+__all__ = [
+    "AdditiveCoupling",
+    "AffineCoupling",
+    "AffineAdapterNaive",
+    "AffineAdapterSigmoid",
+    "Combine",
+    "CouplingBase",
+    "Step",
+    "available_couplings",
+    "create_coupling",
+    "register_coupling",
+]

@@ -1,0 +1,111 @@
+"""Freeing an input's memory after the forward pass and restoring it in backward.
+
+An input may be freed only when nothing but the caller's reference holds its
+storage: freeing a tensor that a view, a ReLU's saved output or any other saved
+tensor shares would corrupt that holder (memcnn issues 39, 70). PyTorch's use
+counts tell how many tensors and saved variables hold a storage, so each input is
+checked before anything is touched.
+
+A freed input keeps its storage object (so every alias of it sees the restored
+data) but is given a zero-element shape until backward restores it: reading it in
+the meantime then fails with an error or yields an empty tensor, where a full-shape
+tensor over zero bytes would read out-of-bounds memory (memcnn issues 38, 73).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["FreedInput", "why_not_freeable", "free", "FREED_ATTR"]
+
+#: Attribute set on a freed input tensor, naming who freed it.
+FREED_ATTR = "_invertnet_freed_by"
+
+_storage_use_count = torch._C._storage_Use_Count
+
+
+def _storage_holders(x: torch.Tensor) -> int:
+    # One reference belongs to the temporary storage object created by this call.
+    return _storage_use_count(x.untyped_storage()._cdata) - 1
+
+
+def _expected_tensor_holders(x: torch.Tensor) -> int:
+    # A leaf that requires grad is also held by its gradient accumulator.
+    return 2 if (x.is_leaf and x.requires_grad) else 1
+
+
+def why_not_freeable(
+    x: torch.Tensor, outputs: tuple[torch.Tensor, ...], own_alias: bool
+) -> str | None:
+    """Return why ``x`` must be kept, or ``None`` if it may be freed.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        The input.
+    outputs : tuple of torch.Tensor
+        The outputs of the call that consumed ``x``; none may share its storage.
+    own_alias : bool
+        Whether an invertnet wrapper that produced ``x`` holds one alias of it.
+    """
+    if x.numel() == 0:
+        return "it is empty"
+    if isinstance(x, nn.Parameter):
+        return "it is a parameter"
+    if x._base is not None:
+        return "it is a view of another tensor"
+    storage = x.untyped_storage()
+    if x.storage_offset() != 0 or storage.nbytes() != x.numel() * x.element_size():
+        return "it covers only part of its storage, which other tensors may use"
+    expected_storage = 1 + (1 if own_alias else 0)
+    if _storage_holders(x) > expected_storage or x._use_count() > _expected_tensor_holders(x):
+        return (
+            "its storage is also held elsewhere (a view of it, or an earlier operation "
+            "that saved it for backward, such as a ReLU)"
+        )
+    ptr = storage.data_ptr()
+    if any(o.untyped_storage().data_ptr() == ptr for o in outputs):
+        return "an output shares its storage"
+    return None
+
+
+@dataclass
+class FreedInput:
+    """What is needed to give a freed input its memory and values back."""
+
+    tensor: torch.Tensor
+    size: torch.Size
+    stride: tuple[int, ...]
+    nbytes: int
+    version: int
+
+    def restore(self, values: torch.Tensor) -> None:
+        """Reallocate the storage, restore the shape and copy ``values`` in."""
+        x = self.tensor
+        with torch.no_grad():
+            storage = x.untyped_storage()
+            storage.resize_(self.nbytes)
+            x.set_(storage, 0, self.size, self.stride)
+            x.copy_(values)
+        if hasattr(x, FREED_ATTR):
+            delattr(x, FREED_ATTR)
+
+    @property
+    def mutated(self) -> bool:
+        """Whether something wrote to the tensor in place while it was freed."""
+        return self.tensor._version != self.version
+
+
+def free(x: torch.Tensor, owner: str) -> FreedInput:
+    """Release ``x``'s memory, keeping its storage object for a later restore."""
+    record_size, record_stride = x.size(), x.stride()
+    nbytes = x.untyped_storage().nbytes()
+    with torch.no_grad():
+        storage = x.untyped_storage()
+        storage.resize_(0)
+        x.set_(storage, 0, (0,), (1,))
+    setattr(x, FREED_ATTR, owner)
+    return FreedInput(x, record_size, record_stride, nbytes, x._version)

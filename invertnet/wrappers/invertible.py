@@ -1,0 +1,351 @@
+"""InvertibleModuleWrapper: trade compute for memory with any invertible module."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from invertnet._rng import RNGTape
+from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
+from invertnet.wrappers._storage import FREED_ATTR, FreedInput, free, why_not_freeable
+
+__all__ = ["InvertibleModuleWrapper"]
+
+Tensors = tuple[torch.Tensor, ...]
+FusedBackward = Callable[[Tensors, Tensors, Tensors], tuple[Tensors, Tensors, list]]
+Output = torch.Tensor | Tensors
+
+
+def _as_tuple(y: Any, what: str) -> Tensors:
+    ys = tuple(y) if isinstance(y, (tuple, list)) else (y,)
+    for i, t in enumerate(ys):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} {i} must be a tensor, got {type(t).__name__}")
+    return ys
+
+
+@dataclass
+class _Call:
+    """Everything one wrapped call needs besides its tensors."""
+
+    wrapper: InvertibleModuleWrapper
+    run: Callable[..., Any]
+    undo: Callable[..., Any]
+    fused: FusedBackward | None
+    keep_input: bool
+    num_inputs: int
+    direction: str
+    # Filled in by the forward pass.
+    inputs: Tensors = ()
+    outputs: Tensors = ()
+    params: Tensors = ()
+    freed: dict[int, FreedInput] = field(default_factory=dict)
+    tape: RNGTape | None = None
+    autocast: list[AutocastState] = field(default_factory=list)
+    passes_left: int = 0
+
+
+class _InvertibleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> Tensors:
+        wrapper = call.wrapper
+        inputs, params = tensors[: call.num_inputs], tensors[call.num_inputs :]
+        for i, x in enumerate(inputs):
+            owner = getattr(x, FREED_ATTR, None)
+            if owner is not None:
+                raise RuntimeError(
+                    f"{type(wrapper.module).__name__}.{call.direction}: input {i} was freed by "
+                    f"an earlier {owner} with keep_input=False and is used again here; pass "
+                    "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
+                )
+        call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
+        call.autocast = AutocastState.capture(inputs)
+        with call.tape.recording() if call.tape is not None else contextlib.nullcontext():
+            outputs = _as_tuple(call.run(*inputs), f"output of {type(wrapper.module).__name__}")
+
+        if not call.keep_input:
+            seen: set[int] = set()
+            for i, x in enumerate(inputs):
+                own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
+                reason = why_not_freeable(x, outputs, own_alias)
+                if reason is None and id(x) in seen:
+                    reason = "it is passed more than once"
+                seen.add(id(x))
+                if reason is None:
+                    call.freed[i] = free(
+                        x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})"
+                    )
+                else:
+                    wrapper._warn_kept(i, reason)
+        call.inputs = inputs
+        call.params = params
+        # Aliases share the storage: the next wrapper frees and restores it in place.
+        call.outputs = tuple(o.detach() for o in outputs)
+        call.passes_left = wrapper.num_bwd_passes
+        ctx.call = call
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        call: _Call = ctx.call
+        name = type(call.wrapper.module).__name__
+        if call.passes_left <= 0:
+            raise RuntimeError(
+                f"InvertibleModuleWrapper({name}): backward was run more times than "
+                f"num_bwd_passes={call.wrapper.num_bwd_passes}; raise num_bwd_passes to the "
+                "number of backward passes you run through this graph"
+            )
+        for i, o in enumerate(call.outputs):
+            if o.numel() and o.untyped_storage().nbytes() == 0:
+                raise RuntimeError(
+                    f"InvertibleModuleWrapper({name}): output {i} is still freed; the wrapper "
+                    "that consumed it has not run its backward (was its output discarded?)"
+                )
+        for i, freed in call.freed.items():
+            if freed.mutated:
+                raise RuntimeError(
+                    f"InvertibleModuleWrapper({name}): input {i} was modified in place after "
+                    "the wrapper freed it, so it cannot be restored; pass keep_input=True if "
+                    "you need to use or modify the input after the call"
+                )
+        call.passes_left -= 1
+
+        needs = ctx.needs_input_grad[1:]
+        grad_outputs = tuple(g.to(o.dtype) for g, o in zip(grad_outputs, call.outputs))
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(AutocastState.restored(call.autocast))
+            stack.enter_context(buffers_unchanged(call.wrapper.module))
+            if call.tape is not None:
+                stack.enter_context(call.tape.replaying())
+            reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs)
+
+        with torch.no_grad():
+            for i, freed in call.freed.items():
+                freed.restore(reconstructed[i])
+        if call.passes_left == 0:
+            # Drop references so the memory goes when the graph does.
+            call.inputs = call.outputs = call.params = ()
+            call.freed = {}
+            call.tape = None
+        return (None, *grads)
+
+
+def _recompute_and_differentiate(
+    call: _Call, grad_outputs: Tensors, needs: tuple[bool, ...]
+) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
+    params = call.params
+    if call.freed and call.fused is not None:
+        inputs, grad_inputs, grad_params = call.fused(call.outputs, grad_outputs, params)
+        grads = tuple(
+            g.to(x.dtype) if need and g is not None else None
+            for g, x, need in zip(grad_inputs, call.inputs, needs)
+        )
+        return inputs, grads + tuple(grad_params)
+
+    if call.freed:
+        with torch.no_grad():
+            inputs = _as_tuple(call.undo(*call.outputs), "reconstructed input")
+        if call.tape is not None:
+            call.tape.reset_to_initial()
+    else:
+        inputs = call.inputs
+    leaves = tuple(
+        x.detach().requires_grad_(need) for x, need in zip(inputs, needs[: call.num_inputs])
+    )
+    with torch.enable_grad():
+        outputs = _as_tuple(call.run(*leaves), "recomputed output")
+    wanted = [leaf for leaf in leaves if leaf.requires_grad] + list(params)
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    found: tuple[torch.Tensor | None, ...] = ()
+    if pairs and wanted:
+        found = torch.autograd.grad(
+            [o for o, _ in pairs], wanted, [g for _, g in pairs], allow_unused=True
+        )
+    found_iter = iter(found) if found else iter([None] * len(wanted))
+    grad_inputs = tuple(next(found_iter) if leaf.requires_grad else None for leaf in leaves)
+    return tuple(leaf.detach() for leaf in leaves), grad_inputs + tuple(found_iter)
+
+
+class InvertibleModuleWrapper(nn.Module):
+    """Run an invertible module without keeping its input for backward.
+
+    In training, the forward pass frees the input's memory; backward reconstructs
+    the input from the output with the module's inverse and restores it. A chain of
+    wrapped blocks therefore keeps activation memory for about one block, whatever
+    its depth.
+
+    For couplings (:class:`~invertnet.AdditiveCoupling`,
+    :class:`~invertnet.AffineCoupling`, :class:`~invertnet.MomentumCoupling`) the
+    reconstruction and the backward pass are fused: each sub-module is evaluated
+    once, so a training step costs one extra forward, as with
+    :func:`torch.utils.checkpoint.checkpoint`. Other modules are inverted and then
+    run forward again.
+
+    Parameters
+    ----------
+    fn : torch.nn.Module
+        An invertible module: ``forward(*x)`` and ``inverse(*y)`` with
+        ``inverse(forward(x)) == x`` up to rounding, deterministic given its
+        parameters (and the RNG state, see ``preserve_rng_state``).
+    keep_input : bool
+        Keep the input of :meth:`forward` instead of freeing it. Required when the
+        input is used again after the call, for example in a residual skip
+        ``x + wrapper(x)``.
+    keep_input_inverse : bool
+        The same for the input of :meth:`inverse`.
+    num_bwd_passes : int
+        How many backward passes may run through one forward call (for
+        ``retain_graph=True``); one more raises :class:`RuntimeError`.
+    disable : bool
+        Run ``fn`` directly with plain autograd (no memory saving).
+    preserve_rng_state : bool
+        Record the random-number state before each sub-module call and replay it
+        in backward, so that dropout is reproduced exactly.
+
+    Notes
+    -----
+    Inputs are freed only when that is safe and useful: in training with grad
+    enabled, and when no other tensor holds the input's storage. A kept input is
+    reported by a :class:`UserWarning` once per wrapper. A freed input has a
+    zero-element shape until backward restores it; do not read it in between.
+
+    Under :func:`torch.no_grad`, :func:`torch.inference_mode`, or when neither the
+    inputs nor the parameters require grad, the module runs directly and nothing
+    is freed.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from invertnet import AdditiveCoupling, InvertibleModuleWrapper
+    >>> block = InvertibleModuleWrapper(AdditiveCoupling(torch.nn.Linear(4, 4)))
+    >>> x = torch.randn(3, 8, requires_grad=True)
+    >>> y = block(x)
+    >>> x.shape  # freed until backward
+    torch.Size([0])
+    >>> y.sum().backward()
+    >>> x.shape
+    torch.Size([3, 8])
+    """
+
+    def __init__(
+        self,
+        fn: nn.Module,
+        keep_input: bool = False,
+        keep_input_inverse: bool = False,
+        num_bwd_passes: int = 1,
+        disable: bool = False,
+        preserve_rng_state: bool = False,
+    ) -> None:
+        super().__init__()
+        if not isinstance(fn, nn.Module):
+            raise TypeError(
+                f"InvertibleModuleWrapper expects an nn.Module, got {type(fn).__name__}"
+            )
+        if not callable(getattr(fn, "inverse", None)):
+            raise TypeError(
+                f"InvertibleModuleWrapper: {type(fn).__name__} has no inverse method; wrap a "
+                "module that defines both forward(*x) and inverse(*y)"
+            )
+        if (
+            isinstance(num_bwd_passes, bool)
+            or not isinstance(num_bwd_passes, int)
+            or num_bwd_passes < 1
+        ):
+            raise ValueError(f"num_bwd_passes must be an int >= 1, got {num_bwd_passes!r}")
+        self._fn = fn
+        self.keep_input = keep_input
+        self.keep_input_inverse = keep_input_inverse
+        self.num_bwd_passes = num_bwd_passes
+        self.disable = disable
+        self.preserve_rng_state = preserve_rng_state
+        self._warned_kept = False
+
+    @property
+    def module(self) -> nn.Module:
+        """The wrapped invertible module."""
+        return self._fn
+
+    def _warn_kept(self, index: int, reason: str) -> None:
+        if self._warned_kept:
+            return
+        self._warned_kept = True
+        warnings.warn(
+            f"InvertibleModuleWrapper({type(self._fn).__name__}): input {index} is kept in "
+            f"memory instead of freed because {reason}; results are unaffected, only the "
+            "memory saving is lost (this warning is shown once per wrapper)",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _active(self, tensors: Tensors) -> bool:
+        if self.disable or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return False
+        return any(t.requires_grad for t in tensors) or any(
+            p.requires_grad for p in self._fn.parameters()
+        )
+
+    def _run(self, xs: tuple[Any, ...], direction: str) -> Output:
+        run, undo = (
+            (self._fn.forward, self._fn.inverse)
+            if direction == "forward"
+            else (self._fn.inverse, self._fn.forward)
+        )
+        if not xs:
+            raise ValueError(f"InvertibleModuleWrapper.{direction} needs at least one input tensor")
+        inputs = _as_tuple(xs, f"InvertibleModuleWrapper.{direction}: input")
+        if not self._active(inputs):
+            y = self._fn(*inputs) if direction == "forward" else run(*inputs)
+        else:
+            fused = getattr(self._fn, "inverse_and_vjp", None) if direction == "forward" else None
+            params = tuple(p for p in self._fn.parameters() if p.requires_grad)
+            call = _Call(
+                wrapper=self,
+                run=run,
+                undo=undo,
+                fused=fused,
+                keep_input=self.keep_input if direction == "forward" else self.keep_input_inverse,
+                num_inputs=len(inputs),
+                direction=direction,
+            )
+            y = _InvertibleFunction.apply(call, *inputs, *params)
+        if isinstance(y, (tuple, list)) and len(y) == 1:
+            return y[0]
+        return y
+
+    def forward(self, *xin: torch.Tensor) -> Output:
+        """Apply the wrapped module, freeing the inputs unless ``keep_input``.
+
+        Parameters
+        ----------
+        *xin : torch.Tensor
+            The module's inputs.
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            One output bare, several as a tuple.
+        """
+        return self._run(xin, "forward")
+
+    def inverse(self, *yin: torch.Tensor) -> Output:
+        """Apply the wrapped module's inverse, freeing the inputs unless ``keep_input_inverse``.
+
+        Parameters
+        ----------
+        *yin : torch.Tensor
+            The module's outputs.
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            The reconstructed inputs, one bare, several as a tuple.
+        """
+        return self._run(yin, "inverse")
