@@ -2,7 +2,12 @@
 
 project = "invertnet"
 author = "invertnet developers"
-extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "sphinx.ext.viewcode"]
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.mathjax",
+    "sphinx.ext.viewcode",
+]
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 autodoc_typehints = "description"
