@@ -83,7 +83,7 @@ LIMIT = 2**60
 CHUNK_BITS = 31
 
 #: A head at or above this is flushed to a chunk before it is multiplied by a
-#: denominator (at most 2**16), keeping it below 2**56.
+#: denominator (at most 2**20), keeping it below 2**60.
 HEAD_LIMIT = 2**40
 
 _CHUNK_MASK = (1 << CHUNK_BITS) - 1
