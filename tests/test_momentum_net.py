@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -69,6 +71,21 @@ def test_quickstart_runs_as_written() -> None:
     assert len(mresnet.functions) == 10 and all(f is function for f in mresnet.functions)
     expected = _reference([function] * 10, 0.9, x)
     torch.testing.assert_close(mresnet(x).double(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_readme_momentum_quickstart_runs_as_written() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
+    section = readme.split("Momentum ResNets\n================", 1)[1]
+    block = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", section)
+    assert block is not None, "README has no Momentum ResNets code block"
+    code = "\n".join(line[4:] for line in block.group(1).splitlines())
+    assert "MomentumNet([function] * 10, gamma=0.9)" in code
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.rst momentum quickstart", "exec"), namespace)  # noqa: S102
+    assert namespace["mresnet"](namespace["x"]).shape == (10, 500)
+    src, tgt = torch.randn(2, 5, 32), torch.randn(2, 4, 32, requires_grad=True)
+    namespace["mtransformer"](src, tgt).sum().backward()
+    assert tgt.grad is not None
 
 
 # -- semantics ----------------------------------------------------------------
