@@ -50,14 +50,9 @@ class _Run:
 
 
 def _nested_grad_tensor(value: Any) -> bool:
-    if isinstance(value, dict):
-        value = list(value.values())
-    if isinstance(value, (list, tuple)):
-        return any(
-            (isinstance(v, torch.Tensor) and v.requires_grad) or _nested_grad_tensor(v)
-            for v in value
-        )
-    return False
+    from invertnet.momentum.net import _requires_grad
+
+    return isinstance(value, (list, tuple, dict)) and _requires_grad(value)
 
 
 def _grad_slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Slot]:
