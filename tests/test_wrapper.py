@@ -392,7 +392,9 @@ def test_without_preserve_rng_state_dropout_differs() -> None:
 )
 def test_batchnorm_statistics_equal_plain_after_a_step(make, momentum) -> None:
     torch.manual_seed(0)
-    F = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2, momentum=momentum))
+    F = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2, momentum=momentum)
+    )
     wrapped, plain = wrapped_pair(make(F))
     x = [torch.randn(4, 4, 5, 5, requires_grad=True)]
     for _ in range(2):
