@@ -17,6 +17,8 @@ from invertnet import (
 )
 from tests._core_helpers import ThreeToOne, TwoWay
 
+torch.manual_seed(0)  # the parametrized modules below are built at collection
+
 
 class _Scale(nn.Module):
     """``forward(x) = x * scale``; ``inverse(y) = y / scale + error``."""
@@ -86,7 +88,7 @@ def test_invertible_modules_pass(module: nn.Module, shape) -> None:
 
 def test_unwraps_a_wrapper_and_does_not_free_its_inputs() -> None:
     wrapper = InvertibleModuleWrapper(AdditiveCoupling(nn.Linear(2, 2)))
-    assert _check_no_warning(wrapper, (3, 4))
+    assert _check_no_warning(wrapper, (3, 4), atol=1e-5)
 
 
 def test_module_without_inverse_is_not_invertible() -> None:
@@ -212,7 +214,6 @@ def test_module_state_and_global_rng_are_left_as_found(training: bool) -> None:
 
 
 def test_device_argument() -> None:
-    assert is_invertible_module(AdditiveCoupling(nn.Linear(2, 2)), (3, 4), device="cpu")
-    assert is_invertible_module(
-        AdditiveCoupling(nn.Linear(2, 2)), (3, 4), device=torch.device("cpu")
-    )
+    block = AdditiveCoupling(nn.Linear(2, 2))
+    assert is_invertible_module(block, (3, 4), atol=1e-5, device="cpu")
+    assert is_invertible_module(block, (3, 4), atol=1e-5, device=torch.device("cpu"))
