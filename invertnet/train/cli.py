@@ -246,6 +246,11 @@ def _report(summary: Summary, config: RunConfig) -> str:
     )
 
 
+def _echo(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()  # keep the order of stdout and stderr lines in a terminal or log
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``invertnet train``; returns the exit status (0 success, 1 failure, 2 usage)."""
     parser = build_parser()
@@ -255,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(exit_.code or 0)
     try:
         config = resolve_config(args)
-        summary = run_training(config, echo=lambda line: sys.stdout.write(line + "\n"))
+        summary = run_training(config, echo=_echo)
     except TrainingError as exc:
         sys.stderr.write(f"{PROG}: error: {exc}\n")
         return 1

@@ -61,11 +61,14 @@ class DatasetInfo:
         One line for ``--help``.
     load : callable
         ``load(data_dir, download, seed)`` returns :class:`LoadedData`.
+    input_kind : str
+        ``'image'`` or ``'points'``, known before loading.
     """
 
     name: str
     description: str
     load: Callable[[Path, bool, int], LoadedData]
+    input_kind: str = "image"
 
 
 def default_data_dir() -> Path:
@@ -111,10 +114,10 @@ def _load_cifar(name: str, data_dir: Path, download: bool) -> LoadedData:
 
     try:
         train_set = build(True, train_tf, False)
-    except RuntimeError as missing:
+    except RuntimeError:
         if not download:
             raise DatasetUnavailableError(
-                f"{name} was not found at {expected} ({missing}) and downloading is off; "
+                f"{name} was not found (or is incomplete) at {expected} and downloading is off; "
                 f"extract {_CIFAR_URLS[name]} into {data_dir} or pass another --data-dir"
             ) from None
         try:
@@ -202,6 +205,7 @@ DATASETS: dict[str, DatasetInfo] = {
         f"nested rings, generated in process ({4 * RINGS_TRAIN_PER_RING}/"
         f"{4 * RINGS_TEST_PER_RING} 2-D points, 2 classes)",
         _load_rings,
+        input_kind="points",
     ),
 }
 

@@ -18,7 +18,7 @@ from tqdm import tqdm
 from invertnet.models import get_model, model_entry
 from invertnet.train.checkpoint import FORMAT, check_identity, load_checkpoint, save_atomically
 from invertnet.train.config import RunConfig
-from invertnet.train.data import LoadedData, load_dataset
+from invertnet.train.data import DATASETS, LoadedData, load_dataset
 from invertnet.train.errors import NonFiniteLossError, TrainingError
 from invertnet.train.recipes import learning_rate_at
 from invertnet.train.results import ResultsDir
@@ -99,20 +99,21 @@ class _Run:
         self.results = ResultsDir(config.results_dir)
         entry = model_entry(config.model)
 
-        self.results.prepare(config.fresh)
-        self.data: LoadedData = load_dataset(
-            config.dataset, config.data_dir, download=config.download, seed=config.seed
-        )
-        if self.data.input_kind != entry.input_kind:
+        kind = DATASETS[config.dataset].input_kind
+        if kind != entry.input_kind:
             raise TrainingError(
                 f"model {config.model!r} takes {entry.input_kind} inputs but dataset "
-                f"{config.dataset!r} has {self.data.input_kind}; "
+                f"{config.dataset!r} has {kind}; "
                 + (
                     "use mresnet_rings for rings"
-                    if self.data.input_kind == "points"
+                    if kind == "points"
                     else "use an image model (resnet*, revnet*, mresnet18...) for CIFAR"
                 )
             )
+        self.results.ensure_writable()
+        self.data: LoadedData = load_dataset(
+            config.dataset, config.data_dir, download=config.download, seed=config.seed
+        )
         self.identity = {
             "model": config.model,
             "dataset": config.dataset,
@@ -144,6 +145,9 @@ class _Run:
     # -- checkpoints --------------------------------------------------------------
     def resume(self) -> None:
         path = self.results.checkpoint
+        if self.config.fresh:
+            self.results.discard()
+            return
         if not path.exists():
             return
         state = load_checkpoint(path)
@@ -285,8 +289,8 @@ class _Run:
 
     def run(self) -> Summary:
         started = time.perf_counter()
-        self.results.write_json(ResultsDir.RUN, self.config.to_json())
         self.resume()
+        self.results.write_json(ResultsDir.RUN, self.config.to_json())
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         while self.step < self.total_steps:

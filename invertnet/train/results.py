@@ -42,8 +42,8 @@ class ResultsDir:
     def metrics(self) -> Path:
         return self.path / self.METRICS
 
-    def prepare(self, fresh: bool) -> None:
-        """Create the directory, prove it writable, and with ``fresh`` remove earlier results.
+    def ensure_writable(self) -> None:
+        """Create the directory and prove that files can be written in it.
 
         Raises
         ------
@@ -59,10 +59,12 @@ class ResultsDir:
                 f"results directory {self.path} is not writable ({exc.strerror or exc}); "
                 "pass a writable --results-dir"
             ) from None
-        if fresh:
-            # Only this command's own files: the directory may hold the user's others.
-            for name in (self.CHECKPOINT, self.METRICS, self.RUN, self.SUMMARY):
-                (self.path / name).unlink(missing_ok=True)
+
+    def discard(self) -> None:
+        """Remove earlier results (``--fresh``)."""
+        # Only this command's own files: the directory may hold the user's others.
+        for name in (self.CHECKPOINT, self.METRICS, self.RUN, self.SUMMARY):
+            (self.path / name).unlink(missing_ok=True)
 
     def write_json(self, name: str, data: dict[str, Any]) -> None:
         """Write ``name`` atomically as indented JSON."""
