@@ -10,9 +10,10 @@ from numbers import Real
 __all__ = ["MAX_DENOMINATOR", "Gamma"]
 
 #: Largest denominator of the fraction that represents ``gamma``. Every decimal
-#: with up to four digits (0.9, 0.99, 0.125, 0.1234) is represented exactly; any
-#: other value is replaced by its nearest fraction, at most ``1 / 2**32`` away.
-MAX_DENOMINATOR = 2**16
+#: with up to six digits (0.9, 0.99, 0.125, 0.123456) is represented exactly; any
+#: other value by the nearest fraction ``n / d`` with ``d <= 2**20``, which differs
+#: from it by less than ``1 / (d * 2**20)``.
+MAX_DENOMINATOR = 2**20
 
 
 @dataclass(frozen=True)

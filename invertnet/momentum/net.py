@@ -66,7 +66,7 @@ class MomentumNet(nn.Module):
         its weights across those layers.
     gamma : float
         The momentum term, in ``[0, 1]``. It is held as the nearest fraction with
-        denominator at most 65536 (exact for 0.9, 0.99, 0.5, ...), used by both modes.
+        denominator at most 2**20 (exact for 0.9, 0.99, 0.5, ...), used by both modes.
         ``gamma = 0`` gives the plain ResNet ``x_{t+1} = x_t + f_t(x_t)``.
     init_speed : bool
         Start from ``v_0 = init_function(x)`` instead of 0.
