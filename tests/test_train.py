@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import re
 import runpy
 import sys
@@ -113,6 +114,15 @@ def test_momentum_resnet_trains_on_cifar100_by_iterations(cifar100, tmp_path):
     assert [r["step"] for r in _metrics(results)] == [2, 3]
 
 
+def test_mixed_precision_runs_on_this_device(cifar10, tmp_path):
+    results = tmp_path / "amp"
+    args = ["revnet38", "cifar10", "--data-dir", cifar10, "--batch-size", 10, "--amp"]
+    assert _train(*args, "--iterations", 2, "--results-dir", results) == 0
+    record = _metrics(results)[0]
+    assert record["step"] == 2 and math.isfinite(record["train_loss"])
+    assert json.loads((results / "run.json").read_text())["amp"] is True
+
+
 def test_fresh_discards_earlier_results(tmp_path):
     results = tmp_path / "rings"
     args = ["mresnet_rings", "rings", "--batch-size", 500, "--results-dir", results]
@@ -137,19 +147,35 @@ def test_rings_reaches_95_percent_with_a_momentum_resnet(tmp_path):
     assert summary["test_acc"] >= 95.0, summary
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("mode", ["--use-backprop", "exact"])
+def test_divergence_stops_with_the_step_and_keeps_the_checkpoint(mode, tmp_path, capsys):
     results = tmp_path / "rings"
     args = ["mresnet_rings", "rings", "--batch-size", 500, "--results-dir", results]
+    args += [mode] if mode != "exact" else []
     assert _train(*args, "--epochs", 1) == 0
     before = (results / "checkpoint.pt").read_bytes()
     capsys.readouterr()
     assert _train(*args, "--epochs", 3, "--lr", 1e30) == 1
     err = capsys.readouterr().err
-    step = int(re.search(r"the loss is (?:nan|inf|-inf) at step (\d+)", err).group(1))
-    assert step > 8  # 4000 points / batch 500: after the first epoch's 8 steps
+    # Stored activations give a NaN loss; the exact mode may first refuse values beyond
+    # its fixed-point range. Either way the error names the step.
+    pattern = r"(the loss is (?:nan|inf|-inf)|training diverged) at step (\d+)"
+    found = re.search(pattern, err)
+    assert found, err
+    if mode == "--use-backprop":
+        assert found.group(1).startswith("the loss is")
+    assert int(found.group(2)) > 8  # 4000 points / batch 500: after the first epoch's 8 steps
     assert "checkpoint.pt (after epoch 1)" in err and "unchanged" in err
     assert (results / "checkpoint.pt").read_bytes() == before
     assert load_checkpoint(results / "checkpoint.pt")["epoch"] == 1
+
+
+def test_divergence_in_the_first_epoch_says_no_checkpoint_exists(tmp_path, capsys):
+    results = tmp_path / "rings"
+    args = ["mresnet_rings", "rings", "--use-backprop", "--lr", 1e30, "--results-dir", results]
+    assert _train(*args, "--batch-size", 500, "--epochs", 1) == 1
+    assert "No checkpoint was written yet" in capsys.readouterr().err
+    assert not (results / "checkpoint.pt").exists()
 
 
 def test_checkpoint_write_interrupted_midway_keeps_the_previous_one(tmp_path, monkeypatch):

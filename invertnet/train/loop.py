@@ -233,19 +233,21 @@ class _Run:
                 lr = learning_rate_at(self.step, self.total_steps, config.lr, config.milestones)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                with self._autocast():
-                    logits = self.model(x)
-                    loss = self.criterion(logits.float(), y)
-                value = loss.item()
+                try:
+                    logits, value = self._step(x, y)
+                except OverflowError as exc:
+                    # Momentum ResNets' exact memory-saving mode refuses values too large
+                    # for its fixed-point state: the same divergence as a non-finite loss.
+                    raise NonFiniteLossError(
+                        f"training diverged at step {self.step + 1} (epoch {self.epoch + 1}, "
+                        f"batch {batch + 1}): {exc}. {self._stopped_note()}"
+                    ) from None
                 if not math.isfinite(value):
                     raise NonFiniteLossError(
                         f"the loss is {value} at step {self.step + 1} (epoch {self.epoch + 1}, "
-                        f"batch {batch + 1}); training stopped before applying it. The last "
-                        f"good checkpoint, {self._checkpoint_note()}, is unchanged; a lower "
-                        "--lr usually helps"
+                        f"batch {batch + 1}); training stopped before applying it. "
+                        f"{self._stopped_note()}"
                     )
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)
                 self.scaler.update()
                 self.step += 1
@@ -270,10 +272,26 @@ class _Run:
             "lr": learning_rate_at(self.step - 1, self.total_steps, config.lr, config.milestones),
         }
 
-    def _checkpoint_note(self) -> str:
+    def _step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """Forward and backward of one batch; the optimiser step is left to the caller."""
+        with self._autocast():
+            logits = self.model(x)
+            loss = self.criterion(logits.float(), y)
+        value = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        if math.isfinite(value):
+            self.scaler.scale(loss).backward()
+        return logits, value
+
+    def _stopped_note(self) -> str:
         if self.results.checkpoint.exists():
-            return f"{self.results.checkpoint} (after epoch {self.epoch})"
-        return "none yet (the failure came in the first epoch)"
+            return (
+                f"The last good checkpoint, {self.results.checkpoint} (after epoch "
+                f"{self.epoch}), is unchanged; a lower --lr usually helps"
+            )
+        return (
+            "No checkpoint was written yet (this was the first epoch); a lower --lr usually helps"
+        )
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
