@@ -12,19 +12,20 @@ cannot change the shape of its input.
 
 Parameter counts for ``num_classes=10``; they equal those of memcnn's memory table:
 
-=========  =====  ===========================  ==========
+=========  =====  ============================  ==========
 model      depth  units per stage, widths       parameters
-=========  =====  ===========================  ==========
+=========  =====  ============================  ==========
 resnet32   32     5 basic, 16/32/64             466,906
 resnet110  110    18 basic, 16/32/64            1,730,714
 resnet164  164    18 bottleneck, 16/32/64 (x4)  1,704,154
 revnet38   38     3 basic, 32/64/112            573,994
 revnet110  110    9 basic, 32/64/128            1,854,890
 revnet164  164    9 bottleneck, 32/64/128 (x4)  1,983,786
-=========  =====  ===========================  ==========
+=========  =====  ============================  ==========
 
 Batch norm uses TensorFlow's epsilon of 1e-3 as memcnn did, with PyTorch's default
-momentum (see :func:`_bn`).
+momentum: memcnn passed TensorFlow's decay of 0.99 as PyTorch's momentum, which keeps
+almost nothing of the running averages.
 """
 
 from __future__ import annotations
@@ -46,9 +47,7 @@ __all__ = [
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
-    # memcnn matched TensorFlow's batch-norm epsilon; the momentum is PyTorch's default
-    # (memcnn passed TensorFlow's decay 0.99 as PyTorch momentum, which means "keep
-    # almost none of the running average", the opposite of what was meant).
+    # TensorFlow's epsilon as in memcnn; PyTorch's default momentum (see the module notes).
     return nn.BatchNorm2d(channels, eps=1e-3)
 
 

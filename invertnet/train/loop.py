@@ -160,7 +160,7 @@ class _Run:
                 f"checkpoint {path} does not fit model {self.config.model!r} ({exc}); "
                 "pass --fresh to discard it"
             ) from None
-        if "scaler_state" in state and self.scaler.is_enabled():
+        if state.get("scaler_state") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler_state"])
         self.epoch = int(state["epoch"])
         self.step = int(state["step"])
