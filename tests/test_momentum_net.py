@@ -150,6 +150,18 @@ def test_args_and_kwargs_reach_every_function(use_backprop: bool) -> None:
     y.sum().backward()
 
 
+def test_tensor_needing_grad_inside_a_container_is_refused_without_backprop() -> None:
+    class Pair(nn.Module):
+        def forward(self, x, pair):
+            return x * pair[0]
+
+    net = MomentumNet([Pair()], gamma=0.9, use_backprop=False)
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match="argument 0 is a container holding a tensor"):
+        net(torch.randn(3), (w, 1))
+    net(torch.randn(3, requires_grad=True), (w.detach(), 1)).sum().backward()
+
+
 # -- bad input ----------------------------------------------------------------
 
 

@@ -100,6 +100,12 @@ HEAD_LIMIT = 2**40
 _CHUNK_MASK = (1 << CHUNK_BITS) - 1
 
 
+def _divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floor quotient and non-negative remainder (one integer division, not two)."""
+    q = torch.div(a, b, rounding_mode="floor")
+    return q, a - q * b
+
+
 class FixedPoint:
     """Conversion between floats and ``int64`` fixed point for one dtype.
 
@@ -218,14 +224,12 @@ class BitStore:
 
     def pop(self, base: int) -> torch.Tensor:
         """Undo :meth:`push`: return ``z mod base`` and set ``z <- z // base``."""
-        digit = torch.remainder(self.head, base)
-        self.head = torch.div(self.head, base, rounding_mode="floor")
+        self.head, digit = _divmod(self.head, base)
         return digit
 
     def draw(self, base: int) -> torch.Tensor:
         """Take a digit in ``[0, base)`` from the store: ``z mod base``, ``z <- z // base``."""
-        digit = torch.remainder(self.head, base)
-        self.head = torch.div(self.head, base, rounding_mode="floor")
+        self.head, digit = _divmod(self.head, base)
         return digit
 
     def undraw(self, digit: torch.Tensor, base: int) -> None:
@@ -319,10 +323,10 @@ class ExactMomentum:
         # p = n * v + r, split so that no intermediate exceeds about |v|:
         # with v = a * d + b, p = a * n * d + (b * n + r).
         r = store.draw(n)
-        a = torch.div(v, d, rounding_mode="floor")
-        low = torch.remainder(v, d) * n + r
-        state.velocity = a * n + torch.div(low, d, rounding_mode="floor")
-        store.push(torch.remainder(low, d), d)
+        a, b = _divmod(v, d)
+        high, digit = _divmod(b * n + r, d)
+        state.velocity = a * n + high
+        store.push(digit, d)
 
     def _unscale_velocity(self, state: MomentumState) -> None:
         v, n, d, store = state.velocity, self.n, self.d, state.store
@@ -333,10 +337,10 @@ class ExactMomentum:
             return
         # p = d * v + s; with v = e * n + f, p = e * d * n + (f * d + s).
         s = store.pop(d)
-        e = torch.div(v, n, rounding_mode="floor")
-        low = torch.remainder(v, n) * d + s
-        state.velocity = e * d + torch.div(low, n, rounding_mode="floor")
-        store.undraw(torch.remainder(low, n), n)
+        e, f = _divmod(v, n)
+        high, digit = _divmod(f * d + s, n)
+        state.velocity = e * d + high
+        store.undraw(digit, n)
 
     def step(self, state: MomentumState, update: torch.Tensor, layer: int) -> None:
         """``v <- gamma v + update``, ``x <- x + v`` (``update`` is ``(1-gamma) f`` in units).
