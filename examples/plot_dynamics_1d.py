@@ -24,7 +24,7 @@ from invertnet import MomentumNet
 
 
 class Field(nn.Module):
-    """A fixed 1-D residual function ``f(x) = -k * x^3 / depth`` (a stable well, cubic far from 0)."""
+    """A fixed 1-D residual function ``f(x) = -k * x^3 / depth`` (a stable well)."""
 
     def __init__(self, depth: int, strength: float = 4.0) -> None:
         super().__init__()
