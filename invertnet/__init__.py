@@ -15,7 +15,13 @@ from invertnet.couplings import (
     create_coupling,
     register_coupling,
 )
-from invertnet.wrappers import InvertibleModuleWrapper
+from invertnet.wrappers import (
+    InvertibleModuleWrapper,
+    ReconstructionError,
+    debug_reconstruction,
+    set_debug_reconstruction,
+    set_finite_check,
+)
 
 __version__ = "0.1.0"
 
@@ -26,8 +32,12 @@ __all__ = [
     "AffineCoupling",
     "CouplingBase",
     "InvertibleModuleWrapper",
+    "ReconstructionError",
     "available_couplings",
     "create_coupling",
+    "debug_reconstruction",
     "is_invertible_module",
     "register_coupling",
+    "set_debug_reconstruction",
+    "set_finite_check",
 ]

@@ -90,6 +90,9 @@ class FreedInput:
             storage.resize_(self.nbytes)
             x.set_(storage, 0, self.size, self.stride)
             x.copy_(values)
+        # Restoring writes to the tensor; a further backward pass (num_bwd_passes > 1)
+        # must not mistake that write for the user's.
+        self.version = x._version
         if hasattr(x, FREED_ATTR):
             delattr(x, FREED_ATTR)
 

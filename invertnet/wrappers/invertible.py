@@ -15,6 +15,12 @@ from torch.autograd.function import once_differentiable
 from invertnet._rng import RNGTape
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 from invertnet.wrappers._storage import FREED_ATTR, FreedInput, free, why_not_freeable
+from invertnet.wrappers.debug import (
+    DebugSettings,
+    check_reconstruction,
+    current_settings,
+    module_name,
+)
 
 __all__ = ["InvertibleModuleWrapper"]
 
@@ -50,6 +56,13 @@ class _Call:
     tape: RNGTape | None = None
     autocast: list[AutocastState] = field(default_factory=list)
     passes_left: int = 0
+    # Debug mode (invertnet.debug_reconstruction): copies of the freed inputs.
+    debug: DebugSettings | None = None
+    originals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def keep_flag(self) -> str:
+        return "keep_input" if self.direction == "forward" else "keep_input_inverse"
 
 
 class _InvertibleFunction(torch.autograd.Function):
@@ -65,6 +78,7 @@ class _InvertibleFunction(torch.autograd.Function):
                     f"an earlier {owner} with keep_input=False and is used again here; pass "
                     "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
                 )
+        call.debug = current_settings()
         call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
         call.autocast = AutocastState.capture(inputs)
         with call.tape.recording() if call.tape is not None else contextlib.nullcontext():
@@ -79,6 +93,8 @@ class _InvertibleFunction(torch.autograd.Function):
                     reason = "it is passed more than once"
                 seen.add(id(x))
                 if reason is None:
+                    if call.debug is not None:
+                        call.originals[i] = x.detach().clone()
                     call.freed[i] = free(
                         x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})"
                     )
@@ -113,8 +129,8 @@ class _InvertibleFunction(torch.autograd.Function):
             if freed.mutated:
                 raise RuntimeError(
                     f"InvertibleModuleWrapper({name}): input {i} was modified in place after "
-                    "the wrapper freed it, so it cannot be restored; pass keep_input=True if "
-                    "you need to use or modify the input after the call"
+                    f"the wrapper freed it, so it cannot be restored; pass {call.keep_flag}=True "
+                    "if you need to use or modify the input after the call"
                 )
         call.passes_left -= 1
 
@@ -130,10 +146,17 @@ class _InvertibleFunction(torch.autograd.Function):
         with torch.no_grad():
             for i, freed in call.freed.items():
                 freed.restore(reconstructed[i])
+        # Checked after restoring, so that a failing input can be inspected.
+        label = module_name(call.debug, call.wrapper, call.wrapper.module)
+        for i in call.freed:
+            check_reconstruction(
+                label, i, reconstructed[i], call.outputs, call.originals.get(i), call.debug
+            )
         if call.passes_left == 0:
             # Drop references so the memory goes when the graph does.
             call.inputs = call.outputs = call.params = ()
             call.freed = {}
+            call.originals = {}
             call.tape = None
         return (None, *grads)
 
