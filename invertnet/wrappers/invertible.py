@@ -65,46 +65,63 @@ class _Call:
         return "keep_input" if self.direction == "forward" else "keep_input_inverse"
 
 
-class _InvertibleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> Tensors:
-        wrapper = call.wrapper
-        inputs, params = tensors[: call.num_inputs], tensors[call.num_inputs :]
-        for i, x in enumerate(inputs):
-            owner = getattr(x, FREED_ATTR, None)
-            if owner is not None:
-                raise RuntimeError(
-                    f"{type(wrapper.module).__name__}.{call.direction}: input {i} was freed by "
-                    f"an earlier {owner} with keep_input=False and is used again here; pass "
-                    "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
-                )
-        call.debug = current_settings()
-        call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
-        call.autocast = AutocastState.capture(inputs)
-        with call.tape.recording() if call.tape is not None else contextlib.nullcontext():
-            outputs = _as_tuple(call.run(*inputs), f"output of {type(wrapper.module).__name__}")
+@torch.compiler.disable
+def _prepare(call: _Call, inputs: Tensors) -> None:
+    """Check the inputs and record what backward must replay (RNG, autocast, debug)."""
+    wrapper = call.wrapper
+    for i, x in enumerate(inputs):
+        owner = getattr(x, FREED_ATTR, None)
+        if owner is not None:
+            raise RuntimeError(
+                f"{type(wrapper.module).__name__}.{call.direction}: input {i} was freed by "
+                f"an earlier {owner} with keep_input=False and is used again here; pass "
+                "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
+            )
+    call.debug = current_settings()
+    call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
+    call.autocast = AutocastState.capture(inputs)
 
+
+@torch.compiler.disable
+def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
+    """Free the inputs that nothing else holds; warn (once) about the others."""
+    wrapper = call.wrapper
+    seen: set[int] = set()
+    for i, x in enumerate(inputs):
+        own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
+        reason = why_not_freeable(x, outputs, own_alias)
+        if reason is None and id(x) in seen:
+            reason = "it is passed more than once"
+        seen.add(id(x))
+        if reason is None:
+            if call.debug is not None:
+                call.originals[i] = x.detach().clone()
+            call.freed[i] = free(x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})")
+        else:
+            wrapper._warn_kept(i, reason)
+
+
+class _InvertibleFunction(torch.autograd.Function):
+    # torch.compile: Dynamo must not trace the storage bookkeeping (use counts,
+    # storage resizing and set_ on graph inputs cannot be traced, and partial traces
+    # of them are fragile), so this frame and the helpers above run eagerly; the
+    # wrapped module's own forward, called from here, is still compiled.
+    @staticmethod
+    @torch.compiler.disable(recursive=False)
+    def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> Tensors:
+        inputs, params = tensors[: call.num_inputs], tensors[call.num_inputs :]
+        _prepare(call, inputs)
+        with call.tape.recording() if call.tape is not None else contextlib.nullcontext():
+            outputs = _as_tuple(
+                call.run(*inputs), f"output of {type(call.wrapper.module).__name__}"
+            )
         if not call.keep_input:
-            seen: set[int] = set()
-            for i, x in enumerate(inputs):
-                own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
-                reason = why_not_freeable(x, outputs, own_alias)
-                if reason is None and id(x) in seen:
-                    reason = "it is passed more than once"
-                seen.add(id(x))
-                if reason is None:
-                    if call.debug is not None:
-                        call.originals[i] = x.detach().clone()
-                    call.freed[i] = free(
-                        x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})"
-                    )
-                else:
-                    wrapper._warn_kept(i, reason)
+            _free_inputs(call, inputs, outputs)
         call.inputs = inputs
         call.params = params
         # Aliases share the storage: the next wrapper frees and restores it in place.
         call.outputs = tuple(o.detach() for o in outputs)
-        call.passes_left = wrapper.num_bwd_passes
+        call.passes_left = call.wrapper.num_bwd_passes
         ctx.call = call
         return outputs
 
@@ -309,7 +326,12 @@ class InvertibleModuleWrapper(nn.Module):
         )
 
     def _active(self, tensors: Tensors) -> bool:
-        if self.disable or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        if self.disable or not torch.is_grad_enabled():
+            return False
+        # Inference mode turns grad mode off unless grad is re-enabled inside it.
+        # Dynamo cannot trace this query (a graph break on every call), so it is
+        # skipped while compiling, where that combination is not supported anyway.
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             return False
         return any(t.requires_grad for t in tensors) or any(
             p.requires_grad for p in self._fn.parameters()
