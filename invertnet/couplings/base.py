@@ -138,7 +138,8 @@ class CouplingBase(nn.Module):
         m = call_recorded((id(self), step.module), module, source)
         shapes = step.combine.output_shapes(m)
         if any(s != target.shape for s in shapes):
-            got = shapes[0] if len(shapes) == 1 else shapes
+            # Plain tuples, as the half's shape is written, not torch.Size([...]).
+            got = tuple(shapes[0]) if len(shapes) == 1 else [tuple(s) for s in shapes]
             raise ValueError(
                 f"{type(self).__name__}: {step.module} maps a half of shape "
                 f"{tuple(source.shape)} to {got}, but its output is combined with a half "

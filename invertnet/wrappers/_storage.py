@@ -14,6 +14,7 @@ tensor over zero bytes would read out-of-bounds memory (memcnn issues 38, 73).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +52,8 @@ def why_not_freeable(
     own_alias : bool
         Whether an invertnet wrapper that produced ``x`` holds one alias of it.
     """
-    if x.numel() == 0:
-        return "it is empty"
+    if x.numel() <= 1:
+        return "it has fewer than two elements"
     if isinstance(x, nn.Parameter):
         return "it is a parameter"
     if x._base is not None:
@@ -88,10 +89,9 @@ class FreedInput:
         with torch.no_grad():
             storage = x.untyped_storage()
             storage.resize_(self.nbytes)
-            x.set_(storage, 0, self.size, self.stride)
+            _set_view(x, storage, self.size, self.stride)
             x.copy_(values)
-        # Restoring writes to the tensor; a further backward pass (num_bwd_passes > 1)
-        # must not mistake that write for the user's.
+        # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
         self.version = x._version
         if hasattr(x, FREED_ATTR):
             delattr(x, FREED_ATTR)
@@ -102,6 +102,38 @@ class FreedInput:
         return self.tensor._version != self.version
 
 
+def freed_shape(size: torch.Size) -> tuple[int, ...]:
+    """The zero-element shape a freed tensor of shape ``size`` is given.
+
+    ``(0,)`` followed by as many ones as ``size`` has trailing dimensions after its
+    last dimension of size >= 2: a zero then sits opposite a dimension of size >= 2,
+    so broadcasting the freed tensor against anything of the original shape (as in
+    ``x + wrapper(x)``) raises instead of silently yielding an empty result. A bare
+    ``(0,)`` would broadcast against a trailing dimension of size 1.
+    """
+    last_big = max((i for i, n in enumerate(size) if n >= 2), default=len(size) - 1)
+    return (0,) + (1,) * (len(size) - 1 - last_big)
+
+
+def _set_view(
+    x: torch.Tensor,
+    storage: torch.UntypedStorage,
+    size: Sequence[int],
+    stride: Sequence[int] | None,
+) -> None:
+    """Make ``x`` view ``storage`` with the given geometry, keeping its autograd identity.
+
+    ``Tensor.set_`` on ``x`` itself would make autograd drop a leaf's gradient
+    accumulator, after which ``torch.autograd.grad(..., inputs=[x])`` and
+    ``backward(inputs=[x])`` no longer find ``x`` in the graph. Assigning ``.data``
+    keeps the accumulator (and the version counter), as long as dtype and device
+    stay the same, which they do here.
+    """
+    if stride is None:
+        stride = torch.empty(size, device="meta").stride()
+    x.data = torch.empty(0, dtype=x.dtype, device=x.device).set_(storage, 0, size, stride)
+
+
 def free(x: torch.Tensor, owner: str) -> FreedInput:
     """Release ``x``'s memory, keeping its storage object for a later restore."""
     record_size, record_stride = x.size(), x.stride()
@@ -109,6 +141,6 @@ def free(x: torch.Tensor, owner: str) -> FreedInput:
     with torch.no_grad():
         storage = x.untyped_storage()
         storage.resize_(0)
-        x.set_(storage, 0, (0,), (1,))
+        _set_view(x, storage, freed_shape(record_size), None)
     setattr(x, FREED_ATTR, owner)
     return FreedInput(x, record_size, record_stride, nbytes, x._version)

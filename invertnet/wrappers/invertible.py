@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -86,13 +88,15 @@ def _prepare(call: _Call, inputs: Tensors) -> None:
 def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
     """Free the inputs that nothing else holds; warn (once) about the others."""
     wrapper = call.wrapper
-    seen: set[int] = set()
+    # A tensor passed twice is kept at every position: checking it only from
+    # its second occurrence on would see it already freed by the first.
+    ids = [id(x) for x in inputs]
     for i, x in enumerate(inputs):
         own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
-        reason = why_not_freeable(x, outputs, own_alias)
-        if reason is None and id(x) in seen:
-            reason = "it is passed more than once"
-        seen.add(id(x))
+        if ids.count(id(x)) > 1:
+            reason: str | None = "it is passed more than once"
+        else:
+            reason = why_not_freeable(x, outputs, own_alias)
         if reason is None:
             if call.debug is not None:
                 call.originals[i] = x.detach().clone()
@@ -214,6 +218,23 @@ def _recompute_and_differentiate(
     return tuple(leaf.detach() for leaf in leaves), grad_inputs + tuple(found_iter)
 
 
+# The invertnet and torch package folders.
+_LIBRARY_DIRS = (
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+)
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning to the first frame outside the
+    invertnet and torch packages (the user's call), however deep the call chain
+    through ``nn.Module.__call__`` and ``autograd.Function.apply`` is."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 class InvertibleModuleWrapper(nn.Module):
     """Run an invertible module without keeping its input for backward.
 
@@ -322,7 +343,7 @@ class InvertibleModuleWrapper(nn.Module):
             f"memory instead of freed because {reason}; results are unaffected, only the "
             "memory saving is lost (this warning is shown once per wrapper)",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_caller_stacklevel(),
         )
 
     def _active(self, tensors: Tensors) -> bool:

@@ -1,0 +1,204 @@
+"""Couplings compute memcnn's equations, invert exactly and reject bad shapes clearly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from invertnet import (
+    AdditiveCoupling,
+    AffineAdapterNaive,
+    AffineAdapterSigmoid,
+    AffineCoupling,
+    available_couplings,
+    create_coupling,
+)
+from tests._core_helpers import ScaleShiftNet
+
+torch.manual_seed(0)
+
+
+def test_additive_matches_hand_computed_equations() -> None:
+    F, G = nn.Linear(3, 3), nn.Linear(3, 3)
+    block = AdditiveCoupling(F, G)
+    x = torch.randn(5, 6)
+    x1, x2 = x[:, :3], x[:, 3:]
+    y1 = x1 + F(x2)
+    y2 = x2 + G(y1)
+    y = block(x)
+    torch.testing.assert_close(y, torch.cat([y1, y2], dim=1))
+    torch.testing.assert_close(block.inverse(y), x, rtol=1e-5, atol=1e-6)
+
+
+def test_affine_matches_hand_computed_equations() -> None:
+    F, G = ScaleShiftNet(3), ScaleShiftNet(3)
+    block = AffineCoupling(F, G)
+    x = torch.randn(5, 6)
+    x1, x2 = x[:, :3], x[:, 3:]
+    s1, t1 = F(x2)
+    y1 = x1 * s1 + t1
+    s2, t2 = G(y1)
+    y2 = x2 * s2 + t2
+    y = block(x)
+    torch.testing.assert_close(y, torch.cat([y1, y2], dim=1))
+    torch.testing.assert_close(block.inverse(y), x, rtol=1e-5, atol=1e-6)
+
+
+def test_naive_adapter_returns_exp_and_value() -> None:
+    f = nn.Linear(4, 4)
+    s, t = AffineAdapterNaive(f)(x := torch.randn(2, 4))
+    torch.testing.assert_close(t, f(x))
+    torch.testing.assert_close(s, torch.exp(f(x)))
+
+
+def test_sigmoid_adapter_splits_odd_and_even_channels() -> None:
+    f = nn.Conv2d(3, 6, 1)
+    x = torch.randn(2, 3, 4, 4)
+    s, t = AffineAdapterSigmoid(f)(x)
+    h = f(x)
+    torch.testing.assert_close(s, torch.sigmoid(h[:, 1::2] + 2))
+    torch.testing.assert_close(t, h[:, 0::2])
+
+
+def test_sigmoid_adapter_rejects_odd_channel_count() -> None:
+    with pytest.raises(ValueError, match=r"AffineAdapterSigmoid.*even.*\(2, 3\)"):
+        AffineAdapterSigmoid(nn.Linear(4, 3))(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize("adapter", [AffineAdapterNaive, AffineAdapterSigmoid])
+def test_affine_with_adapter_uses_adapted_submodules(adapter: type[nn.Module]) -> None:
+    width_out = 2 if adapter is AffineAdapterNaive else 4
+    F, G = nn.Conv2d(2, width_out, 3, padding=1), nn.Conv2d(2, width_out, 3, padding=1)
+    block = AffineCoupling(F, G, adapter=adapter)
+    assert isinstance(block.Fm, adapter) and block.Fm.f is F and block.Gm.f is G
+    x = torch.randn(2, 4, 5, 5)
+    x1, x2 = x[:, :2], x[:, 2:]
+    s1, t1 = adapter(F)(x2)
+    y1 = x1 * s1 + t1
+    s2, t2 = adapter(G)(y1)
+    torch.testing.assert_close(block(x), torch.cat([y1, x2 * s2 + t2], dim=1))
+    torch.testing.assert_close(block.inverse(block(x)), x, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda F: AdditiveCoupling(F),
+        lambda F: AffineCoupling(F, adapter=AffineAdapterNaive),
+        lambda F: create_coupling(F, coupling="affine", adapter=AffineAdapterNaive),
+    ],
+    ids=["additive", "affine", "factory-affine"],
+)
+def test_default_Gm_is_an_independent_deep_copy(make) -> None:
+    F = nn.Linear(3, 3)
+    block = make(F)
+    G = block.Gm.f if isinstance(block.Gm, AffineAdapterNaive) else block.Gm
+    assert G is not F
+    for pf, pg in zip(F.parameters(), G.parameters()):
+        assert pf.data_ptr() != pg.data_ptr()
+        torch.testing.assert_close(pf, pg)
+    with torch.no_grad():
+        F.weight.add_(1.0)
+    assert not torch.equal(F.weight, G.weight)
+    # Distinct parameters: both appear in the coupling's parameter list.
+    assert len(list(block.parameters())) == 4
+
+
+@pytest.mark.parametrize(
+    "coupling", [AdditiveCoupling, lambda F: AffineCoupling(F, adapter=AffineAdapterNaive)]
+)
+def test_odd_size_along_split_dim_names_coupling_dim_and_shape(coupling) -> None:
+    block = coupling(nn.Linear(3, 3))
+    name = type(block).__name__
+    with pytest.raises(ValueError, match=rf"{name}.*split_dim=1.*\(2, 5\)"):
+        block(torch.randn(2, 5))
+    with pytest.raises(ValueError, match=rf"{name}.*split_dim=1.*\(2, 5\)"):
+        block.inverse(torch.randn(2, 5))
+
+
+@pytest.mark.parametrize("which", ["Fm", "Gm"])
+def test_submodule_output_shape_mismatch_is_a_value_error(which: str) -> None:
+    good, bad = nn.Linear(3, 3), nn.Linear(3, 4)
+    block = AdditiveCoupling(bad, good) if which == "Fm" else AdditiveCoupling(good, bad)
+    with pytest.raises(ValueError) as info:
+        block(torch.randn(2, 6))
+    message = str(info.value)
+    assert "AdditiveCoupling" in message and which in message
+    assert "split_dim=1" in message and "(2, 4)" in message and "(2, 3)" in message
+
+
+def test_affine_scale_shape_mismatch_is_a_value_error() -> None:
+    block = AffineCoupling(nn.Linear(3, 4), adapter=AffineAdapterNaive)
+    with pytest.raises(ValueError, match=r"AffineCoupling: Fm .*\(2, 3\).*\(2, 4\)"):
+        block(torch.randn(2, 6))
+
+
+def test_affine_without_pair_output_explains_the_adapter() -> None:
+    block = AffineCoupling(nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="AffineAdapterNaive"):
+        block(torch.randn(2, 6))
+
+
+@pytest.mark.parametrize("split_dim", [0, 2, -1])
+def test_split_dim_other_than_channels(split_dim: int) -> None:
+    F = nn.Tanh()
+    block = AdditiveCoupling(F, split_dim=split_dim)
+    x = torch.randn(4, 3, 6, 6)
+    x1, x2 = torch.chunk(x, 2, dim=split_dim)
+    y1 = x1 + F(x2)
+    expected = torch.cat([y1, x2 + F(y1)], dim=split_dim)
+    torch.testing.assert_close(block(x), expected)
+    torch.testing.assert_close(block.inverse(block(x)), x, rtol=1e-5, atol=1e-6)
+
+
+def test_split_dim_out_of_range_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match=r"split_dim=3 is out of range.*\(2, 4\)"):
+        AdditiveCoupling(nn.Tanh(), split_dim=3)(torch.randn(2, 4))
+
+
+@pytest.mark.parametrize(
+    "block",
+    [
+        AdditiveCoupling(nn.Linear(3, 3)),
+        AffineCoupling(nn.Linear(3, 3), adapter=AffineAdapterNaive),
+    ],
+    ids=["additive", "affine"],
+)
+def test_pair_form_equals_split_form(block: nn.Module) -> None:
+    x = torch.randn(4, 6)
+    y1, y2 = block(x[:, :3], x[:, 3:])
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), block(x))
+    x1, x2 = block.inverse(y1, y2)
+    torch.testing.assert_close(torch.cat([x1, x2], dim=1), x, rtol=1e-5, atol=1e-6)
+
+
+def test_three_inputs_are_rejected() -> None:
+    with pytest.raises(ValueError, match="AdditiveCoupling takes one tensor.*got 3 inputs"):
+        AdditiveCoupling(nn.Tanh())(*torch.randn(3, 2, 2))
+
+
+def test_create_coupling_builds_the_named_coupling() -> None:
+    F, G = nn.Linear(2, 2), nn.Linear(2, 2)
+    additive = create_coupling(F, G)
+    assert isinstance(additive, AdditiveCoupling) and additive.Fm is F and additive.Gm is G
+    affine = create_coupling(F, G, coupling="affine", adapter=AffineAdapterSigmoid)
+    assert isinstance(affine, AffineCoupling) and isinstance(affine.Fm, AffineAdapterSigmoid)
+    assert create_coupling(F, coupling="additive", split_dim=0).split_dim == 0
+
+
+def test_create_coupling_unknown_name_lists_known_ones() -> None:
+    with pytest.raises(ValueError) as info:
+        create_coupling(nn.Linear(2, 2), coupling="bogus")
+    message = str(info.value)
+    assert "'bogus'" in message
+    for name in available_couplings():
+        assert name in message
+    assert {"additive", "affine"} <= set(available_couplings())
+
+
+def test_memcnn_implementation_arguments_warn_and_are_ignored() -> None:
+    with pytest.warns(FutureWarning, match="implementation_fwd"):
+        block = AdditiveCoupling(nn.Tanh(), implementation_fwd=0)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(block(x), AdditiveCoupling(nn.Tanh())(x))

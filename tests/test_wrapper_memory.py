@@ -1,0 +1,213 @@
+"""Freeing inputs: what is freed, what is kept, and that nothing is ever corrupted."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from invertnet import AdditiveCoupling, AffineAdapterNaive, AffineCoupling, InvertibleModuleWrapper
+from tests._core_helpers import TwoWay, assert_all_close, run_and_grads, wrapped_pair
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.untyped_storage().nbytes()
+
+
+@pytest.fixture
+def no_warnings() -> Iterator[list[warnings.WarningMessage]]:
+    """Record every warning raised inside the test (locally, not process-wide)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+    assert [str(w.message) for w in caught] == []
+
+
+def _additive(width: int = 4) -> AdditiveCoupling:
+    return AdditiveCoupling(nn.Sequential(nn.Linear(width, width), nn.Tanh()))
+
+
+@pytest.mark.parametrize(
+    "make",
+    [_additive, lambda: AffineCoupling(nn.Linear(4, 4), adapter=AffineAdapterNaive), TwoWay],
+    ids=["additive", "affine", "generic"],
+)
+def test_training_forward_frees_and_backward_restores(make, no_warnings) -> None:
+    torch.manual_seed(0)
+    module = make()
+    n_in = 2 if isinstance(module, TwoWay) else 1
+    width = 4 if n_in == 2 else 8
+    originals = [torch.randn(5, width) for _ in range(n_in)]
+    xs = [x.clone().requires_grad_() for x in originals]
+    full = [_nbytes(x) for x in xs]
+    out = InvertibleModuleWrapper(module)(*xs)
+    assert all(_nbytes(x) == 0 for x in xs)
+    assert all(x.numel() == 0 for x in xs)
+    (sum(o.sum() for o in out) if isinstance(out, tuple) else out.sum()).backward()
+    assert [_nbytes(x) for x in xs] == full
+    for x, original in zip(xs, originals):
+        torch.testing.assert_close(x.detach(), original, rtol=1e-5, atol=1e-6)
+        assert x.grad is not None and x.grad.shape == original.shape
+
+
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "nothing_requires_grad"])
+def test_nothing_is_freed_where_nothing_would_restore_it(context: str, no_warnings) -> None:
+    module = _additive()
+    x = torch.randn(3, 8, requires_grad=context != "nothing_requires_grad")
+    if context == "nothing_requires_grad":
+        module.requires_grad_(False)
+    expected = module(x).detach()
+    wrapper = InvertibleModuleWrapper(module)
+    ctx = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}.get(context)
+    with ctx() if ctx else torch.enable_grad():
+        y = wrapper(x)
+        y_inv = wrapper.inverse(y)
+    assert _nbytes(x) == 3 * 8 * 4 and x.shape == (3, 8)
+    assert _nbytes(y) == 3 * 8 * 4
+    torch.testing.assert_close(y, expected)
+    torch.testing.assert_close(y_inv, x.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_eval_mode_with_grad_still_frees() -> None:
+    """eval() only changes dropout/BatchNorm; with grad enabled the input is still freed."""
+    wrapper = InvertibleModuleWrapper(_additive()).eval()
+    x = torch.randn(3, 8, requires_grad=True)
+    wrapper(x).sum().backward()
+    assert x.shape == (3, 8) and x.grad is not None
+
+
+def _kept_case(case: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The wrapper's input for each sharing case, plus the tensors that share it."""
+    if case == "relu":  # ReLU saves its output for its own backward
+        h = torch.relu(x)
+        return h, []
+    if case == "is_view":
+        h = (x * 1).view(3, 8)
+        return h, [h._base]
+    if case == "has_view":
+        h = x * 1
+        return h, [h.view(24)]
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["relu", "is_view", "has_view"])
+def test_shared_input_is_kept_warns_once_and_gradients_are_right(case: str) -> None:
+    torch.manual_seed(0)
+    wrapped, plain = wrapped_pair(_additive())
+    x0 = torch.randn(3, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):  # warned once per wrapper, not per call
+            wrapped.zero_grad(set_to_none=True)
+            xw = x0.clone().requires_grad_()
+            hw, sharers = _kept_case(case, xw)
+            before = hw.detach().clone()
+            yw = wrapped(hw)
+            assert _nbytes(hw) > 0 and hw.shape == (3, 8)
+            torch.testing.assert_close(hw.detach(), before)
+            for s in sharers:  # the other holders still see intact data
+                torch.testing.assert_close(s.detach().reshape(3, 8), before)
+            (yw**2).sum().backward()
+
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1, messages
+    assert issubclass(caught[0].category, UserWarning)
+    assert "kept in memory" in messages[0] and "results are unaffected" in messages[0]
+    assert caught[0].filename == __file__  # points at the caller's line
+
+    xp = x0.clone().requires_grad_()
+    hp, _ = _kept_case(case, xp)
+    (plain(hp) ** 2).sum().backward()
+    torch.testing.assert_close(xw.grad, xp.grad, rtol=1e-5, atol=1e-6)
+    for pw, pp in zip(wrapped.parameters(), plain.parameters()):
+        torch.testing.assert_close(pw.grad, pp.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_same_tensor_passed_twice_is_kept_and_gradients_are_right() -> None:
+    torch.manual_seed(0)
+    wrapped, plain = wrapped_pair(TwoWay())
+    x = torch.randn(3, 4)
+    with pytest.warns(UserWarning, match="input 0 is kept.*passed more than once"):
+        got = run_and_grads(wrapped, [x.requires_grad_()], lambda t: wrapped(t, t))
+    want = run_and_grads(plain, [x], lambda t: plain(t, t))
+    for g, w in zip(got, want):
+        assert_all_close(g, w, 1e-5, 1e-6)
+
+
+def test_chain_frees_every_intermediate_and_restores_them(no_warnings) -> None:
+    torch.manual_seed(0)
+    blocks = [_additive() for _ in range(6)]
+    chain = nn.Sequential(*[InvertibleModuleWrapper(b) for b in blocks])
+    plain = nn.Sequential(
+        *[InvertibleModuleWrapper(copy.deepcopy(b), disable=True) for b in blocks]
+    )
+    seen: list[torch.Tensor] = []
+    for block in chain:
+        block.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    x0 = torch.randn(4, 8)
+    x = x0.clone().requires_grad_()
+    y = chain(x)
+    assert len(seen) == 6 and seen[0] is x
+    assert [_nbytes(t) for t in seen] == [0] * 6  # every block input freed, x included
+    assert _nbytes(y) == 4 * 8 * 4  # only the last output is kept
+    y.sum().backward()
+
+    expected, h = [], x0
+    with torch.no_grad():
+        for block in plain:
+            expected.append(h)
+            h = block(h)
+    for got, want in zip(seen, expected):
+        assert _nbytes(got) == 4 * 8 * 4
+        torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_input_freed_by_one_wrapper_cannot_feed_another() -> None:
+    first, second = InvertibleModuleWrapper(_additive()), InvertibleModuleWrapper(_additive())
+    x = torch.randn(3, 8, requires_grad=True)
+    first(x)
+    with pytest.raises(RuntimeError, match=r"freed by an earlier .*keep_input=True"):
+        second(x)
+
+
+def test_residual_skip_with_keep_input_gives_correct_gradients(no_warnings) -> None:
+    torch.manual_seed(0)
+    wrapped, plain = wrapped_pair(_additive(), keep_input=True)
+    x = [torch.randn(3, 8, requires_grad=True)]
+    got = run_and_grads(wrapped, x, lambda t: t + wrapped(t))
+    want = run_and_grads(plain, x, lambda t: t + plain(t))
+    for g, w in zip(got, want):
+        assert_all_close(g, w, 1e-5, 1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (3, 2, 1), (2, 4, 1, 1)])
+def test_residual_skip_without_keep_input_raises_never_wrong_values(shape) -> None:
+    """A freed input has a zero-element shape that cannot broadcast against the output.
+
+    With a bare ``(0,)`` a trailing dimension of size 1 would broadcast and ``x + y``
+    would silently be an empty tensor; the freed shape puts its zero opposite a
+    dimension of size >= 2 instead.
+    """
+    block = AdditiveCoupling(nn.Tanh(), split_dim=1)
+    wrapper = InvertibleModuleWrapper(block)
+    x = torch.randn(*shape, requires_grad=True)
+    y = wrapper(x)
+    assert x.numel() == 0
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        x + y  # noqa: B018
+    with pytest.raises(RuntimeError):
+        y + x  # noqa: B018
+
+
+def test_in_place_change_of_a_freed_input_is_caught_in_backward() -> None:
+    wrapper = InvertibleModuleWrapper(_additive())
+    x = torch.randn(3, 8, requires_grad=True)
+    y = wrapper(x)
+    with torch.no_grad():
+        x.add_(1.0)  # on a zero-element tensor: allowed, but bumps its version
+    with pytest.raises(RuntimeError, match="modified in place.*keep_input=True"):
+        y.sum().backward()
