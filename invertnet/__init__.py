@@ -11,10 +11,12 @@ from invertnet.couplings import (
     AffineAdapterSigmoid,
     AffineCoupling,
     CouplingBase,
+    MomentumCoupling,
     available_couplings,
     create_coupling,
     register_coupling,
 )
+from invertnet.momentum import MomentumNet, transform_to_momentumnet
 from invertnet.wrappers import (
     InvertibleModuleWrapper,
     ReconstructionError,
@@ -32,6 +34,8 @@ __all__ = [
     "AffineCoupling",
     "CouplingBase",
     "InvertibleModuleWrapper",
+    "MomentumCoupling",
+    "MomentumNet",
     "ReconstructionError",
     "available_couplings",
     "create_coupling",
@@ -40,4 +44,5 @@ __all__ = [
     "register_coupling",
     "set_debug_reconstruction",
     "set_finite_check",
+    "transform_to_momentumnet",
 ]
