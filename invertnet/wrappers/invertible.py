@@ -105,6 +105,17 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
             wrapper._warn_kept(i, reason)
 
 
+@torch.compiler.disable
+def _run_eagerly(call: _Call, inputs: Tensors) -> Tensors:
+    """Run the module uncompiled, as backward will (preserve_rng_state=True).
+
+    Backward replays the random state recorded here into an eager recomputation;
+    a compiled forward draws its random numbers differently (Inductor's own
+    generator), so dropout masks would not match and gradients would be wrong.
+    """
+    return _as_tuple(call.run(*inputs), f"output of {type(call.wrapper.module).__name__}")
+
+
 class _InvertibleFunction(torch.autograd.Function):
     # torch.compile: Dynamo must not trace the storage bookkeeping (use counts,
     # storage resizing and set_ on graph inputs cannot be traced, and partial traces
@@ -115,10 +126,13 @@ class _InvertibleFunction(torch.autograd.Function):
     def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> Tensors:
         inputs, params = tensors[: call.num_inputs], tensors[call.num_inputs :]
         _prepare(call, inputs)
-        with call.tape.recording() if call.tape is not None else contextlib.nullcontext():
+        if call.tape is None:
             outputs = _as_tuple(
                 call.run(*inputs), f"output of {type(call.wrapper.module).__name__}"
             )
+        else:
+            with call.tape.recording():
+                outputs = _run_eagerly(call, inputs)
         if not call.keep_input:
             _free_inputs(call, inputs, outputs)
         call.inputs = inputs
