@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -71,6 +73,21 @@ def test_quickstart_runs_as_written() -> None:
     torch.testing.assert_close(mresnet(x).double(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_readme_momentum_quickstart_runs_as_written() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
+    section = readme.split("Momentum ResNets\n================", 1)[1]
+    block = re.search(r"\.\. code-block:: python\n\n((?:    .*\n|\n)+)", section)
+    assert block is not None, "README has no Momentum ResNets code block"
+    code = "\n".join(line[4:] for line in block.group(1).splitlines())
+    assert "MomentumNet([function] * 10, gamma=0.9)" in code
+    namespace: dict[str, Any] = {}
+    exec(compile(code, "README.rst momentum quickstart", "exec"), namespace)  # noqa: S102
+    assert namespace["mresnet"](namespace["x"]).shape == (10, 500)
+    src, tgt = torch.randn(2, 5, 32), torch.randn(2, 4, 32, requires_grad=True)
+    namespace["mtransformer"](src, tgt).sum().backward()
+    assert tgt.grad is not None
+
+
 # -- semantics ----------------------------------------------------------------
 
 
@@ -131,6 +148,18 @@ def test_args_and_kwargs_reach_every_function(use_backprop: bool) -> None:
         expected = expected + v
     torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6)
     y.sum().backward()
+
+
+def test_tensor_needing_grad_inside_a_container_is_refused_without_backprop() -> None:
+    class Pair(nn.Module):
+        def forward(self, x, pair):
+            return x * pair[0]
+
+    net = MomentumNet([Pair()], gamma=0.9, use_backprop=False)
+    w = torch.ones(3, requires_grad=True)
+    with pytest.raises(TypeError, match="argument 0 is a container holding a tensor"):
+        net(torch.randn(3), (w, 1))
+    net(torch.randn(3, requires_grad=True), (w.detach(), 1)).sum().backward()
 
 
 # -- bad input ----------------------------------------------------------------

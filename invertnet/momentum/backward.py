@@ -49,7 +49,21 @@ class _Run:
     autocast: list[AutocastState] = field(default_factory=list)
 
 
+def _nested_grad_tensor(value: Any) -> bool:
+    from invertnet.momentum.net import _requires_grad
+
+    return isinstance(value, (list, tuple, dict)) and _requires_grad(value)
+
+
 def _grad_slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Slot]:
+    for where, value in [*enumerate(args), *kwargs.items()]:
+        if _nested_grad_tensor(value):
+            name = f"argument {where}" if isinstance(where, int) else f"keyword {where!r}"
+            raise TypeError(
+                f"MomentumNet(use_backprop=False): {name} is a container holding a tensor "
+                "that requires grad; pass such tensors as direct arguments so that they get "
+                "gradients (or use use_backprop=True)"
+            )
     slots: list[Slot] = [
         ("arg", i) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad
     ]

@@ -43,6 +43,15 @@ def _as_module_list(functions: object) -> nn.ModuleList:
     return nn.ModuleList(modules)
 
 
+def _requires_grad(value: Any) -> bool:
+    """Whether ``value``, or a tensor in the lists, tuples and dicts it holds, requires grad."""
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, dict):
+        value = list(value.values())
+    return isinstance(value, (list, tuple)) and any(_requires_grad(v) for v in value)
+
+
 class MomentumNet(nn.Module):
     r"""A Momentum Residual Network (Sander, Ablin, Blondel and Peyré, ICML 2021).
 
@@ -225,10 +234,7 @@ class MomentumNet(nn.Module):
     def _needs_graph(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return False
-        tensors = [x, *args, *kwargs.values()]
-        return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors) or any(
-            p.requires_grad for p in self.parameters()
-        )
+        return _requires_grad([x, args, kwargs]) or any(p.requires_grad for p in self.parameters())
 
     def _forward_plain(
         self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]

@@ -163,13 +163,14 @@ def transform_to_momentumnet(
     >>> mresnet = transform_to_momentumnet(resnet18(weights=None), gamma=0.9)
     >>> mresnet(torch.randn(2, 3, 32, 32)).shape
     torch.Size([2, 1000])
-    >>> transformer = torch.nn.Transformer(d_model=16, nhead=2, dim_feedforward=32)
+    >>> transformer = torch.nn.Transformer(
+    ...     d_model=16, nhead=2, dim_feedforward=32, batch_first=True)
     >>> mtransformer = transform_to_momentumnet(
     ...     transformer, sub_layers=["encoder.layers", "decoder.layers"],
     ...     keep_first_layer=False, gamma=0.9)
-    >>> src, tgt = torch.randn(5, 2, 16), torch.randn(4, 2, 16)
+    >>> src, tgt = torch.randn(2, 5, 16), torch.randn(2, 4, 16)
     >>> mtransformer(src, tgt).shape
-    torch.Size([4, 2, 16])
+    torch.Size([2, 4, 16])
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
