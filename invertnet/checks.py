@@ -51,11 +51,15 @@ def _allclose(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: fl
 
 
 @contextlib.contextmanager
-def _module_state_preserved(module: nn.Module) -> Iterator[None]:
-    """Leave the module, its buffers and the global RNG as they were."""
+def _module_state_preserved(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Leave the module, its buffers and the global RNG (CPU and ``device``) as they were."""
     modes = [(m, m.training) for m in module.modules()]
     buffers = [(b, b.detach().clone()) for b in module.buffers()]
-    with torch.random.fork_rng(devices=[]):
+    # Dropout on an accelerator draws from that device's generator, not the CPU's.
+    accelerator = device.type not in ("cpu", "meta")
+    devices = [device] if accelerator else []
+    device_type = device.type if accelerator else "cuda"
+    with torch.random.fork_rng(devices=devices, device_type=device_type):
         try:
             yield
         finally:
@@ -66,11 +70,18 @@ def _module_state_preserved(module: nn.Module) -> Iterator[None]:
                 m.training = mode
 
 
+def _storage_ptrs(tensors: tuple[torch.Tensor, ...]) -> list[int]:
+    # Storage addresses, not data_ptr: two views of one tensor (such as the halves
+    # from torch.chunk) share memory even though their data_ptr differ. Empty
+    # tensors hold no memory and are left out.
+    return [t.untyped_storage().data_ptr() for t in tensors if t.numel() > 0]
+
+
 def _warn_shared(tensors: tuple[torch.Tensor, ...], what: str) -> None:
-    ptrs = [t.data_ptr() for t in tensors]
+    ptrs = _storage_ptrs(tensors)
     if len(set(ptrs)) != len(ptrs):
         warnings.warn(
-            f"is_invertible_module: some {what} share the same tensor; an "
+            f"is_invertible_module: some {what} share the same tensor (or its memory); an "
             "InvertibleModuleWrapper cannot free and restore such tensors independently",
             UserWarning,
             stacklevel=3,
@@ -122,7 +133,9 @@ def is_invertible_module(
     Warns
     -----
     UserWarning
-        If inputs share a tensor, outputs share a tensor, or an output is an input.
+        If inputs (as rebuilt by ``inverse``) share a tensor, outputs share a tensor,
+        or an output is an input; sharing the memory of one tensor (views) counts. Also
+        when the module raises during a round trip (the result is then ``False``).
 
     Examples
     --------
@@ -141,15 +154,17 @@ def is_invertible_module(
     if device is None:
         first = next(iter(module_in.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(random_seed)
-    with _module_state_preserved(module_in), torch.no_grad():
+    with _module_state_preserved(module_in, device), torch.no_grad():
         xs = tuple(
             torch.rand(s, dtype=test_input_dtype, device=device, generator=generator)
             for s in shapes
         )
         try:
             ys = _as_tuple(module_in(*xs))
-            if not _allclose(_as_tuple(module_in.inverse(*ys)), xs, atol):
+            xs_back = _as_tuple(module_in.inverse(*ys))
+            if not _allclose(xs_back, xs, atol):
                 return False
             ys = _as_tuple(module_in(*xs))
             if not _allclose(_as_tuple(module_in(*_as_tuple(module_in.inverse(*ys)))), ys, atol):
@@ -162,12 +177,14 @@ def is_invertible_module(
                 stacklevel=2,
             )
             return False
-        _warn_shared(xs, "inputs")
+        # The generated inputs never share memory; the inputs the inverse rebuilds
+        # (which a wrapper's inverse direction hands on) may.
+        _warn_shared(xs_back, "inputs")
         _warn_shared(ys, "outputs")
-        if {t.data_ptr() for t in xs} & {t.data_ptr() for t in ys}:
+        if set(_storage_ptrs(xs)) & set(_storage_ptrs(ys)):
             warnings.warn(
-                "is_invertible_module: an output is one of the inputs; an "
-                "InvertibleModuleWrapper would free it while it is still needed",
+                "is_invertible_module: an output is one of the inputs (or shares its memory); "
+                "an InvertibleModuleWrapper would free it while it is still needed",
                 UserWarning,
                 stacklevel=2,
             )

@@ -75,7 +75,8 @@ class ThreeToOne(nn.Module):
 
     def inverse(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, b, c = torch.split(y * torch.exp(-self.w), [1, 2, 3], dim=1)
-        return a, b, c
+        # Separate tensors, not views of one: a wrapper can then free each of them.
+        return a.clone(), b.clone(), c.clone()
 
 
 class Unary(nn.Module):
