@@ -17,7 +17,13 @@ from invertnet.couplings import (
     register_coupling,
 )
 from invertnet.momentum import MomentumNet, transform_to_momentumnet
-from invertnet.wrappers import InvertibleModuleWrapper
+from invertnet.wrappers import (
+    InvertibleModuleWrapper,
+    ReconstructionError,
+    debug_reconstruction,
+    set_debug_reconstruction,
+    set_finite_check,
+)
 
 __version__ = "0.1.0"
 
@@ -30,9 +36,13 @@ __all__ = [
     "InvertibleModuleWrapper",
     "MomentumCoupling",
     "MomentumNet",
+    "ReconstructionError",
     "available_couplings",
     "create_coupling",
+    "debug_reconstruction",
     "is_invertible_module",
     "register_coupling",
+    "set_debug_reconstruction",
+    "set_finite_check",
     "transform_to_momentumnet",
 ]

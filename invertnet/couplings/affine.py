@@ -123,6 +123,7 @@ class AffineCoupling(CouplingBase):
     --------
     >>> import torch
     >>> from invertnet import AffineCoupling, AffineAdapterNaive
+    >>> _ = torch.manual_seed(0)
     >>> block = AffineCoupling(torch.nn.Linear(3, 3), adapter=AffineAdapterNaive)
     >>> x = torch.randn(2, 6)
     >>> torch.allclose(block.inverse(block(x)), x, atol=1e-5)

@@ -135,7 +135,9 @@ class CouplingBase(nn.Module):
         if step.module is None:
             return source
         module = getattr(self, step.module)
-        m = call_recorded((id(self), step.module), module, source)
+        # The key holds the coupling itself rather than id(self): under torch.compile
+        # an id() makes Dynamo specialise on (and recompile for) every instance.
+        m = call_recorded((self, step.module), module, source)
         shapes = step.combine.output_shapes(m)
         if any(s != target.shape for s in shapes):
             # Plain tuples, as the half's shape is written, not torch.Size([...]).

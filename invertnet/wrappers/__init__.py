@@ -1,5 +1,17 @@
 """Wrappers that save memory by recomputing inputs in backward."""
 
+from invertnet.wrappers.debug import (
+    ReconstructionError,
+    debug_reconstruction,
+    set_debug_reconstruction,
+    set_finite_check,
+)
 from invertnet.wrappers.invertible import InvertibleModuleWrapper
 
-__all__ = ["InvertibleModuleWrapper"]
+__all__ = [
+    "InvertibleModuleWrapper",
+    "ReconstructionError",
+    "debug_reconstruction",
+    "set_debug_reconstruction",
+    "set_finite_check",
+]

@@ -17,6 +17,12 @@ from torch.autograd.function import once_differentiable
 from invertnet._rng import RNGTape
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 from invertnet.wrappers._storage import FREED_ATTR, FreedInput, free, why_not_freeable
+from invertnet.wrappers.debug import (
+    DebugSettings,
+    check_reconstruction,
+    current_settings,
+    module_name,
+)
 
 __all__ = ["InvertibleModuleWrapper"]
 
@@ -52,47 +58,88 @@ class _Call:
     tape: RNGTape | None = None
     autocast: list[AutocastState] = field(default_factory=list)
     passes_left: int = 0
+    # Debug mode (invertnet.debug_reconstruction): copies of the freed inputs.
+    debug: DebugSettings | None = None
+    originals: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def keep_flag(self) -> str:
+        return "keep_input" if self.direction == "forward" else "keep_input_inverse"
+
+
+@torch.compiler.disable
+def _prepare(call: _Call, inputs: Tensors) -> None:
+    """Check the inputs and record what backward must replay (RNG, autocast, debug)."""
+    wrapper = call.wrapper
+    for i, x in enumerate(inputs):
+        owner = getattr(x, FREED_ATTR, None)
+        if owner is not None:
+            raise RuntimeError(
+                f"{type(wrapper.module).__name__}.{call.direction}: input {i} was freed by "
+                f"an earlier {owner} with keep_input=False and is used again here; pass "
+                "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
+            )
+    call.debug = current_settings()
+    call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
+    call.autocast = AutocastState.capture(inputs)
+
+
+@torch.compiler.disable
+def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
+    """Free the inputs that nothing else holds; warn (once) about the others."""
+    wrapper = call.wrapper
+    # A tensor passed twice is kept at every position: checking it only from
+    # its second occurrence on would see it already freed by the first.
+    ids = [id(x) for x in inputs]
+    for i, x in enumerate(inputs):
+        own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
+        if ids.count(id(x)) > 1:
+            reason: str | None = "it is passed more than once"
+        else:
+            reason = why_not_freeable(x, outputs, own_alias)
+        if reason is None:
+            if call.debug is not None:
+                call.originals[i] = x.detach().clone()
+            call.freed[i] = free(x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})")
+        else:
+            wrapper._warn_kept(i, reason)
+
+
+@torch.compiler.disable
+def _run_eagerly(call: _Call, inputs: Tensors) -> Tensors:
+    """Run the module uncompiled, as backward will (preserve_rng_state=True).
+
+    Backward replays the random state recorded here into an eager recomputation;
+    a compiled forward draws its random numbers differently (Inductor's own
+    generator), so dropout masks would not match and gradients would be wrong.
+    """
+    return _as_tuple(call.run(*inputs), f"output of {type(call.wrapper.module).__name__}")
 
 
 class _InvertibleFunction(torch.autograd.Function):
+    # torch.compile: Dynamo must not trace the storage bookkeeping (use counts,
+    # storage resizing and set_ on graph inputs cannot be traced, and partial traces
+    # of them are fragile), so this frame and the helpers above run eagerly; the
+    # wrapped module's own forward, called from here, is still compiled.
     @staticmethod
+    @torch.compiler.disable(recursive=False)
     def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> Tensors:
-        wrapper = call.wrapper
         inputs, params = tensors[: call.num_inputs], tensors[call.num_inputs :]
-        for i, x in enumerate(inputs):
-            owner = getattr(x, FREED_ATTR, None)
-            if owner is not None:
-                raise RuntimeError(
-                    f"{type(wrapper.module).__name__}.{call.direction}: input {i} was freed by "
-                    f"an earlier {owner} with keep_input=False and is used again here; pass "
-                    "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
-                )
-        call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
-        call.autocast = AutocastState.capture(inputs)
-        with call.tape.recording() if call.tape is not None else contextlib.nullcontext():
-            outputs = _as_tuple(call.run(*inputs), f"output of {type(wrapper.module).__name__}")
-
+        _prepare(call, inputs)
+        if call.tape is None:
+            outputs = _as_tuple(
+                call.run(*inputs), f"output of {type(call.wrapper.module).__name__}"
+            )
+        else:
+            with call.tape.recording():
+                outputs = _run_eagerly(call, inputs)
         if not call.keep_input:
-            # A tensor passed twice is kept at every position: checking it only from
-            # its second occurrence on would see it already freed by the first.
-            ids = [id(x) for x in inputs]
-            for i, x in enumerate(inputs):
-                own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
-                if ids.count(id(x)) > 1:
-                    reason: str | None = "it is passed more than once"
-                else:
-                    reason = why_not_freeable(x, outputs, own_alias)
-                if reason is None:
-                    call.freed[i] = free(
-                        x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})"
-                    )
-                else:
-                    wrapper._warn_kept(i, reason)
+            _free_inputs(call, inputs, outputs)
         call.inputs = inputs
         call.params = params
         # Aliases share the storage: the next wrapper frees and restores it in place.
         call.outputs = tuple(o.detach() for o in outputs)
-        call.passes_left = wrapper.num_bwd_passes
+        call.passes_left = call.wrapper.num_bwd_passes
         ctx.call = call
         return outputs
 
@@ -117,8 +164,8 @@ class _InvertibleFunction(torch.autograd.Function):
             if freed.mutated:
                 raise RuntimeError(
                     f"InvertibleModuleWrapper({name}): input {i} was modified in place after "
-                    "the wrapper freed it, so it cannot be restored; pass keep_input=True if "
-                    "you need to use or modify the input after the call"
+                    f"the wrapper freed it, so it cannot be restored; pass {call.keep_flag}=True "
+                    "if you need to use or modify the input after the call"
                 )
         call.passes_left -= 1
 
@@ -134,10 +181,17 @@ class _InvertibleFunction(torch.autograd.Function):
         with torch.no_grad():
             for i, freed in call.freed.items():
                 freed.restore(reconstructed[i])
+        # Checked after restoring, so that a failing input can be inspected.
+        label = module_name(call.debug, call.wrapper, call.wrapper.module)
+        for i in call.freed:
+            check_reconstruction(
+                label, i, reconstructed[i], call.outputs, call.originals.get(i), call.debug
+            )
         if call.passes_left == 0:
             # Drop references so the memory goes when the graph does.
             call.inputs = call.outputs = call.params = ()
             call.freed = {}
+            call.originals = {}
             call.tape = None
         return (None, *grads)
 
@@ -307,7 +361,12 @@ class InvertibleModuleWrapper(nn.Module):
         )
 
     def _active(self, tensors: Tensors) -> bool:
-        if self.disable or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        if self.disable or not torch.is_grad_enabled():
+            return False
+        # Inference mode turns grad mode off unless grad is re-enabled inside it.
+        # Dynamo cannot trace this query (a graph break on every call), so it is
+        # skipped while compiling, where that combination is not supported anyway.
+        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
             return False
         return any(t.requires_grad for t in tensors) or any(
             p.requires_grad for p in self._fn.parameters()

@@ -1,0 +1,205 @@
+"""Debug mode and the NaN/Inf check: wrong reconstructions fail loudly, with names and sizes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from invertnet import (
+    AdditiveCoupling,
+    InvertibleModuleWrapper,
+    ReconstructionError,
+    debug_reconstruction,
+    set_debug_reconstruction,
+    set_finite_check,
+)
+from invertnet.couplings.additive import Add
+from invertnet.couplings.base import Step
+
+
+class Scale(nn.Module):
+    """``y = x * s``; ``inverse`` adds ``offset`` to the true inverse (0 means correct)."""
+
+    def __init__(self, scale: torch.Tensor, offset: float = 0.0) -> None:
+        super().__init__()
+        self.s = nn.Parameter(scale.clone())
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.s
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return y / self.s + self.offset
+
+
+class SloppyAdd(Add):
+    """Addition whose inverse is off by a constant: a wrong coupling on the fused path."""
+
+    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a_new - m + 0.25
+
+
+class SloppyCoupling(AdditiveCoupling):
+    def steps(self) -> tuple[Step, ...]:
+        return (Step(0, 1, "Fm", SloppyAdd()), Step(1, 0, "Gm", Add()))
+
+
+@pytest.fixture(autouse=True)
+def _reset_global_switches() -> Iterator[None]:
+    yield
+    set_debug_reconstruction(False)
+    set_finite_check(True)
+
+
+def _input(*shape: int) -> torch.Tensor:
+    # A non-leaf that owns its storage, so that the wrapper frees it.
+    leaf = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    return leaf * 1.0
+
+
+def test_debug_mode_accepts_a_correct_inverse_and_still_frees_the_input() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        *(InvertibleModuleWrapper(AdditiveCoupling(nn.Linear(3, 3).double())) for _ in range(3))
+    )
+    x = _input(4, 6)
+    with debug_reconstruction(model=net):
+        y = net(x)
+    assert x.shape == (0,), "debug mode must not change what the wrapper frees"
+    y.sum().backward()
+    assert x.shape == (4, 6)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["inverse_then_forward", "fused_coupling"])
+def test_debug_mode_names_the_module_and_the_error_size(fused: bool) -> None:
+    torch.manual_seed(0)
+    if fused:
+        bad = InvertibleModuleWrapper(SloppyCoupling(nn.Linear(3, 3).double()))
+        expected_error = 0.25
+    else:
+        bad = InvertibleModuleWrapper(Scale(torch.full((6,), 2.0, dtype=torch.float64), 0.1))
+        expected_error = 0.1
+    net = nn.Sequential(InvertibleModuleWrapper(AdditiveCoupling(nn.Linear(3, 3).double())), bad)
+    x = _input(4, 6)
+    with debug_reconstruction(model=net):
+        y = net(x)
+    # The check runs in backward, whether or not the block is still active.
+    with pytest.raises(ReconstructionError) as info:
+        y.sum().backward()
+    error = info.value
+    message = str(error)
+    assert f"{type(bad.module).__name__}) '1'" in message
+    assert error.module_name.endswith("'1'")
+    assert error.input_index == 0
+    assert error.max_abs_error == pytest.approx(expected_error, rel=1e-6)
+    assert f"{expected_error:.3g}" in message
+    assert "is_invertible_module" in message and "keep_input=True" in message
+
+
+def test_outside_debug_mode_a_wrong_inverse_goes_unnoticed() -> None:
+    # Why debug mode exists: without the kept original nothing can tell.
+    bad = InvertibleModuleWrapper(Scale(torch.full((6,), 2.0, dtype=torch.float64), 0.1))
+    x = _input(4, 6)
+    bad(x).sum().backward()
+    assert x.shape == (4, 6)
+
+
+def test_debug_mode_applies_to_forward_passes_run_inside_it_only() -> None:
+    bad = InvertibleModuleWrapper(Scale(torch.full((6,), 2.0, dtype=torch.float64), 0.1))
+    x = _input(4, 6)
+    y = bad(x)
+    with debug_reconstruction():
+        y.sum().backward()  # forward ran outside: no copy was kept, nothing to compare
+
+
+def test_global_switch_turns_debug_mode_on_and_off() -> None:
+    bad = InvertibleModuleWrapper(Scale(torch.full((6,), 2.0, dtype=torch.float64), 0.1))
+    set_debug_reconstruction(True)
+    with pytest.raises(ReconstructionError, match=r"InvertibleModuleWrapper\(Scale\)"):
+        bad(_input(4, 6)).sum().backward()
+    set_debug_reconstruction(False)
+    bad(_input(4, 6)).sum().backward()
+
+
+def test_tolerances_are_respected() -> None:
+    bad = InvertibleModuleWrapper(Scale(torch.full((6,), 2.0, dtype=torch.float64), 1e-3))
+    with debug_reconstruction(atol=1e-2, rtol=0.0):
+        y = bad(_input(4, 6))
+    y.sum().backward()
+    with debug_reconstruction(atol=1e-4, rtol=0.0):
+        y = bad(_input(4, 6))
+    with pytest.raises(ReconstructionError, match="atol=0.0001"):
+        y.sum().backward()
+
+
+def test_nan_created_by_the_inverse_is_reported_without_debug_mode() -> None:
+    # A zero scale: the forward output is a finite 0, the inverse computes 0/0.
+    scale = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    block = InvertibleModuleWrapper(Scale(scale))
+    x = _input(5, 3)
+    y = block(x)
+    with pytest.raises(ReconstructionError, match=r"5 NaN/Inf value\(s\) of 15") as info:
+        y.sum().backward()
+    assert info.value.nonfinite == 5
+    assert "Scale" in str(info.value)
+
+
+def test_nan_in_debug_mode_is_reported_against_the_original() -> None:
+    scale = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    block = InvertibleModuleWrapper(Scale(scale))
+    with debug_reconstruction():
+        y = block(_input(5, 3))
+    with pytest.raises(ReconstructionError, match=r"5 NaN/Inf value\(s\) appeared") as info:
+        y.sum().backward()
+    assert info.value.nonfinite == 5
+
+
+def test_finite_check_can_be_turned_off_and_then_nan_propagates() -> None:
+    scale = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    block = InvertibleModuleWrapper(Scale(scale))
+    set_finite_check(False)
+    x = _input(5, 3)
+    block(x).sum().backward()
+    assert torch.isnan(x).any()
+
+
+def test_nan_already_in_the_input_is_not_blamed_on_the_inverse() -> None:
+    # Plain autograd propagates a NaN input; so does the wrapper, without error.
+    block = InvertibleModuleWrapper(AdditiveCoupling(nn.Linear(3, 3).double()))
+    x = _input(2, 6)
+    with torch.no_grad():
+        x[0, 0] = float("nan")
+    block(x).sum().backward()
+    assert torch.isnan(x[0, 0])
+    with debug_reconstruction():
+        x = _input(2, 6)
+        with torch.no_grad():
+            x[0, 0] = float("nan")
+        y = block(x)
+    y.sum().backward()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"atol": -1.0}, ValueError, "atol must be a non-negative number"),
+        ({"rtol": "1e-3"}, ValueError, "rtol must be a non-negative number"),
+        ({"atol": float("nan")}, ValueError, "atol must be a non-negative number"),
+        ({"model": "net"}, TypeError, "model must be the nn.Module"),
+    ],
+)
+def test_bad_debug_arguments_are_rejected(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match), debug_reconstruction(**kwargs):
+        pass
+    with pytest.raises(error, match=match):
+        set_debug_reconstruction(True, **kwargs)
+
+
+def test_bad_switch_values_are_rejected() -> None:
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_finite_check(1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="enabled must be a bool"):
+        set_debug_reconstruction("on")  # type: ignore[arg-type]
