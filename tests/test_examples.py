@@ -20,6 +20,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def test_every_example_is_covered() -> None:
     assert {
         "custom_coupling.py",
+        "drop_in_replacement.py",
         "plot_dynamics_1d.py",
         "separate_nested_rings.py",
     } <= set(EXAMPLES)
