@@ -7,6 +7,7 @@ Where ``os.fork`` does not exist, a new interpreter is started per configuration
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -18,7 +19,6 @@ from pathlib import Path
 from types import TracebackType
 
 import invertnet
-
 from invertnet.bench.measure import Config, Result
 
 __all__ = ["Runner"]
@@ -72,10 +72,8 @@ class Runner:
     @staticmethod
     def _kill(process: subprocess.Popen[str]) -> None:
         # The server runs in its own session: this ends it and the child it forked.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         process.wait()
 
     def _start_server(self) -> subprocess.Popen[str]:
