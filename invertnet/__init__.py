@@ -11,10 +11,12 @@ from invertnet.couplings import (
     AffineAdapterSigmoid,
     AffineCoupling,
     CouplingBase,
+    MomentumCoupling,
     available_couplings,
     create_coupling,
     register_coupling,
 )
+from invertnet.momentum import MomentumNet, transform_to_momentumnet
 from invertnet.wrappers import InvertibleModuleWrapper
 
 __version__ = "0.1.0"
@@ -26,8 +28,11 @@ __all__ = [
     "AffineCoupling",
     "CouplingBase",
     "InvertibleModuleWrapper",
+    "MomentumCoupling",
+    "MomentumNet",
     "available_couplings",
     "create_coupling",
     "is_invertible_module",
     "register_coupling",
+    "transform_to_momentumnet",
 ]

@@ -4,6 +4,7 @@ from invertnet.couplings.additive import AdditiveCoupling
 from invertnet.couplings.affine import AffineAdapterNaive, AffineAdapterSigmoid, AffineCoupling
 from invertnet.couplings.base import Combine, CouplingBase, Step
 from invertnet.couplings.factory import available_couplings, create_coupling, register_coupling
+from invertnet.couplings.momentum import MomentumCoupling
 
 __all__ = [
     "AdditiveCoupling",
@@ -11,6 +12,7 @@ __all__ = [
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "Combine",
+    "MomentumCoupling",
     "CouplingBase",
     "Step",
     "available_couplings",

@@ -9,6 +9,7 @@ from torch import nn
 
 from invertnet.couplings.additive import AdditiveCoupling
 from invertnet.couplings.affine import AffineCoupling
+from invertnet.couplings.momentum import MomentumCoupling
 
 __all__ = ["create_coupling", "register_coupling", "available_couplings"]
 
@@ -52,9 +53,8 @@ def create_coupling(
         The coupling's sub-modules (``Gm`` defaults to a deep copy of ``Fm`` where the
         coupling uses one).
     coupling : str
-        One of :func:`available_couplings` (``'additive'``, ``'affine'``, and
-        ``'momentum'`` once :mod:`invertnet.couplings.momentum` is imported, which
-        ``import invertnet`` does).
+        One of :func:`available_couplings` (``'additive'``, ``'affine'``,
+        ``'momentum'``).
     adapter : callable, optional
         Passed to couplings that take one (affine).
     **kwargs
@@ -83,3 +83,15 @@ def create_coupling(
 
 register_coupling("additive", lambda Fm, Gm, **kw: AdditiveCoupling(Fm, Gm, **kw))
 register_coupling("affine", lambda Fm, Gm, **kw: AffineCoupling(Fm, Gm, **kw))
+
+
+def _build_momentum(Fm: nn.Module, Gm: nn.Module | None, **kwargs: Any) -> nn.Module:
+    if Gm is not None:
+        raise ValueError(
+            "create_coupling(coupling='momentum') takes one sub-module Fm; "
+            f"got a Gm ({type(Gm).__name__}) as well"
+        )
+    return MomentumCoupling(Fm, **kwargs)
+
+
+register_coupling("momentum", _build_momentum)
