@@ -18,7 +18,7 @@ function with the same weights (same seed):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,27 +174,31 @@ TRANSFORMER_HEADS = 4
 TRANSFORMER_SEQ = 32
 
 
-def _momentum_net_modules(model: nn.Module) -> Iterator[nn.Module]:
-    momentum_net = invertnet.MomentumNet
-    return (m for m in model.modules() if isinstance(m, momentum_net))
+def _checkpoint_forward(module: nn.Module) -> None:
+    """Make ``module`` run its forward under checkpoint while training, in place.
+
+    Used where a wrapper module would not do: a converted Transformer encoder
+    reads attributes of its first layer (``layers[0].self_attn``), so the layers
+    must keep their own type.
+    """
+    forward = module.forward
+
+    def checkpointed(*args: Any, **kwargs: Any) -> Any:
+        if module.training and torch.is_grad_enabled():
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    module.forward = checkpointed
 
 
 def _checkpoint_functions(model: nn.Module) -> nn.Module:
     """Put every function of every MomentumNet in ``model`` under checkpoint."""
-    found = False
-    for net in list(_momentum_net_modules(model)):
-        functions = net.functions
-        if not isinstance(functions, (nn.ModuleList, nn.Sequential)):
-            raise TypeError(
-                "bench: cannot checkpoint the functions of a MomentumNet whose "
-                f"functions are a {type(functions).__name__}; expected an nn.ModuleList"
-            )
-        for i, f in enumerate(functions):
-            if not isinstance(f, CheckpointBlock):
-                functions[i] = CheckpointBlock(f)
-        found = True
-    if not found:
+    nets = [m for m in model.modules() if isinstance(m, invertnet.MomentumNet)]
+    if not nets:
         raise TypeError("bench: the converted model contains no MomentumNet to checkpoint")
+    for net in nets:
+        for f in dict.fromkeys(net.functions):  # a module repeated in the list: once
+            _checkpoint_forward(f)
     return model
 
 
