@@ -250,20 +250,20 @@ WORKLOADS: dict[str, Workload] = {
             "additive-conv",
             "RevNet-style stack of AdditiveCoupling(conv-bn-relu, conv-bn-relu), "
             f"{CONV_CHANNELS} channels, {CONV_SIZE}x{CONV_SIZE}",
-            16,
+            8,
             _additive_conv,
         ),
         Workload(
             "affine-conv",
             "stack of AffineCoupling(conv-bn-relu-conv1x1, AffineAdapterSigmoid), "
             f"{CONV_CHANNELS} channels, {CONV_SIZE}x{CONV_SIZE}",
-            16,
+            8,
             _affine_conv,
         ),
         Workload(
             "momentum-mlp",
             f"MomentumNet of MLP blocks (linear-tanh-linear, width {MLP_WIDTH}), gamma {GAMMA}",
-            256,
+            128,
             _momentum_mlp,
             requires=("MomentumNet",),
         ),
@@ -271,7 +271,7 @@ WORKLOADS: dict[str, Workload] = {
             "transformer",
             "nn.TransformerEncoder (causal mask) converted with transform_to_momentumnet, "
             f"d_model {TRANSFORMER_DIM}, {TRANSFORMER_HEADS} heads, sequence {TRANSFORMER_SEQ}",
-            16,
+            8,
             _transformer_encoder,
             requires=("MomentumNet", "transform_to_momentumnet"),
         ),
