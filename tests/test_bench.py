@@ -113,11 +113,12 @@ def test_saved_bytes_cross_check_shows_who_keeps_activations(tiny_run: dict) -> 
     results = _by_key(tiny_run["document"])
     for workload in WORKLOADS_RUN:
         saved = {(d, m): results[(workload, d, m)]["saved_bytes"] for d in (1, 2) for m in METHODS}
-        # Plain autograd saves every block's activations: more with depth.
+        # Plain autograd saves every block's activations, checkpoint every block's
+        # input: both more with depth.
         assert saved[(2, "plain")] > saved[(1, "plain")]
-        # invertnet saves no per-block activations: depth changes nothing.
+        assert saved[(2, "checkpoint")] > saved[(1, "checkpoint")]
+        # invertnet saves no per-block tensors: depth changes nothing.
         assert saved[(2, "invertnet")] == saved[(1, "invertnet")]
-        assert saved[(2, "invertnet")] < saved[(2, "plain")]
 
 
 def test_plot_is_a_png(tiny_run: dict) -> None:

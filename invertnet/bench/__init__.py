@@ -22,7 +22,7 @@ How it measures
   system (``mallopt``), so the baseline does not hide memory kept in free lists.
 * Memory on CUDA: ``torch.cuda.max_memory_allocated`` after
   ``torch.cuda.reset_peak_memory_stats``, minus ``memory_allocated`` before.
-* Cross-check: the bytes autograd saves for backward in one step, counted with
+* Cross-check: the bytes autograd saves for backward in one forward pass, counted with
   :func:`torch.autograd.graph.saved_tensors_hooks` (distinct storages, parameters
   excluded). For plain autograd it should be close to the measured peak.
 """

@@ -39,7 +39,7 @@ peak above what the process held before the measured steps, after warm-up steps 
 allocated the model's gradients: on CPU the peak resident set (VmHWM, reset through
 /proc/self/clear_refs, with glibc told to return freed memory) minus the resident set
 before; on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
-memory_allocated before. The bytes autograd saves for backward (counted with
+memory_allocated before. The bytes the forward pass saves for backward (counted with
 torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a
 cross-check. Timings on a shared machine are noisy: compare ratios within one run.
 """

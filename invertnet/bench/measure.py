@@ -9,6 +9,7 @@ memory probe (:mod:`invertnet.bench.memory`) gives their peak activation memory.
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 import warnings
@@ -79,9 +80,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model: torch.nn.Module, batch: Any) -> None:
-    out = model(*batch.args, **batch.kwargs)
-    loss = out.float().square().mean()
+def _step(model: torch.nn.Module, batch: Any, counter: SavedBytes | None = None) -> None:
+    # Only the forward pass is counted: what it saves is what a step keeps alive;
+    # recomputation in backward saves transient tensors for one block at a time.
+    with counter.counting() if counter is not None else contextlib.nullcontext():
+        out = model(*batch.args, **batch.kwargs)
+        loss = out.float().square().mean()
     loss.backward()
 
 
@@ -125,8 +129,7 @@ def _measure(config: Config) -> Result:
     # activations) and warms caches; the first one also counts the bytes autograd
     # saves for backward, the cross-check of the memory figure.
     counter = SavedBytes(model)
-    with counter.counting():
-        _step(model, batch)
+    _step(model, batch, counter)
     for _ in range(config.warmup - 1):
         _step(model, batch)
     _sync(device)

@@ -19,7 +19,7 @@ On CUDA the allocator counts exactly: ``torch.cuda.max_memory_allocated`` after
 
 The cross-check :class:`SavedBytes` counts, through
 :func:`torch.autograd.graph.saved_tensors_hooks`, the distinct storages autograd
-saves for backward during one step (parameters excluded): all activations for
+saves for backward during the forward pass of one step (parameters excluded): all activations for
 plain autograd, the block inputs for checkpointing, almost nothing for invertnet.
 """
 
