@@ -157,8 +157,8 @@ class SavedBytes:
     >>> counter = SavedBytes(lin)
     >>> with counter.counting():
     ...     y = torch.tanh(lin(torch.randn(2, 4)))
-    >>> counter.nbytes  # tanh saved its 2x4 float32 output; the weight is not counted
-    32
+    >>> counter.nbytes  # the input (for the weight's gradient) and tanh's output; not the weight
+    64
     """
 
     def __init__(self, model: torch.nn.Module) -> None:
