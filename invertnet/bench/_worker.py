@@ -89,10 +89,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     importlib.import_module("torch._dynamo")
     if threading.active_count() != 1:  # forking a threaded process is unsafe
         raise RuntimeError("the benchmark server must not start threads before forking")
-    for line in sys.stdin:
-        if line.strip():
-            sys.stdout.write(_serve_one(line) + "\n")
-            sys.stdout.flush()
+    try:
+        for line in sys.stdin:
+            if line.strip():
+                sys.stdout.write(_serve_one(line) + "\n")
+                sys.stdout.flush()
+    except BrokenPipeError:  # the benchmark command was stopped: nobody to report to
+        return 1
     return 0
 
 

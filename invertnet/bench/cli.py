@@ -41,7 +41,9 @@ allocated the model's gradients: on CPU the peak resident set (VmHWM, reset thro
 before; on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
 memory_allocated before. The bytes the forward pass saves for backward (counted with
 torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a
-cross-check. Timings on a shared machine are noisy: compare ratios within one run.
+cross-check. Timings on a shared machine are noisy: compare ratios within one run,
+and on a busy machine use --threads 1 (OpenMP threads waiting for each other on
+oversubscribed cores can make steps many times slower).
 """
 
 
