@@ -16,10 +16,11 @@ How it measures
   memory is part of the baseline and not counted.
 * Time: the median wall time of ``--repeats`` training steps (forward, scalar loss,
   backward). Ratios compare configurations of the same run.
-* Memory on CPU: the peak resident set over the measured steps (``VmHWM`` in
-  ``/proc/self/status``, reset by writing ``5`` to ``/proc/self/clear_refs``) minus
-  the resident set before them. glibc is told to give freed memory back to the
-  system (``mallopt``), so the baseline does not hide memory kept in free lists.
+* Memory is measured over one more step of its own. On CPU: the peak resident set
+  (``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to
+  ``/proc/self/clear_refs``) minus the resident set before the step, read after
+  glibc has given its free pages back (``malloc_trim``), so the baseline does not
+  hide memory kept in the allocator's free lists.
 * Memory on CUDA: ``torch.cuda.max_memory_allocated`` after
   ``torch.cuda.reset_peak_memory_stats``, minus ``memory_allocated`` before.
 * Cross-check: the bytes autograd saves for backward in one forward pass, counted with

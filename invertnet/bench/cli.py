@@ -35,9 +35,9 @@ invertnet, side by side, and report the median training-step time and the peak
 activation memory of each, with their ratios to plain autograd.
 
 Every configuration (workload, depth, method) runs in a fresh process. Memory is the
-peak above what the process held before the measured steps, after warm-up steps have
-allocated the model's gradients: on CPU the peak resident set (VmHWM, reset through
-/proc/self/clear_refs, with glibc told to return freed memory) minus the resident set
+peak of one training step above what the process held before it, after warm-up steps
+have allocated the model's gradients: on CPU the peak resident set (VmHWM, reset
+through /proc/self/clear_refs, after glibc's malloc_trim) minus the resident set
 before; on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
 memory_allocated before. The bytes the forward pass saves for backward (counted with
 torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a

@@ -2,9 +2,9 @@
 
 The child process builds the model, runs ``warmup`` training steps (forward, a
 scalar loss, backward; they allocate the gradients and warm caches; the first
-also counts the bytes autograd saves for backward, as a cross-check), then
-``repeats`` measured steps: their median wall time is the step time, and the
-memory probe (:mod:`invertnet.bench.memory`) gives their peak activation memory.
+also counts the bytes autograd saves for backward, as a cross-check), then one
+step whose peak activation memory the probe (:mod:`invertnet.bench.memory`)
+measures, then ``repeats`` timed steps: their median wall time is the step time.
 """
 
 from __future__ import annotations
@@ -115,7 +115,6 @@ def _measure(config: Config) -> Result:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     probe = probe_for(device)
-    probe.prepare()
     model, batch = build(
         config.workload,
         config.depth,
@@ -134,14 +133,19 @@ def _measure(config: Config) -> Result:
         _step(model, batch)
     _sync(device)
 
-    times: list[float] = []
+    # Memory: the peak of one step above what was held before it. Measured on its
+    # own step so that the timed steps run with the allocator undisturbed.
     probe.start()
+    _step(model, batch)
+    _sync(device)
+    peak = probe.peak_bytes()
+
+    times: list[float] = []
     for _ in range(config.repeats):
         start = time.perf_counter()
         _step(model, batch)
         _sync(device)
         times.append(time.perf_counter() - start)
-    peak = probe.peak_bytes()
     return Result(
         config=config,
         step_times_s=times,

@@ -7,10 +7,10 @@ steps, ``VmHWM`` minus the resident set before them is the extra memory the step
 needed at their peak. For this to be honest
 
 * each configuration runs in a fresh process (nothing left over from another);
-* glibc is told to serve every allocation of 128 KiB or more with its own
-  ``mmap`` and to give freed heap memory back (``mallopt``), so freed tensors
-  leave the resident set instead of hiding in the allocator's free lists, where
-  they would inflate the "before" figure and hide the next step's peak;
+* right before the baseline is read, glibc gives every free page back to the
+  system (``malloc_trim``): memory freed by earlier steps but kept in the
+  allocator's free lists would otherwise inflate the "before" figure and hide
+  the measured step's peak;
 * the model and its gradients are allocated by warm-up steps first, so they are
   part of the baseline and not counted.
 
@@ -38,10 +38,6 @@ __all__ = ["MemoryProbe", "SavedBytes", "probe_for"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
-# glibc mallopt parameters (malloc.h).
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 128 * 1024
 
 
 def _read_status_kib(key: str) -> int:
@@ -57,8 +53,7 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.mallopt  # noqa: B018 - glibc only; probe the symbol
-        libc.malloc_trim  # noqa: B018
+        libc.malloc_trim  # noqa: B018 - glibc only; probe the symbol
     except (OSError, AttributeError):
         return None
     return libc
@@ -74,9 +69,6 @@ class MemoryProbe:
     #: How the figure is obtained, recorded in the reports.
     method = ""
 
-    def prepare(self) -> None:
-        """Called once in a fresh process, before the model is built."""
-
     def start(self) -> None:
         raise NotImplementedError
 
@@ -87,7 +79,7 @@ class MemoryProbe:
 class CPUMemoryProbe(MemoryProbe):
     """Peak resident set (``VmHWM``) minus the resident set at :meth:`start`."""
 
-    method = "cpu: VmHWM - VmRSS before the steps (/proc/self, clear_refs reset, mmap >= 128 KiB)"
+    method = "cpu: VmHWM - VmRSS before the step (/proc/self/status, clear_refs, malloc_trim)"
 
     def __init__(self) -> None:
         if not _STATUS.exists() or not _CLEAR_REFS.exists():
@@ -96,11 +88,6 @@ class CPUMemoryProbe(MemoryProbe):
             )
         self._libc = _libc()
         self._before_kib = 0
-
-    def prepare(self) -> None:
-        if self._libc is not None:
-            self._libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-            self._libc.mallopt(_M_TRIM_THRESHOLD, _MMAP_THRESHOLD_BYTES)
 
     def start(self) -> None:
         gc.collect()
