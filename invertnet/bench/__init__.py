@@ -12,15 +12,17 @@ How it measures
 ---------------
 * Each configuration (workload, depth, method) runs in a fresh process, forked from
   a server that has imported torch and done nothing else (:mod:`invertnet.bench._worker`).
-* Warm-up steps come first: they allocate the gradients, so model and gradient
-  memory is part of the baseline and not counted.
+* A first step allocates the gradients, so model and gradient memory is part of
+  the baseline and not counted.
 * Time: the median wall time of ``--repeats`` training steps (forward, scalar loss,
   backward). Ratios compare configurations of the same run.
-* Memory is measured over one more step of its own. On CPU: the peak resident set
+* Memory is measured over the second step, time over later ones. On CPU: the peak resident set
   (``VmHWM`` in ``/proc/self/status``, reset by writing ``5`` to
   ``/proc/self/clear_refs``) minus the resident set before the step, read after
   glibc has given its free pages back (``malloc_trim``), so the baseline does not
-  hide memory kept in the allocator's free lists.
+  hide memory kept in the allocator's free lists; until then glibc maps every
+  allocation of 128 KiB or more on its own (``mallopt``), so freed tensors leave
+  the resident set at once. The timed steps run with glibc's usual thresholds.
 * Memory on CUDA: ``torch.cuda.max_memory_allocated`` after
   ``torch.cuda.reset_peak_memory_stats``, minus ``memory_allocated`` before.
 * Cross-check: the bytes autograd saves for backward in one forward pass, counted with

@@ -35,10 +35,11 @@ invertnet, side by side, and report the median training-step time and the peak
 activation memory of each, with their ratios to plain autograd.
 
 Every configuration (workload, depth, method) runs in a fresh process. Memory is the
-peak of one training step above what the process held before it, after warm-up steps
-have allocated the model's gradients: on CPU the peak resident set (VmHWM, reset
-through /proc/self/clear_refs, after glibc's malloc_trim) minus the resident set
-before; on CUDA torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
+peak of one training step above what the process held before it, after a first step
+has allocated the model's gradients: on CPU the peak resident set (VmHWM, reset
+through /proc/self/clear_refs, after glibc's malloc_trim, allocations of 128 KiB or
+more mapped on their own) minus the resident set before; on CUDA
+torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
 memory_allocated before. The bytes the forward pass saves for backward (counted with
 torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a
 cross-check. Timings on a shared machine are noisy: compare ratios within one run,
@@ -129,8 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int("warmup"),
         default=1,
         metavar="N",
-        help="unmeasured steps first, at least 1: they allocate the gradients "
-        "(default: %(default)s)",
+        help="unmeasured steps before the timed ones (default: %(default)s)",
     )
     parser.add_argument(
         "--threads",

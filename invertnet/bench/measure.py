@@ -1,10 +1,10 @@
 """Measure one configuration (workload, depth, method); meant for a fresh process.
 
-The child process builds the model, runs ``warmup`` training steps (forward, a
-scalar loss, backward; they allocate the gradients and warm caches; the first
-also counts the bytes autograd saves for backward, as a cross-check), then one
-step whose peak activation memory the probe (:mod:`invertnet.bench.memory`)
-measures, then ``repeats`` timed steps: their median wall time is the step time.
+The child process builds the model and runs training steps (forward, a scalar
+loss, backward): a first one allocates the gradients and counts the bytes autograd
+saves for backward (the cross-check); a second is the one whose peak activation
+memory the probe (:mod:`invertnet.bench.memory`) measures; then ``warmup``
+unmeasured steps and ``repeats`` timed ones, whose median wall time is the step time.
 """
 
 from __future__ import annotations
@@ -115,6 +115,7 @@ def _measure(config: Config) -> Result:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
     probe = probe_for(device)
+    probe.prepare()
     model, batch = build(
         config.workload,
         config.depth,
@@ -124,22 +125,21 @@ def _measure(config: Config) -> Result:
         device=device,
         seed=config.seed,
     )
-    # Warm-up allocates the gradients (so they count as model memory, not as
-    # activations) and warms caches; the first one also counts the bytes autograd
-    # saves for backward, the cross-check of the memory figure.
+    # The first step allocates the gradients (so they count as model memory, not
+    # as activations) and counts the bytes autograd saves, the cross-check.
     counter = SavedBytes(model)
     _step(model, batch, counter)
-    for _ in range(config.warmup - 1):
-        _step(model, batch)
     _sync(device)
 
-    # Memory: the peak of one step above what was held before it. Measured on its
-    # own step so that the timed steps run with the allocator undisturbed.
     probe.start()
     _step(model, batch)
     _sync(device)
     peak = probe.peak_bytes()
+    probe.finish()
 
+    for _ in range(config.warmup):  # warm caches and the allocator for timing
+        _step(model, batch)
+    _sync(device)
     times: list[float] = []
     for _ in range(config.repeats):
         start = time.perf_counter()

@@ -11,6 +11,11 @@ needed at their peak. For this to be honest
   system (``malloc_trim``): memory freed by earlier steps but kept in the
   allocator's free lists would otherwise inflate the "before" figure and hide
   the measured step's peak;
+* until then glibc serves every allocation of 128 KiB or more with its own
+  ``mmap`` and unmaps it when freed (``mallopt``), so the resident set follows
+  the live tensors instead of the heap's fragmentation. That slows allocation,
+  so afterwards (:meth:`MemoryProbe.finish`) glibc gets the thresholds its own
+  adaptive tuning ends at, and the timed steps run after a further warm-up;
 * the model and its gradients are allocated by warm-up steps first, so they are
   part of the baseline and not counted.
 
@@ -38,6 +43,12 @@ __all__ = ["MemoryProbe", "SavedBytes", "probe_for"]
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+# glibc mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD_BYTES = 128 * 1024
+# Where glibc's adaptive thresholds end up on 64-bit systems (DEFAULT_MMAP_THRESHOLD_MAX).
+_RELAXED_MMAP_THRESHOLD_BYTES = 32 * 1024 * 1024
 
 
 def _read_status_kib(key: str) -> int:
@@ -53,7 +64,8 @@ def _libc() -> ctypes.CDLL | None:
         return None
     try:
         libc = ctypes.CDLL(name)
-        libc.malloc_trim  # noqa: B018 - glibc only; probe the symbol
+        libc.mallopt  # noqa: B018 - glibc only; probe the symbols
+        libc.malloc_trim  # noqa: B018
     except (OSError, AttributeError):
         return None
     return libc
@@ -62,15 +74,22 @@ def _libc() -> ctypes.CDLL | None:
 class MemoryProbe:
     """Measures the peak memory of a block of code above what was in use before it.
 
-    Use :meth:`start` right before the measured steps and :meth:`peak_bytes`
-    right after them.
+    Call :meth:`prepare` first in a fresh process, :meth:`start` right before the
+    measured step, :meth:`peak_bytes` right after it, and :meth:`finish` before
+    timing anything.
     """
 
     #: How the figure is obtained, recorded in the reports.
     method = ""
 
+    def prepare(self) -> None:
+        """Called once in a fresh process, before the model is built."""
+
     def start(self) -> None:
         raise NotImplementedError
+
+    def finish(self) -> None:
+        """Undo what :meth:`prepare` changed that would slow the process down."""
 
     def peak_bytes(self) -> int:
         raise NotImplementedError
@@ -79,7 +98,7 @@ class MemoryProbe:
 class CPUMemoryProbe(MemoryProbe):
     """Peak resident set (``VmHWM``) minus the resident set at :meth:`start`."""
 
-    method = "cpu: VmHWM - VmRSS before the step (/proc/self/status, clear_refs, malloc_trim)"
+    method = "cpu: VmHWM - VmRSS before the step (clear_refs, malloc_trim, mmap >= 128 KiB)"
 
     def __init__(self) -> None:
         if not _STATUS.exists() or not _CLEAR_REFS.exists():
@@ -88,6 +107,17 @@ class CPUMemoryProbe(MemoryProbe):
             )
         self._libc = _libc()
         self._before_kib = 0
+
+    def _thresholds(self, mmap_bytes: int) -> None:
+        if self._libc is not None:
+            self._libc.mallopt(_M_MMAP_THRESHOLD, mmap_bytes)
+            self._libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_bytes)
+
+    def prepare(self) -> None:
+        self._thresholds(_MMAP_THRESHOLD_BYTES)
+
+    def finish(self) -> None:
+        self._thresholds(_RELAXED_MMAP_THRESHOLD_BYTES)
 
     def start(self) -> None:
         gc.collect()
@@ -103,7 +133,7 @@ class CPUMemoryProbe(MemoryProbe):
 class CUDAMemoryProbe(MemoryProbe):
     """``torch.cuda.max_memory_allocated`` minus ``memory_allocated`` at :meth:`start`."""
 
-    method = "cuda: max_memory_allocated - memory_allocated before the steps"
+    method = "cuda: max_memory_allocated - memory_allocated before the step"
 
     def __init__(self, device: torch.device) -> None:
         self._device = device
