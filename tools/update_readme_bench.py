@@ -16,7 +16,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from invertnet.bench.report import render_rst
+# Use the invertnet of this checkout, also when another one is installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from invertnet.bench.report import render_rst  # noqa: E402
 
 START = ".. bench-results-start"
 END = ".. bench-results-end"
