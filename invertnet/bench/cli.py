@@ -1,0 +1,310 @@
+"""The ``invertnet bench`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from invertnet.bench.measure import DTYPES, Config, Result
+from invertnet.bench.report import (
+    format_summary,
+    format_table,
+    machine_info,
+    render_rst,
+    to_document,
+    write_plot,
+)
+from invertnet.bench.runner import Runner
+from invertnet.bench.workloads import METHODS, WORKLOADS
+
+__all__ = ["build_parser", "main"]
+
+DEFAULT_DEPTHS = (8, 32, 128)
+
+DESCRIPTION = """\
+Train the same networks with plain autograd, torch.utils.checkpoint per block and
+invertnet, side by side, and report the median training-step time and the peak
+activation memory of each, with their ratios to plain autograd.
+
+Every configuration (workload, depth, method) runs in a fresh process. Memory is the
+peak of one training step above what the process held before it, after a first step
+has allocated the model's gradients: on CPU the peak resident set (VmHWM, reset
+through /proc/self/clear_refs, after glibc's malloc_trim, allocations of 128 KiB or
+more mapped on their own) minus the resident set before; on CUDA
+torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
+memory_allocated before. The bytes the forward pass saves for backward (counted with
+torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a
+cross-check. Timings on a shared machine are noisy: compare ratios within one run,
+and on a busy machine use --threads 1 (OpenMP threads waiting for each other on
+oversubscribed cores can make steps many times slower).
+"""
+
+
+def _positive_int(what: str) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{what} must be a positive integer, got {text!r}"
+            ) from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"{what} must be a positive integer, got {text!r}")
+        return value
+
+    return parse
+
+
+def _names(known: Sequence[str], what: str) -> Any:
+    def parse(text: str) -> list[str]:
+        names = [n.strip() for n in text.split(",") if n.strip()]
+        unknown = [n for n in names if n not in known]
+        if unknown or not names:
+            raise argparse.ArgumentTypeError(
+                f"unknown {what} {', '.join(map(repr, unknown)) or repr(text)}; "
+                f"choose from {', '.join(known)}"
+            )
+        return names
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``invertnet bench``."""
+    parser = argparse.ArgumentParser(
+        prog="invertnet bench",
+        description=DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="workloads:\n"
+        + "\n".join(f"  {w.name:<14} {w.description}" for w in WORKLOADS.values()),
+    )
+    parser.add_argument(
+        "--workloads",
+        nargs="+",
+        type=_names(list(WORKLOADS), "workload"),
+        metavar="NAME",
+        help="workloads to run, space- or comma-separated (default: all available)",
+    )
+    parser.add_argument(
+        "--depths",
+        nargs="+",
+        type=_positive_int("depth"),
+        default=list(DEFAULT_DEPTHS),
+        metavar="N",
+        help="network depths in blocks (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--methods",
+        nargs="+",
+        type=_names(list(METHODS), "method"),
+        metavar="NAME",
+        help=f"methods to compare (default: {' '.join(METHODS)}); ratios need plain",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int("batch size"),
+        metavar="N",
+        help="batch size for every workload (default: each workload's own)",
+    )
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int("repeats"),
+        default=3,
+        metavar="N",
+        help="measured steps per configuration; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_positive_int("warmup"),
+        default=1,
+        metavar="N",
+        help="unmeasured steps before the timed ones (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int("threads"),
+        metavar="N",
+        help="torch.set_num_threads in each measuring process (default: torch's choice, "
+        "which follows OMP_NUM_THREADS)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke test: depths 2 and 4, batch size 4, one repeat (overrides those options)",
+    )
+    parser.add_argument("--json", type=Path, metavar="FILE", help="write every figure as JSON")
+    parser.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="plot memory and time against depth"
+    )
+    parser.add_argument(
+        "--rst", type=Path, metavar="FILE", help="write the README's reStructuredText table"
+    )
+    parser.add_argument(
+        "--timeout",
+        type=_positive_int("timeout"),
+        default=900,
+        metavar="S",
+        help="seconds after which one configuration is stopped (default: %(default)s)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="do not show the progress bar")
+    return parser
+
+
+def _check_device(parser: argparse.ArgumentParser, text: str) -> str:
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        parser.error(f"--device: {text!r} is not a device; use cpu, cuda or cuda:N")
+    if device.type == "cpu":
+        return "cpu"
+    if device.type != "cuda":
+        parser.error(f"--device: {device.type!r} is not supported; use cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        parser.error(
+            f"--device {text}: CUDA is not available on this machine "
+            "(torch.cuda.is_available() is False); use --device cpu"
+        )
+    index = 0 if device.index is None else device.index
+    if index >= torch.cuda.device_count():
+        parser.error(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s)")
+    return f"cuda:{index}"
+
+
+def _choose_workloads(
+    parser: argparse.ArgumentParser, requested: list[list[str]] | None
+) -> tuple[list[str], dict[str, str]]:
+    """The workloads to run, and those left out of the default list with the reason."""
+    skipped: dict[str, str] = {}
+    if requested:
+        names = list(dict.fromkeys(n for group in requested for n in group))
+        for name in names:
+            missing = WORKLOADS[name].missing()
+            if missing:
+                parser.error(
+                    f"workload {name!r} needs invertnet.{', invertnet.'.join(missing)}, "
+                    "which this installation does not provide"
+                )
+        return names, skipped
+    names = []
+    for name, workload in WORKLOADS.items():
+        missing = workload.missing()
+        if missing:
+            skipped[name] = f"needs invertnet.{', invertnet.'.join(missing)}, not available"
+        else:
+            names.append(name)
+    return names, skipped
+
+
+def _write(text: str, stream: Any = None) -> None:
+    (stream or sys.stdout).write(text + "\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``invertnet bench``; returns the exit status.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        The arguments after ``bench`` (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 when every configuration was measured, 1 when one failed, 2 for bad options.
+    """
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exit_:  # argparse exits; the caller wants a status
+        return int(exit_.code or 0)
+    try:
+        device = _check_device(parser, args.device)
+        workloads, skipped = _choose_workloads(parser, args.workloads)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    methods = list(
+        dict.fromkeys(m for group in args.methods for m in group) if args.methods else METHODS
+    )
+    depths = sorted(set([2, 4] if args.quick else args.depths))
+    repeats = 1 if args.quick else args.repeats
+    batch_size = 4 if args.quick else args.batch_size
+
+    for name, reason in skipped.items():
+        _write(f"invertnet bench: skipping workload {name!r}: {reason}", sys.stderr)
+    if not workloads:
+        _write("invertnet bench: no workload is available to run", sys.stderr)
+        return 1
+
+    configs = [
+        Config(
+            workload=w,
+            depth=d,
+            method=m,
+            batch_size=batch_size,
+            dtype=args.dtype,
+            device=device,
+            repeats=repeats,
+            warmup=args.warmup,
+            threads=args.threads,
+        )
+        for w in workloads
+        for d in depths
+        for m in methods
+    ]
+    results: list[Result] = []
+    with Runner(timeout_s=args.timeout) as runner:
+        progress = tqdm(configs, unit="config", disable=args.no_progress, file=sys.stderr)
+        for config in progress:
+            progress.set_description(f"{config.workload} depth {config.depth} {config.method}")
+            results.append(runner.run(config))
+        progress.close()
+
+    settings = {
+        "command": shlex.join(["invertnet", "bench", *args_list]),
+        "workloads": workloads,
+        "depths": depths,
+        "methods": methods,
+        "batch_size": batch_size,
+        "dtype": args.dtype,
+        "device": device,
+        "repeats": repeats,
+        "warmup": args.warmup,
+        "threads": args.threads,
+    }
+    document = to_document(results, settings, machine_info(device), skipped)
+    _write(format_table(document))
+    summary = format_summary(document)
+    if summary:
+        _write("\n" + summary)
+    for name, reason in skipped.items():
+        _write(f"skipped {name}: {reason}")
+    notes = sorted({w for r in results for w in r.warnings})
+    for note in notes:
+        _write(f"warning in a measured run: {note}", sys.stderr)
+    if args.json:
+        args.json.write_text(json.dumps(document, indent=2) + "\n")
+        _write(f"wrote {args.json}")
+    if args.plot:
+        write_plot(document, args.plot)
+        _write(f"wrote {args.plot}")
+    if args.rst:
+        args.rst.write_text(render_rst(document))
+        _write(f"wrote {args.rst}")
+    failed = [r for r in results if r.error]
+    if failed:
+        _write(f"invertnet bench: {len(failed)} configuration(s) failed", sys.stderr)
+        return 1
+    return 0

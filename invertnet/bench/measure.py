@@ -1,0 +1,157 @@
+"""Measure one configuration (workload, depth, method); meant for a fresh process.
+
+The child process builds the model and runs training steps (forward, a scalar
+loss, backward): a first one allocates the gradients and counts the bytes autograd
+saves for backward (the cross-check); a second is the one whose peak activation
+memory the probe (:mod:`invertnet.bench.memory`) measures; then ``warmup``
+unmeasured steps and ``repeats`` timed ones, whose median wall time is the step time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from invertnet.bench.memory import SavedBytes, probe_for
+from invertnet.bench.workloads import build
+
+__all__ = ["Config", "Result", "measure_here"]
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration."""
+
+    workload: str
+    depth: int
+    method: str
+    batch_size: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    repeats: int = 3
+    warmup: int = 1
+    threads: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class Result:
+    """What one configuration measured; ``error`` is set instead when it failed."""
+
+    config: Config
+    step_times_s: list[float] = field(default_factory=list)
+    peak_bytes: int | None = None
+    saved_bytes: int | None = None
+    batch_size: int | None = None
+    parameters: int | None = None
+    memory_method: str = ""
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        """Median step time in seconds."""
+        return statistics.median(self.step_times_s) if self.step_times_s else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dictionary."""
+        out = asdict(self)
+        out["config"] = asdict(self.config)
+        out["median_s"] = self.median_s
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        """The inverse of :meth:`to_dict`."""
+        fields = {k: v for k, v in data.items() if k not in ("config", "median_s")}
+        return cls(config=Config(**data["config"]), **fields)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step(model: torch.nn.Module, batch: Any, counter: SavedBytes | None = None) -> None:
+    # Only the forward pass is counted: what it saves is what a step keeps alive;
+    # recomputation in backward saves transient tensors for one block at a time.
+    with counter.counting() if counter is not None else contextlib.nullcontext():
+        out = model(*batch.args, **batch.kwargs)
+        loss = out.float().square().mean()
+    loss.backward()
+
+
+def measure_here(config: Config) -> Result:
+    """Measure ``config`` in this process, recording the warnings it raises.
+
+    Parameters
+    ----------
+    config : Config
+        What to build and how often to run it.
+
+    Returns
+    -------
+    Result
+        Step times, peak activation memory, bytes saved for backward, and the
+        distinct warning messages seen (a kept input, for example, shows there).
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = _measure(config)
+    result.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    return result
+
+
+def _measure(config: Config) -> Result:
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    probe = probe_for(device)
+    probe.prepare()
+    model, batch = build(
+        config.workload,
+        config.depth,
+        config.method,
+        batch_size=config.batch_size,
+        dtype=DTYPES[config.dtype],
+        device=device,
+        seed=config.seed,
+    )
+    # The first step allocates the gradients (so they count as model memory, not
+    # as activations) and counts the bytes autograd saves, the cross-check.
+    counter = SavedBytes(model)
+    _step(model, batch, counter)
+    _sync(device)
+
+    probe.start()
+    _step(model, batch)
+    _sync(device)
+    peak = probe.peak_bytes()
+    probe.finish()
+
+    for _ in range(config.warmup):  # warm caches and the allocator for timing
+        _step(model, batch)
+    _sync(device)
+    times: list[float] = []
+    for _ in range(config.repeats):
+        start = time.perf_counter()
+        _step(model, batch)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return Result(
+        config=config,
+        step_times_s=times,
+        peak_bytes=peak,
+        saved_bytes=counter.nbytes,
+        batch_size=int(batch.args[0].shape[0]),
+        parameters=sum(p.numel() for p in model.parameters()),
+        memory_method=probe.method,
+    )

@@ -1,0 +1,254 @@
+"""``invertnet bench``: the table, the JSON document, the plot, and bad options.
+
+One tiny run (depths 1 and 2, batch 2, one repeat) is shared by the tests that
+read its outputs; timings are never asserted, only structure and the counted
+bytes, which are deterministic.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import invertnet
+from invertnet.bench import cli as bench_cli
+from invertnet.bench import main
+from invertnet.bench._worker import measure_config_line
+from invertnet.bench.report import COLUMNS, SCHEMA, format_table, render_rst
+from invertnet.bench.workloads import METHODS, WORKLOADS, build
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--depths", "1", "2", "--batch-size", "2", "--repeats", "1", "--no-progress"]
+WORKLOADS_RUN = ["additive-conv", "momentum-mlp"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    out = tmp_path_factory.mktemp("bench")
+    json_path, png_path, rst_path = out / "b.json", out / "b.png", out / "b.rst"
+    capture = out / "stdout.txt"
+    argv = [
+        "--workloads",
+        *WORKLOADS_RUN,
+        *TINY,
+        "--json",
+        str(json_path),
+        "--plot",
+        str(png_path),
+        "--rst",
+        str(rst_path),
+    ]
+    saved = sys.stdout
+    with capture.open("w") as stream:
+        sys.stdout = stream
+        try:
+            status = main(argv)
+        finally:
+            sys.stdout = saved
+    return {
+        "status": status,
+        "stdout": capture.read_text(),
+        "document": json.loads(json_path.read_text()),
+        "png": png_path,
+        "rst": rst_path.read_text(),
+    }
+
+
+def _by_key(document: dict) -> dict[tuple[str, int, str], dict]:
+    return {
+        (r["config"]["workload"], r["config"]["depth"], r["config"]["method"]): r
+        for r in document["results"]
+    }
+
+
+def test_tiny_run_succeeds_and_prints_one_row_per_configuration(tiny_run: dict) -> None:
+    assert tiny_run["status"] == 0
+    lines = tiny_run["stdout"].splitlines()
+    header = lines[0]
+    for column in COLUMNS:
+        assert column in header
+    rows = [line.split() for line in lines[2:] if line.split() and line.split()[0] in WORKLOADS]
+    expected = {(w, d, m) for w in WORKLOADS_RUN for d in ("1", "2") for m in METHODS}
+    assert {(r[0], r[1], r[2]) for r in rows} == expected
+    assert len(rows) == len(expected)
+    for r in rows:
+        if r[2] == "plain":  # time and memory ratios of plain to itself
+            assert r[5] == "1.00x" and r[8] == "1.00x"
+
+
+def test_json_has_every_figure_machine_and_settings(tiny_run: dict) -> None:
+    document = tiny_run["document"]
+    assert document["schema"] == SCHEMA
+    machine = document["machine"]
+    for key in ("cpu", "cpu_count", "python", "torch", "device", "platform"):
+        assert machine[key]
+    assert machine["torch"] == torch.__version__
+    settings = document["settings"]
+    assert settings["depths"] == [1, 2]
+    assert settings["workloads"] == WORKLOADS_RUN
+    assert settings["repeats"] == 1 and settings["batch_size"] == 2
+    assert settings["command"].startswith("invertnet bench --workloads")
+    assert "VmHWM" in document["memory_method"]
+    assert set(document["workloads"]) == set(WORKLOADS_RUN)
+    results = _by_key(document)
+    assert len(results) == len(WORKLOADS_RUN) * 2 * len(METHODS)
+    for key, row in results.items():
+        assert row["error"] is None, key
+        assert len(row["step_times_s"]) == 1 and row["median_s"] > 0
+        assert isinstance(row["peak_bytes"], int) and row["peak_bytes"] >= 0
+        assert row["batch_size"] == 2 and row["parameters"] > 0
+        plain = results[(key[0], key[1], "plain")]
+        assert row["time_ratio"] == pytest.approx(row["median_s"] / plain["median_s"])
+        if plain["peak_bytes"]:
+            assert row["memory_ratio"] == pytest.approx(row["peak_bytes"] / plain["peak_bytes"])
+
+
+def test_saved_bytes_cross_check_shows_who_keeps_activations(tiny_run: dict) -> None:
+    results = _by_key(tiny_run["document"])
+    for workload in WORKLOADS_RUN:
+        saved = {(d, m): results[(workload, d, m)]["saved_bytes"] for d in (1, 2) for m in METHODS}
+        # Plain autograd saves every block's activations, checkpoint every block's
+        # input: both more with depth.
+        assert saved[(2, "plain")] > saved[(1, "plain")]
+        assert saved[(2, "checkpoint")] > saved[(1, "checkpoint")]
+        # invertnet saves no per-block tensors: depth changes nothing.
+        assert saved[(2, "invertnet")] == saved[(1, "invertnet")]
+
+
+def test_plot_is_a_png(tiny_run: dict) -> None:
+    data = tiny_run["png"].read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 10_000  # axes, lines and labels, not an empty canvas
+
+
+def test_rst_table_lists_every_configuration(tiny_run: dict) -> None:
+    rst = tiny_run["rst"]
+    assert "Measured with ``invertnet bench --workloads" in rst
+    body = [line for line in rst.splitlines() if line.startswith("| ") and "workload" not in line]
+    assert len(body) == len(WORKLOADS_RUN) * 2 * len(METHODS)
+
+
+def _run_bad(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert main(argv) == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_workload_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_bad(["--workloads", "resnet-9000"], capsys)
+    assert "unknown workload 'resnet-9000'" in err
+    assert "additive-conv" in err  # lists what is known
+
+
+@pytest.mark.parametrize("depth", ["0", "-3", "eight"])
+def test_bad_depth_is_a_clear_error(depth: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_bad(["--depths", "8", depth], capsys)
+    assert f"depth must be a positive integer, got {depth!r}" in err
+
+
+def test_unavailable_cuda_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    err = _run_bad(["--device", "cuda"], capsys)
+    assert "CUDA is not available" in err and "--device cpu" in err
+
+
+def test_unsupported_device_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_bad(["--device", "toaster"], capsys)
+    assert "'toaster' is not a device" in err
+
+
+def test_workloads_needing_momentumnet_are_reported_when_missing(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delattr(invertnet, "MomentumNet")
+    parser = bench_cli.build_parser()
+    names, skipped = bench_cli._choose_workloads(parser, None)
+    assert names == ["additive-conv", "affine-conv"]
+    assert set(skipped) == {"momentum-mlp", "transformer"}
+    assert all("invertnet.MomentumNet" in reason for reason in skipped.values())
+    err = _run_bad(["--workloads", "momentum-mlp"], capsys)
+    assert "needs invertnet.MomentumNet" in err
+
+
+def test_failed_configuration_is_reported_not_raised() -> None:
+    line = json.dumps({"workload": "additive-conv", "depth": 2, "method": "magic"})
+    result = measure_config_line(line)
+    assert "unknown method 'magic'" in result["error"]
+    assert result["step_times_s"] == []
+
+
+def test_failed_row_shows_in_the_table() -> None:
+    document = {
+        "results": [
+            {
+                "config": {"workload": "additive-conv", "depth": 8, "method": "plain"},
+                "error": "the measuring process killed by signal 9 (out of memory?)",
+            }
+        ]
+    }
+    assert "failed: the measuring process killed by signal 9" in format_table(document)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_methods_compute_the_same_function(method: str) -> None:
+    # Ratios are only meaningful if the three methods train the same network.
+    for workload in WORKLOADS:
+        ref_model, ref_batch = build(workload, 3, "plain", batch_size=2, dtype=torch.float64)
+        model, batch = build(workload, 3, method, batch_size=2, dtype=torch.float64)
+        expected = ref_model(*ref_batch.args, **ref_batch.kwargs)
+        got = model(*batch.args, **batch.kwargs)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_python_dash_m_and_console_dispatch_show_the_method() -> None:
+    from invertnet.cli import main as invertnet_main
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "invertnet.bench", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "usage: invertnet bench" in proc.stdout
+    assert "VmHWM" in proc.stdout and "max_memory_allocated" in proc.stdout
+    assert invertnet_main(["bench", "--help"]) == 0
+
+
+def _load_tool() -> object:
+    spec = importlib.util.spec_from_file_location(
+        "update_readme_bench", ROOT / "tools" / "update_readme_bench.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_readme_tool_replaces_only_the_marked_block(tmp_path: Path, tiny_run: dict) -> None:
+    tool = _load_tool()
+    readme = tmp_path / "README.rst"
+    readme.write_text(
+        "Intro\n\n.. bench-results-start\n\nold table\n\n.. bench-results-end\n\nAfter\n"
+    )
+    data = tmp_path / "b.json"
+    data.write_text(json.dumps(tiny_run["document"]))
+    assert tool.main([str(data), "--readme", str(readme)]) == 0
+    text = readme.read_text()
+    assert "old table" not in text
+    assert text.startswith("Intro\n") and text.endswith("After\n")
+    assert render_rst(tiny_run["document"]).strip() in text
+
+
+def test_readme_tool_refuses_a_readme_without_markers(tmp_path: Path) -> None:
+    tool = _load_tool()
+    with pytest.raises(ValueError, match="bench-results-start"):
+        tool.replace_block("no markers here", "table")
