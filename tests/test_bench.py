@@ -193,7 +193,12 @@ def test_failed_row_shows_in_the_table() -> None:
             }
         ]
     }
-    assert "failed: the measuring process killed by signal 9" in format_table(document)
+    table = format_table(document)
+    row = table.splitlines()[2]
+    assert row.split()[:4] == ["additive-conv", "8", "plain", "failed"]
+    # The message goes below the table, so it does not widen the columns.
+    assert "failed: additive-conv depth 8 plain: the measuring process killed by signal 9" in table
+    assert len(row) < 120
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -169,7 +169,7 @@ def _cells(row: dict[str, Any]) -> list[str]:
     config = row["config"]
     head = [config["workload"], str(config["depth"]), config["method"]]
     if row.get("error"):
-        return [*head, f"failed: {row['error']}", "", "", "", ""]
+        return [*head, "failed (see below)", "", "", "", ""]
     return [
         *head,
         _fmt_time(row["median_s"]),
@@ -193,7 +193,13 @@ def format_table(document: dict[str, Any]) -> str:
         ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
-    return "\n".join([line(COLUMNS), rule, *(line(r) for r in body)])
+    failures = [
+        f"failed: {r['config']['workload']} depth {r['config']['depth']} "
+        f"{r['config']['method']}: {r['error']}"
+        for r in document["results"]
+        if r.get("error")
+    ]
+    return "\n".join([line(COLUMNS), rule, *(line(r) for r in body), *failures])
 
 
 def _by_key(document: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, Any]]:

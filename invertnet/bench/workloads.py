@@ -121,9 +121,15 @@ def _conv_bn_relu(channels: int) -> nn.Module:
 
 
 def _affine_net(channels: int) -> nn.Module:
-    # Two output channels per input channel: AffineAdapterSigmoid reads a scale
-    # and a shift from the odd and even ones.
-    return nn.Sequential(_conv_bn_relu(channels), nn.Conv2d(channels, 2 * channels, 1))
+    # AffineAdapterNaive turns the output h into (exp(h), h). The last layer starts
+    # small (the usual near-identity initialisation of affine flows): with a scale
+    # far from 1 at every block, 128 blocks shrink or grow activations by a factor
+    # that the inverse cannot undo in float32.
+    head = nn.Conv2d(channels, channels, 1)
+    with torch.no_grad():
+        head.weight.mul_(0.05)
+        head.bias.zero_()
+    return nn.Sequential(_conv_bn_relu(channels), head)
 
 
 def _wrap_couplings(couplings: list[nn.Module], method: str) -> nn.Module:
@@ -158,7 +164,7 @@ def _affine_conv(
     half = CONV_CHANNELS // 2
     couplings = [
         invertnet.AffineCoupling(
-            _affine_net(half), _affine_net(half), adapter=invertnet.AffineAdapterSigmoid
+            _affine_net(half), _affine_net(half), adapter=invertnet.AffineAdapterNaive
         )
         for _ in range(depth)
     ]
@@ -255,7 +261,7 @@ WORKLOADS: dict[str, Workload] = {
         ),
         Workload(
             "affine-conv",
-            "stack of AffineCoupling(conv-bn-relu-conv1x1, AffineAdapterSigmoid), "
+            "stack of AffineCoupling(conv-bn-relu-conv1x1 near identity, AffineAdapterNaive), "
             f"{CONV_CHANNELS} channels, {CONV_SIZE}x{CONV_SIZE}",
             8,
             _affine_conv,
