@@ -21,6 +21,7 @@ def test_every_example_is_covered() -> None:
     assert {
         "custom_coupling.py",
         "drop_in_replacement.py",
+        "plot_memory.py",
         "plot_dynamics_1d.py",
         "separate_nested_rings.py",
     } <= set(EXAMPLES)
