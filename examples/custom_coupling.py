@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import invertnet
+from invertnet.bench.memory import SavedBytes
 from invertnet.couplings import Combine, CouplingBase, Step
 
 
@@ -57,18 +58,12 @@ def mlp(width: int) -> nn.Module:
 
 
 def saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    # Count what the forward pass leaves for backward: the activation memory.
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes the forward pass leaves for backward (the activation memory), parameters excluded."""
+    counter = SavedBytes(model)
+    with counter.counting():
         loss = model(x).square().mean()
     loss.backward()
-    return total
+    return counter.nbytes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,21 +23,16 @@ from torch import nn
 from torchvision.models import resnet18, resnet34
 
 import invertnet
+from invertnet.bench.memory import SavedBytes
 
 
 def saved_bytes(model: nn.Module, *inputs: torch.Tensor, **kwargs: object) -> int:
-    """Bytes autograd saves for backward during one training forward pass."""
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    """Bytes autograd saves for backward in one training forward pass, parameters excluded."""
+    counter = SavedBytes(model)
+    with counter.counting():
         out = model(*inputs, **kwargs)
     out.float().square().mean().backward()
-    return total
+    return counter.nbytes
 
 
 def main(argv: list[str] | None = None) -> None:
