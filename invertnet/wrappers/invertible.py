@@ -360,17 +360,14 @@ class InvertibleModuleWrapper(nn.Module):
             stacklevel=_caller_stacklevel(),
         )
 
-    def _active(self, tensors: Tensors) -> bool:
+    def _recording(self) -> bool:
+        """Whether this call could build a graph: enabled, grad mode on, not inference."""
         if self.disable or not torch.is_grad_enabled():
             return False
         # Inference mode turns grad mode off unless grad is re-enabled inside it.
         # Dynamo cannot trace this query (a graph break on every call), so it is
         # skipped while compiling, where that combination is not supported anyway.
-        if not torch.compiler.is_compiling() and torch.is_inference_mode_enabled():
-            return False
-        return any(t.requires_grad for t in tensors) or any(
-            p.requires_grad for p in self._fn.parameters()
-        )
+        return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
     def _run(self, xs: tuple[Any, ...], direction: str) -> Output:
         run, undo = (
@@ -381,11 +378,13 @@ class InvertibleModuleWrapper(nn.Module):
         if not xs:
             raise ValueError(f"InvertibleModuleWrapper.{direction} needs at least one input tensor")
         inputs = _as_tuple(xs, f"InvertibleModuleWrapper.{direction}: input")
-        if not self._active(inputs):
+        # One walk over the parameters serves both the decision and the Function.
+        recording = self._recording()
+        params = tuple(p for p in self._fn.parameters() if p.requires_grad) if recording else ()
+        if not (recording and (params or any(t.requires_grad for t in inputs))):
             y = self._fn(*inputs) if direction == "forward" else run(*inputs)
         else:
             fused = getattr(self._fn, "inverse_and_vjp", None) if direction == "forward" else None
-            params = tuple(p for p in self._fn.parameters() if p.requires_grad)
             call = _Call(
                 wrapper=self,
                 run=run,
