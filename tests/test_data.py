@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import urllib.error
-from pathlib import Path
 
+import cifar_on_disk as disk
 import numpy as np
 import pytest
 import torch
@@ -16,17 +15,6 @@ from invertnet.train.data import (
     load_dataset,
     make_rings,
 )
-
-
-def _helper():
-    path = Path(__file__).with_name("cifar_on_disk.py")
-    spec = importlib.util.spec_from_file_location("cifar_on_disk", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-disk = _helper()
 
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(3, 1, 1)
 CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(3, 1, 1)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import re
@@ -10,30 +9,14 @@ import runpy
 import sys
 from pathlib import Path
 
+import cifar_on_disk as disk
 import pytest
 import torch
 
 from invertnet.train import loop, main
 from invertnet.train.checkpoint import load_checkpoint, save_atomically
 
-
-def _helper():
-    path = Path(__file__).with_name("cifar_on_disk.py")
-    spec = importlib.util.spec_from_file_location("cifar_on_disk", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-disk = _helper()
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
