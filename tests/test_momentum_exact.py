@@ -11,6 +11,8 @@ from torch import nn
 from invertnet import MomentumNet
 from invertnet.momentum.exact import (
     CHUNK_BITS,
+    HEAD_LIMIT,
+    LIMIT,
     SCALE_BITS,
     BitStore,
     ExactMomentum,
@@ -23,7 +25,7 @@ DTYPES = [torch.float32, torch.float64]
 
 
 def _run_core(gamma: float, dtype: torch.dtype, depth: int, scale: float, seed: int = 0):
-    """Run the core on random updates; return (core, final state, history, updates)."""
+    """Run the core on random functions; return (core, final state, history, updates)."""
     gen = torch.Generator().manual_seed(seed)
     fixed = FixedPoint(dtype)
     core = ExactMomentum(Gamma.from_value(gamma, "test"), fixed)
@@ -33,25 +35,30 @@ def _run_core(gamma: float, dtype: torch.dtype, depth: int, scale: float, seed: 
     state = core.start(fixed.to_fixed(x, "x"), fixed.to_fixed(v, "v"))
     history, updates = [], []
     for t in range(depth):
-        # Updates keep |v| near `scale`, so positions wander but stay in range.
-        f = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
-        update = fixed.to_fixed((1 - gamma) * f - (1 - gamma) * fixed.to_float(state.velocity), "u")
+        # f = noise - x pulls the position back, so it stays of the order of `scale`
+        # while taking both signs.
+        noise = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
+        f = (noise - state.position).to(dtype)
         history.append((state.position.clone(), state.velocity.clone()))
-        updates.append(update)
-        core.step(state, update, t)
-    core.check(state, depth)
+        update, bound = core.update(state, f, residual=True, what="u")
+        updates.append(update.clone())
+        core.step(state, update, bound, t)
     return core, state, history, updates
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gamma", GAMMAS)
-def test_reversal_is_bit_identical_at_depth_1000(gamma: float, dtype: torch.dtype) -> None:
-    core, state, history, updates = _run_core(gamma, dtype, depth=1000, scale=1e4)
-    for t in reversed(range(1000)):
+def _undo(core: ExactMomentum, state, history, updates) -> None:
+    for t in reversed(range(len(updates))):
         core.unstep_position(state)
-        core.unstep_velocity(state, updates[t])
+        core.unstep_velocity(state, updates[t].clone())
         assert torch.equal(state.position, history[t][0]), f"position differs at layer {t}"
         assert torch.equal(state.velocity, history[t][1]), f"velocity differs at layer {t}"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [*GAMMAS, 0.123456])
+def test_reversal_is_bit_identical_at_depth_1000(gamma: float, dtype: torch.dtype) -> None:
+    core, state, history, updates = _run_core(gamma, dtype, depth=1000, scale=1e4)
+    _undo(core, state, history, updates)
     # The store is back to empty: every bit taken was given back.
     assert state.store.steps == 0 and not state.store.chunks
     assert torch.count_nonzero(state.store.head) == 0
@@ -60,9 +67,8 @@ def test_reversal_is_bit_identical_at_depth_1000(gamma: float, dtype: torch.dtyp
 @pytest.mark.parametrize("gamma", GAMMAS)
 def test_values_span_both_signs_up_to_1e4(gamma: float) -> None:
     _, _, history, _ = _run_core(gamma, torch.float32, depth=50, scale=1e4)
-    fixed = FixedPoint(torch.float32)
-    values = torch.stack([fixed.to_float(v) for _, v in history])
-    assert values.min() < -5e3 and values.max() > 5e3
+    positions = torch.stack([x for x, _ in history])
+    assert positions.min() < -5e3 and positions.max() > 5e3
 
 
 @pytest.mark.parametrize("gamma", GAMMAS)
@@ -71,58 +77,88 @@ def test_store_grows_by_about_log2_of_1_over_gamma_bits_per_layer(gamma: float) 
     _, state, _, _ = _run_core(gamma, torch.float32, depth=depth, scale=1.0)
     store = state.store
     elements = store.head.numel()
-    bits = len(store.chunks) * CHUNK_BITS + math.log2(int(store.head.max()) + 1)
+    bits = len(store.chunks) * CHUNK_BITS + math.log2(float(store.head.max()) + 1)
     expected = depth * math.log2(1 / gamma)
     assert expected - 2 * CHUNK_BITS <= bits <= expected + 2 * CHUNK_BITS
     # Chunks are int32: 4 bytes per 31 bits, plus an 8-byte head.
     assert store.nbytes() == elements * (8 + 4 * len(store.chunks))
+    assert float(store.head.max()) <= store.head_bound < HEAD_LIMIT
 
 
-def test_velocity_product_is_within_two_units_of_gamma_v() -> None:
+@pytest.mark.parametrize("gamma", [0.9, 0.123456])
+def test_velocity_product_is_within_one_unit_of_gamma_v(gamma: float) -> None:
     fixed = FixedPoint(torch.float64)
-    gamma = Gamma.from_value(0.9, "test")
-    core = ExactMomentum(gamma, fixed)
-    v = torch.randint(-(2**50), 2**50, (1000,), dtype=torch.int64)
-    state = core.start(torch.zeros_like(v), v.clone())
-    for t in range(20):  # let the store fill with random digits
-        core.step(state, torch.zeros_like(v), t)
-    expected = state.velocity.double() * 0.9
-    core.step(state, torch.zeros_like(v), 20)
-    # float64 rounds 0.9 * v (|v| < 2**50) by at most 1/8 unit.
-    assert (state.velocity.double() - expected).abs().max() < 2.125
+    core = ExactMomentum(Gamma.from_value(gamma, "test"), fixed)
+    gen = torch.Generator().manual_seed(0)
+    # Large velocities take the split product, small ones the direct one.
+    for magnitude, split in [(2.0**49, True), (2.0**20, False)]:
+        v = torch.randint(-(2**40), 2**40, (1000,), generator=gen).double() * (magnitude / 2**40)
+        state = core.start(torch.zeros_like(v), v.round())
+        zero = torch.zeros_like(v)
+        for t in range(21):  # let the store fill with random digits
+            expected = state.velocity * gamma
+            state.position.zero_()  # only the velocity is of interest here
+            state.position_bound = 0.0
+            if split:  # keep the bound high: the velocity decays
+                state.velocity_bound = 2.0**50
+            core.step(state, zero.clone(), 1.0, t)
+        assert (20 in state.split_at) is split
+        # float64 rounds gamma * v (|v| < 2**50) by at most 1/8 unit.
+        assert (state.velocity - expected).abs().max() < 1.125
+
+
+def test_split_and_direct_products_agree_bit_for_bit() -> None:
+    core, state, history, updates = _run_core(0.9, torch.float64, depth=30, scale=10.0)
+    assert not state.split_at
+    _undo(core, state, history, updates)
+    # The same steps with the velocity bound forced high take the split form.
+    again = core.start(history[0][0] * core.fixed.scale, history[0][1].clone())
+    for t, update in enumerate(updates):
+        again.velocity_bound = 2.0**50
+        core.step(again, update.clone(), 1.0, t)
+        if t + 1 < len(history):
+            assert torch.equal(again.position, history[t + 1][0])
+            assert torch.equal(again.velocity, history[t + 1][1])
+    assert again.split_at == set(range(30))
+    _undo(core, again, history, updates)
 
 
 def test_gamma_zero_stores_the_velocity_whole() -> None:
     core, state, history, updates = _run_core(0.0, torch.float32, depth=20, scale=10.0)
     assert len(state.store.kept) == 20
-    for t in reversed(range(20)):
-        core.unstep_position(state)
-        core.unstep_velocity(state, updates[t])
-        assert torch.equal(state.position, history[t][0])
-        assert torch.equal(state.velocity, history[t][1])
+    _undo(core, state, history, updates)
+
+
+def test_gamma_one_keeps_the_velocity_and_stores_nothing() -> None:
+    core, state, history, updates = _run_core(1.0, torch.float32, depth=20, scale=10.0)
+    assert not state.store.kept and not state.store.chunks
+    assert torch.count_nonzero(state.store.head) == 0
+    _undo(core, state, history, updates)
 
 
 def test_negative_values_use_floor_division() -> None:
     # momentumnet mixed truncating division with floor remainders: wrong below zero.
     core, state, history, updates = _run_core(0.5, torch.float32, depth=10, scale=1e-6)
     assert (state.velocity < 0).any()
-    for t in reversed(range(10)):
-        core.unstep_position(state)
-        core.unstep_velocity(state, updates[t])
-    assert torch.equal(state.velocity, history[0][1])
+    _undo(core, state, history, updates)
 
 
-def test_bit_store_round_trip_through_saved_tensors() -> None:
+def test_bit_store_cuts_chunks_on_a_fixed_schedule_and_restores_them() -> None:
     store = BitStore.empty_like(torch.zeros(3))
-    store.begin_step(0)
-    store.push(torch.tensor([1, 2, 3]), 10)
-    store.head = store.head + 2**45  # force a flush at the next step
-    store.begin_step(int(store.head.max()))
-    assert len(store.chunks) == 1
+    store.begin_step(9, 10)
+    store.push(torch.tensor([1.0, 2.0, 3.0]), 10)
+    assert store.head_bound == 9
+    big = float(2**45)
+    store.head = store.head + big
+    store.head_bound = HEAD_LIMIT * 9 // 10  # the next step could pass the limit
+    store.begin_step(9, 10)
+    assert len(store.chunks) == 1 and store.chunk_at == [1]
+    assert store.chunks[0].dtype == torch.int32
+    assert store.head_bound < HEAD_LIMIT
     copy = BitStore.from_tensors(store.tensors(), store.layout())
     copy.end_unstep()
     assert not copy.chunks and len(store.chunks) == 1  # the original is untouched
-    assert torch.equal(copy.head, torch.tensor([1, 2, 3]) + 2**45)
+    assert torch.equal(copy.head, torch.tensor([1.0, 2.0, 3.0]) + big)
 
 
 def test_gamma_is_an_exact_fraction() -> None:
@@ -150,9 +186,32 @@ def test_out_of_range_input_raises_overflow(dtype: torch.dtype) -> None:
         fixed.to_fixed(torch.tensor([float("nan")]), "f")
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_function_output_raises_overflow(bad: float) -> None:
+    fixed = FixedPoint(torch.float32)
+    core = ExactMomentum(Gamma.from_value(0.9, "test"), fixed)
+    state = core.start(torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
+    with pytest.raises(OverflowError, match=r"f_3 reaches magnitude (nan|inf)"):
+        core.update(state, torch.tensor([0.0, bad, 1.0, 2.0]), residual=True, what="f_3")
+
+
+def test_loose_bounds_are_checked_against_the_state_before_failing() -> None:
+    # x_{t+1} = x_t + f(x_t) = -x_t: the position never grows, but the host bound,
+    # which adds up worst cases, passes the limit after a few dozen layers.
+    fixed = FixedPoint(torch.float32)
+    core = ExactMomentum(Gamma.from_value(0.0, "test"), fixed)
+    x = torch.full((5,), 1e4)
+    state = core.start(fixed.to_fixed(x, "x"), torch.zeros(5, dtype=torch.float64))
+    for t in range(200):
+        update, bound = core.update(state, -2 * state.position.float(), residual=True, what="f")
+        core.step(state, update, bound, t)
+    assert torch.equal(state.position.abs(), x.double())
+    assert state.position_bound < LIMIT
+
+
 def test_scale_bits_keep_1e4_with_headroom() -> None:
     for dtype in DTYPES:
-        assert FixedPoint(dtype).max_abs >= 1e6
+        assert FixedPoint(dtype).max_abs >= 1e5
     assert SCALE_BITS[torch.float32] >= 32
 
 
@@ -199,13 +258,13 @@ def test_forward_overflow_raises_before_anything_is_stored() -> None:
     assert x.grad is None and torch.equal(x, torch.full((2, 4), 1e9))
     # The same input works in plain mode, and a smaller one in exact mode.
     MomentumNet([lin] * 30, gamma=0.5)(x).sum().backward()
-    net(x.detach().mul(1e-6).requires_grad_(True)).sum().backward()
+    net(x.detach().mul(1e-9).requires_grad_(True)).sum().backward()
 
 
 def test_growing_state_raises_overflow_naming_the_layer() -> None:
     class Push(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return torch.full_like(x, 1e7)
+            return torch.full_like(x, 1e4)
 
     net = MomentumNet([Push()] * 200, gamma=0.0, use_backprop=False)
     x = torch.zeros(3, requires_grad=True)

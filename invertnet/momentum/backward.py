@@ -1,16 +1,25 @@
 """``use_backprop=False``: train a MomentumNet without storing per-layer activations.
 
 The forward pass runs the iteration in exact fixed point
-(:mod:`invertnet.momentum.exact`) with autograd off, and saves only the final
-state and the bit store. Backward runs the iteration backwards: at each layer it
-restores ``x_t`` bit for bit, evaluates ``f_t`` once, with grad, on it, and uses
-that one evaluation both to undo the velocity update and to back-propagate, the
-fused scheme of :meth:`invertnet.CouplingBase.inverse_and_vjp`.
+(:mod:`invertnet.momentum.exact`) with autograd off, one autograd node per layer,
+and saves only the final state and the bit store. Backward runs the iteration
+backwards: the node of layer ``t`` restores ``x_t`` bit for bit, evaluates ``f_t``
+once, with grad, on it, and uses that one evaluation both to undo the velocity
+update and to back-propagate, the fused scheme of
+:meth:`invertnet.CouplingBase.inverse_and_vjp`.
+
+One node per layer, rather than one for the whole network, lets autograd
+accumulate each layer's parameter gradients as soon as they are computed, as it
+does for ordinary layers: one node would have to return every layer's gradients
+at once, a transient the size of all the parameters. The nodes pass the state and
+its gradients to each other through the :class:`_Run` they share; the tensors that
+link them in the graph are empty and only order them.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -31,22 +40,50 @@ Slot = tuple[str, int | str]
 
 @dataclass
 class _Run:
-    """What one call needs besides the tensors autograd tracks."""
+    """What the nodes of one call share besides the tensors autograd tracks."""
 
     net: MomentumNet
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     # Where the extra-argument tensors that require grad sit in args/kwargs.
     grad_slots: list[Slot]
-    # Parameters that require grad, and which of them each layer (and init) owns.
-    params: tuple[torch.Tensor, ...]
-    layer_params: list[list[int]]
-    init_params: list[int]
-    # Filled in by the forward pass.
-    fixed: FixedPoint | None = None
-    layout: tuple[list[int], int, int] = field(default_factory=lambda: ([], 0, 0))
-    tape: RNGTape | None = None
-    autocast: list[AutocastState] = field(default_factory=list)
+    fixed: FixedPoint
+    core: ExactMomentum
+    tape: RNGTape
+    autocast: list[AutocastState]
+    # The state, and the layer whose input it holds; None once it is not needed.
+    state: MomentumState | None = None
+    layer: int = 0
+    # Backward only: gradients with respect to the position and the velocity at
+    # `layer`, accumulated in float64 like the plain mode, and the leaves standing
+    # for the extra-argument tensors.
+    grad_x: torch.Tensor | None = None
+    grad_v: torch.Tensor | None = None
+    arg_leaves: tuple[torch.Tensor, ...] = ()
+    leaf_args: tuple[Any, ...] = ()
+    leaf_kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def recomputing(self, module: torch.nn.Module) -> Iterator[None]:
+        """Recompute under the forward's autocast and RNG, leaving buffers alone."""
+        with (
+            AutocastState.restored(self.autocast),
+            buffers_unchanged(module),
+            self.tape.replaying(),
+            torch.enable_grad(),
+        ):
+            yield
+
+    def state_at(self, layer: int) -> MomentumState:
+        """The state, checked to hold the input of ``layer`` (backward order)."""
+        if self.state is None or self.layer != layer:
+            raise RuntimeError(
+                "MomentumNet(use_backprop=False): backward reached layer "
+                f"{layer - 1} while the reconstructed state is at layer {self.layer}; the "
+                "layers of one call must be back-propagated together, from the output "
+                "(a partial or interleaved backward through the same call is not supported)"
+            )
+        return self.state
 
 
 def _nested_grad_tensor(value: Any) -> bool:
@@ -86,154 +123,38 @@ def _with_tensors(
     return tuple(args), kwargs
 
 
-def _param_indices(module: torch.nn.Module, index: dict[int, int]) -> list[int]:
-    return sorted({index[id(p)] for p in module.parameters() if id(p) in index})
+def _trainable(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+    return tuple(p for p in module.parameters() if p.requires_grad)
 
 
+# torch.compile: the whole call runs eagerly, functions included. The exact
+# reversal in backward needs every f_t to return bit for bit what it returned in
+# forward, and backward (run by the autograd engine) is always eager; a compiled
+# f_t rounds differently, and the difference grows by 1/gamma per layer (gradients
+# off by 70% for 30 layers at gamma 0.5). It also keeps Dynamo out of the
+# fixed-point bookkeeping (host-side bounds, per-layer counters).
+@torch.compiler.disable
 def run_without_activations(
     net: MomentumNet, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> torch.Tensor:
     """Run ``net`` on ``x`` keeping only what exact reversal needs for backward."""
-    params = tuple(p for p in net.parameters() if p.requires_grad)
-    index = {id(p): i for i, p in enumerate(params)}
-    init = net.init_function
+    fixed = FixedPoint(x.dtype)
     run = _Run(
         net=net,
         args=args,
         kwargs=kwargs,
         grad_slots=_grad_slots(args, kwargs),
-        params=params,
-        layer_params=[_param_indices(f, index) for f in net.functions],
-        init_params=_param_indices(init, index) if init is not None else [],
+        fixed=fixed,
+        core=ExactMomentum(net._gamma, fixed),
+        tape=RNGTape([x]),
+        autocast=AutocastState.capture([x]),
     )
-    grad_args = [args[k] if kind == "arg" else kwargs[k] for kind, k in run.grad_slots]  # type: ignore[index]
-    return _MomentumFunction.apply(run, x, *grad_args, *params)
-
-
-def _update(run: _Run, t: int, position: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """``(1 - gamma) * f_t`` in fixed point, from the function's output ``y``."""
-    assert run.fixed is not None
-    step = y.detach().to(torch.float64)
-    if not run.net.is_residual:
-        step = step - run.fixed.to_float(position)
-    return run.fixed.to_fixed(run.net._gamma.complement * step, f"(1 - gamma) * f_{t}(x_{t})")
-
-
-class _MomentumFunction(torch.autograd.Function):
-    # torch.compile: this forward runs eagerly, functions included. The exact
-    # reversal in backward needs every f_t to return bit for bit what it returned
-    # here, and backward (run by the autograd engine) is always eager; a compiled
-    # f_t rounds differently, and the difference grows by 1/gamma per layer
-    # (gradients off by 70% for 30 layers at gamma 0.5). It also keeps Dynamo out
-    # of the fixed-point bookkeeping (.item() checks, per-layer counters).
-    @staticmethod
-    @torch.compiler.disable
-    def forward(ctx: Any, run: _Run, x: torch.Tensor, *tensors: torch.Tensor) -> torch.Tensor:
-        net = run.net
-        fixed = FixedPoint(x.dtype)
-        core = ExactMomentum(net._gamma, fixed)
-        args, kwargs = _with_tensors(run, tensors[: len(run.grad_slots)])
-        run.fixed = fixed
-        run.tape = RNGTape([x])
-        run.autocast = AutocastState.capture([x])
-
-        position = fixed.to_fixed(x, "the input x")
-        # The functions see the fixed-point state as floats, from the first layer on,
-        # so that backward can give them the very same values.
-        x_float = fixed.to_float(position).to(x.dtype)
-        with run.tape.recording():
-            if net.init_function is not None:
-                v0 = call_recorded("init", net.call_init, x_float)
-                velocity = fixed.to_fixed(v0, "the initial velocity init_function(x)")
-            else:
-                velocity = torch.zeros_like(position)
-            state = core.start(position, velocity)
-            for t in range(len(net.functions)):
-                y = call_recorded(t, net.call_function, t, x_float, args, kwargs)
-                core.step(state, _update(run, t, state.position, y), t)
-                x_float = fixed.to_float(state.position).to(x.dtype)
-        core.check(state, len(net.functions))
-
-        run.layout = state.store.layout()
-        ctx.save_for_backward(state.position, state.velocity, *state.store.tensors())
-        ctx.run = run
-        return x_float
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        run: _Run = ctx.run
-        assert run.fixed is not None and run.tape is not None
-        position, velocity, *store_tensors = ctx.saved_tensors
-        state = MomentumState(position, velocity, BitStore.from_tensors(store_tensors, run.layout))
-        n_args = len(run.grad_slots)
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(AutocastState.restored(run.autocast))
-            stack.enter_context(buffers_unchanged(run.net))
-            stack.enter_context(run.tape.replaying())
-            grad_x, grad_args, grad_params = _reverse(run, state, grad_output)
-        needs = ctx.needs_input_grad
-        grad_x = grad_x.to(grad_output.dtype) if needs[1] else None
-        grad_args = [g if need else None for g, need in zip(grad_args, needs[2 : 2 + n_args])]
-        return (None, grad_x, *grad_args, *grad_params)
-
-
-def _accumulate(total: list[torch.Tensor | None], indices: list[int], grads: Any) -> None:
-    for i, g in zip(indices, grads):
-        if g is not None:
-            total[i] = g if total[i] is None else total[i] + g
-
-
-def _reverse(
-    run: _Run, state: MomentumState, grad_output: torch.Tensor
-) -> tuple[torch.Tensor, list[torch.Tensor | None], list[torch.Tensor | None]]:
-    """Undo the iteration layer by layer, back-propagating as it goes."""
-    net, fixed = run.net, run.fixed
-    assert fixed is not None
-    core = ExactMomentum(net._gamma, fixed)
-    keep, mix = net._gamma.value, net._gamma.complement
-    dtype = grad_output.dtype
-    arg_leaves = tuple(
-        (run.args[k] if kind == "arg" else run.kwargs[k]).detach().requires_grad_(True)  # type: ignore[index]
-        for kind, k in run.grad_slots
-    )
-    args, kwargs = _with_tensors(run, arg_leaves)
-    n_args = len(arg_leaves)
-    grad_args: list[torch.Tensor | None] = [None] * n_args
-    grad_params: list[torch.Tensor | None] = [None] * len(run.params)
-    # Gradients with respect to the state, accumulated in float64 like the plain mode.
-    grad_x = grad_output.to(torch.float64)
-    grad_v = torch.zeros_like(grad_x)
-    for t in reversed(range(len(net.functions))):
-        position = core.unstep_position(state)
-        x_t = fixed.to_float(position).to(dtype).requires_grad_(True)
-        with torch.enable_grad():
-            y = call_recorded(t, net.call_function, t, x_t, args, kwargs)
-        core.unstep_velocity(state, _update(run, t, position, y))
-
-        grad_new_v = grad_x + grad_v  # x_{t+1} = x_t + v_{t+1}
-        grad_y = mix * grad_new_v
-        layer_params = [run.params[i] for i in run.layer_params[t]]
-        wanted = (x_t, *arg_leaves, *layer_params)
-        found = _vjp(y, wanted, grad_y)
-        if found[0] is not None:
-            grad_x = grad_x + found[0].to(torch.float64)
-        if not net.is_residual:
-            grad_x = grad_x - grad_y
-        grad_v = keep * grad_new_v
-        _accumulate(grad_args, list(range(n_args)), found[1 : 1 + n_args])
-        _accumulate(grad_params, run.layer_params[t], found[1 + n_args :])
-
-    if net.init_function is not None:
-        x_0 = fixed.to_float(state.position).to(dtype).requires_grad_(True)
-        with torch.enable_grad():
-            v_0 = call_recorded("init", net.call_init, x_0)
-        init_params = [run.params[i] for i in run.init_params]
-        found = _vjp(v_0, (x_0, *init_params), grad_v)
-        if found[0] is not None:
-            grad_x = grad_x + found[0].to(torch.float64)
-        _accumulate(grad_params, run.init_params, found[1:])
-    return grad_x, grad_args, grad_params
+    grad_args = tuple(args[k] if kind == "arg" else kwargs[k] for kind, k in run.grad_slots)  # type: ignore[index]
+    init = net.init_function
+    link = _Start.apply(run, x, *(_trainable(init) if init is not None else ()))
+    for t, f in enumerate(net.functions):
+        link = _Layer.apply(run, t, link, *grad_args, *_trainable(f))
+    return link
 
 
 def _vjp(
@@ -242,3 +163,132 @@ def _vjp(
     if not y.requires_grad:
         return (None,) * len(wanted)
     return torch.autograd.grad(y, wanted, grad_y.to(y.dtype), allow_unused=True)
+
+
+class _Start(torch.autograd.Function):
+    """Convert ``x`` to fixed point and compute ``v_0``; backward gives ``x`` its gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, run: _Run, x: torch.Tensor, *init_params: torch.Tensor) -> torch.Tensor:
+        net, fixed = run.net, run.fixed
+        position = fixed.to_fixed(x, "the input x")
+        if net.init_function is not None:
+            # init_function sees x as the functions do: rounded to fixed point.
+            x_0 = (position * fixed.unit).to(x.dtype)
+            with run.tape.recording():
+                v_0 = call_recorded("init", net.call_init, x_0)
+            velocity = fixed.to_fixed(v_0, "the initial velocity init_function(x)")
+        else:
+            velocity = torch.zeros_like(position)
+        run.state = run.core.start(position, velocity)
+        run.layer = 0
+        ctx.run = run
+        ctx.init_params = init_params
+        return x.new_empty(0)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        run: _Run = ctx.run
+        state = run.state_at(0)
+        assert run.grad_x is not None and run.grad_v is not None
+        grad_x, grad_init = run.grad_x, [None] * len(ctx.init_params)
+        init = run.net.init_function
+        if init is not None:
+            x_0 = run.core.inputs(state).requires_grad_(True)
+            # The vjp too: restoring the buffers after it keeps the versions that
+            # autograd saved (BatchNorm saves its running statistics).
+            with run.recomputing(init):
+                v_0 = call_recorded("init", run.net.call_init, x_0)
+                found = _vjp(v_0, (x_0, *ctx.init_params), run.grad_v)
+            if found[0] is not None:
+                grad_x.add_(found[0])
+            grad_init = list(found[1:])
+        run.state = run.grad_x = run.grad_v = None
+        dtype = run.fixed.dtype
+        return (None, grad_x.to(dtype) if ctx.needs_input_grad[1] else None, *grad_init)
+
+
+class _Layer(torch.autograd.Function):
+    """Layer ``t`` of the iteration; the last layer's node returns the network's output."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, run: _Run, t: int, link: torch.Tensor, *tensors: torch.Tensor
+    ) -> torch.Tensor:
+        net, core = run.net, run.core
+        state = run.state
+        assert state is not None and run.layer == t
+        x_t = core.inputs(state)
+        with run.tape.recording():
+            y = call_recorded(t, net.call_function, t, x_t, run.args, run.kwargs)
+        update, bound = core.update(state, y, net.is_residual, f"(1 - gamma) * f_{t}(x_{t})")
+        core.step(state, update, bound, t)
+        run.layer = t + 1
+        ctx.run, ctx.t = run, t
+        ctx.params = tensors[len(run.grad_slots) :]
+        if t < len(net.functions) - 1:
+            return link.new_empty(0)
+        # The last layer keeps the final state for backward; the shared object lets
+        # it go, so that saved-tensor hooks (offloading, accounting) see all of it.
+        ctx.save_for_backward(state.position, state.velocity, *state.store.tensors())
+        ctx.layout = state.store.layout()
+        ctx.split_at = set(state.split_at)
+        run.state = None
+        return core.inputs(state)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        run: _Run = ctx.run
+        t: int = ctx.t
+        net, core = run.net, run.core
+        if t == len(net.functions) - 1:
+            _begin_backward(ctx, run, grad_output)
+        state = run.state_at(t + 1)
+        assert run.grad_x is not None and run.grad_v is not None
+        f = net.functions[t]
+
+        core.unstep_position(state)
+        x_t = core.inputs(state).requires_grad_(True)
+        # x_{t+1} = x_t + v_{t+1} and v_{t+1} = gamma v_t + (1 - gamma) f_t(x_t).
+        grad_new_v = run.grad_x + run.grad_v
+        grad_y = grad_new_v * core.mix
+        with run.recomputing(f):
+            y = call_recorded(t, net.call_function, t, x_t, run.leaf_args, run.leaf_kwargs)
+            found = _vjp(y, (x_t, *run.arg_leaves, *ctx.params), grad_y)
+        update, _ = core.update(state, y, net.is_residual)
+        core.unstep_velocity(state, update)
+        run.layer = t
+
+        if found[0] is not None:
+            run.grad_x.add_(found[0])
+        if not net.is_residual:
+            run.grad_x.sub_(grad_y)
+        run.grad_v = grad_new_v.mul_(core.keep)
+
+        needs = ctx.needs_input_grad
+        if not needs[2]:
+            # No earlier node takes part in this backward: the state can go now.
+            run.state = run.grad_x = run.grad_v = None
+        n_args = len(run.grad_slots)
+        grad_args = [g if need else None for g, need in zip(found[1 : 1 + n_args], needs[3:])]
+        grad_link = grad_output.new_empty(0) if needs[2] else None
+        return (None, None, grad_link, *grad_args, *found[1 + n_args :])
+
+
+def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
+    """Restore the final state saved by the last layer and seed the state gradients."""
+    position, velocity, *store_tensors = ctx.saved_tensors
+    store = BitStore.from_tensors(store_tensors, ctx.layout)
+    # Copies: undoing the steps writes over the state, and a backward with
+    # retain_graph=True must find the saved tensors intact for the next one.
+    run.state = MomentumState(position.clone(), velocity.clone(), store, split_at=ctx.split_at)
+    run.layer = len(run.net.functions)
+    run.grad_x = grad_output.to(torch.float64, copy=True)
+    run.grad_v = torch.zeros_like(run.grad_x)
+    run.arg_leaves = tuple(
+        (run.args[k] if kind == "arg" else run.kwargs[k]).detach().requires_grad_(True)  # type: ignore[index]
+        for kind, k in run.grad_slots
+    )
+    run.leaf_args, run.leaf_kwargs = _with_tensors(run, run.arg_leaves)

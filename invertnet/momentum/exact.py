@@ -3,14 +3,17 @@ r"""Exact, reversible arithmetic for the momentum iteration.
 Run in floating point, :math:`v_{t+1} = \gamma v_t + (1-\gamma) f_t(x_t)` cannot be
 undone reliably: the inverse divides by :math:`\gamma` at every layer and the
 rounding errors grow like :math:`\gamma^{-L}` (see
-:class:`~invertnet.MomentumCoupling`). Here the state is held in integers instead,
+:class:`~invertnet.MomentumCoupling`). Here the state is held as integers instead,
 so every step can be undone bit for bit:
 
-* **Fixed point.** Position and velocity are ``int64`` tensors counting units of
-  :math:`2^{-s}`, with ``s`` fractional bits per dtype (:data:`SCALE_BITS`). The
-  functions see the state converted back to floats; their outputs are converted
-  to fixed point by one deterministic rounding, which backward repeats on the very
-  same values.
+* **Fixed point.** Position and velocity are whole numbers of units of
+  :math:`2^{-s}`, with ``s`` fractional bits per dtype (:data:`SCALE_BITS`). They
+  are held in ``float64`` tensors, which represent every integer below
+  :math:`2^{53}` exactly and, unlike ``int64``, get vectorised division on every
+  device: all the arithmetic below stays exact because every value is kept below
+  that bound (:data:`LIMIT`). The functions see the position converted to their
+  dtype; their outputs are converted to units by one deterministic rounding,
+  which backward repeats on the very same values.
 * **gamma as a fraction** ``n / d`` (:class:`~invertnet.momentum.gamma.Gamma`).
   Multiplying an integer by ``n / d`` is not invertible: it loses the remainder.
   Following Maclaurin, Duvenaud and Adams (2015, "Gradient-based hyperparameter
@@ -26,11 +29,17 @@ so every step can be undone bit for bit:
   Drawing ``r`` from the store and putting ``p mod d`` back is a bijection, so the
   store grows by :math:`\log_2(d / n) = \log_2(1 / \gamma)` bits per element and
   layer on average, the information-theoretic minimum, and the product is off the
-  true :math:`\gamma v` by less than two units of :math:`2^{-s}`. All divisions are
+  true :math:`\gamma v` by less than one unit of :math:`2^{-s}`. All divisions are
   floor divisions with non-negative remainders, also for negative values.
-* **The store grows instead of overflowing.** Its head is one ``int64`` per
-  element; whenever a head would pass :data:`HEAD_LIMIT`, the low
+* **The store grows instead of overflowing.** Its head is one ``float64`` per
+  element; before a step could take a head past :data:`HEAD_LIMIT`, the low
   :data:`CHUNK_BITS` bits of every element are moved to a new ``int32`` chunk.
+  How large a head can be follows from ``n``, ``d`` and the number of steps alone,
+  so the chunks are cut on a fixed schedule, with no look at the data.
+* **Range checks cost no pass over the state.** The largest magnitudes of position
+  and velocity are bounded on the host from one maximum per layer, that of the
+  function's output; the state itself is measured only when such a bound nears
+  :data:`LIMIT`.
 
 Memory per element of ``x``: position, velocity and store head, 8 bytes each,
 plus 4 bytes per 31 bits accumulated in chunks, about
@@ -52,9 +61,10 @@ which is not invertible): the velocity is stored whole, 8 bytes per element and
 layer, so memory grows with depth as with ordinary backpropagation (but without
 the functions' inner activations).
 
-The supported range is :math:`|x|, |v|, |(1-\gamma) f| < 2^{60 - s}`
-(:meth:`FixedPoint.max_abs`); beyond it, or for non-finite values, the forward
-pass raises :class:`OverflowError` before anything is lost.
+The supported range is :math:`|x|, |v|, |(1-\gamma) f| < 2^{51 - s}`
+(:attr:`FixedPoint.max_abs`: about :math:`2 \cdot 10^6` for float32 and
+:math:`1.3 \cdot 10^5` for float64); beyond it, or for non-finite values, the
+forward pass raises :class:`OverflowError` before anything is lost.
 """
 
 from __future__ import annotations
@@ -77,37 +87,44 @@ __all__ = [
 ]
 
 #: Fractional bits of the fixed-point state, per dtype of ``x``: finer than the
-#: dtype's own resolution for values of magnitude above 2**-9 (float32) or 2**-14
-#: (float64), with room for magnitudes up to 2**28 (float32) or 2**22 (float64).
+#: dtype's own resolution for magnitudes above 2**-7 (float32) or 2**-18
+#: (float64), with the range given by :data:`LIMIT`.
 SCALE_BITS: dict[torch.dtype, int] = {
-    torch.float64: 38,
+    torch.float64: 32,
     torch.float32: 32,
-    torch.float16: 24,
-    torch.bfloat16: 24,
+    torch.float16: 20,
+    torch.bfloat16: 20,
 }
 
-#: Largest magnitude, in fixed-point units, of a position, velocity or update.
-#: Sums of two such values stay far below the int64 limit of 2**63.
-LIMIT = 2**60
+#: Largest magnitude, in units, of a position, velocity or update. One step adds
+#: at most three such values, which stays below 2**53, where float64 stops
+#: holding every integer.
+LIMIT = 2**51
 
 #: Bits moved from a store head to a chunk at a time (an int32 holds 31 bits).
 CHUNK_BITS = 31
 
-#: A head at or above this is flushed to a chunk before it is multiplied by a
-#: denominator (at most 2**20), keeping it below 2**60.
-HEAD_LIMIT = 2**40
+#: Store heads stay below this, so that dividing one by a numerator (at most
+#: 2**20) is exact in float64 (see :func:`_floor_divmod`).
+HEAD_LIMIT = 2**52
 
-_CHUNK_MASK = (1 << CHUNK_BITS) - 1
+_CHUNK_BASE = float(2**CHUNK_BITS)
 
 
-def _divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Floor quotient and non-negative remainder (one integer division, not two)."""
-    q = torch.div(a, b, rounding_mode="floor")
-    return q, a - q * b
+def _floor_divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Floor quotient and non-negative remainder of integer-valued ``a`` by ``b``.
+
+    Exact for ``|a| + b < 2**53``: the quotient ``a / b`` is rounded to the nearest
+    float64, which stays on the same side of the next integer because the distance
+    to it, at least ``1 / b``, exceeds half a unit in the last place. The
+    remainder is written over ``a``, which must be a scratch tensor.
+    """
+    q = torch.div(a, b).floor_()
+    return q, a.sub_(q, alpha=b)
 
 
 class FixedPoint:
-    """Conversion between floats and ``int64`` fixed point for one dtype.
+    """Conversion between floats and fixed-point units for one dtype.
 
     Parameters
     ----------
@@ -122,42 +139,51 @@ class FixedPoint:
             )
         self.dtype = dtype
         self.bits = SCALE_BITS[dtype]
+        #: The value of one unit, and the number of units in 1 (powers of two, so
+        #: scaling by either is exact).
+        self.unit = 2.0**-self.bits
+        self.scale = 2.0**self.bits
 
     @property
     def max_abs(self) -> float:
         """The largest magnitude (exclusive) of a value that can be represented."""
-        return LIMIT * 2.0**-self.bits
+        return LIMIT * self.unit
 
     def to_fixed(self, y: torch.Tensor, what: str) -> torch.Tensor:
-        """Round ``y`` to the nearest multiple of ``2**-bits``, as an ``int64`` count.
+        """Round ``y`` to a whole number of units (a float64 tensor of units).
 
         Raises
         ------
         OverflowError
             If ``y`` is not finite or its magnitude reaches :attr:`max_abs`.
         """
-        # Scaling by a power of two is exact in float64, so this is deterministic.
-        scaled = y.to(torch.float64) * float(2**self.bits)
-        self.check(scaled.abs().max() if scaled.numel() else None, what)
-        return torch.round(scaled).to(torch.int64)
+        units = y.to(torch.float64) * self.scale
+        self.check(max_abs_of(units), what)
+        return units.round_()
 
-    def check(self, largest: torch.Tensor | float | None, what: str) -> None:
+    def to_value(self, units: torch.Tensor) -> torch.Tensor:
+        """The float64 value of a tensor of units (exact)."""
+        return units * self.unit
+
+    def check(self, largest: float, what: str) -> None:
         """Raise :class:`OverflowError` if ``largest`` (in units) is out of range."""
-        if largest is None:
-            return
-        value = float(largest)
-        if not value < LIMIT:  # also catches NaN
-            shown = value * 2.0**-self.bits
+        if not largest < LIMIT:  # also catches NaN
+            shown = largest * self.unit
             raise OverflowError(
                 f"MomentumNet(use_backprop=False): {what} reaches magnitude {shown:.4g}, beyond "
                 f"the {self.max_abs:.4g} that exact reversal supports for {self.dtype} "
-                f"(int64 fixed point with {self.bits} fractional bits); nothing was stored. "
-                "Rescale the input or the functions, or use use_backprop=True"
+                f"(fixed point with {self.bits} fractional bits, exact below 2**53); nothing "
+                "was stored. Rescale the input or the functions, or use use_backprop=True"
             )
 
-    def to_float(self, fixed: torch.Tensor) -> torch.Tensor:
-        """The value of a fixed-point tensor, in float64."""
-        return fixed.to(torch.float64) * 2.0**-self.bits
+
+def max_abs_of(t: torch.Tensor) -> float:
+    """The largest magnitude in ``t`` (NaN if it holds a NaN; 0 if it is empty)."""
+    if t.numel() == 0:
+        return 0.0
+    # aminmax is one fast pass; vector_norm(ord=inf) is many times slower on CPU.
+    low, high = torch.aminmax(t)
+    return max(-float(low), float(high))
 
 
 @dataclass
@@ -170,18 +196,21 @@ class BitStore:
     Parameters
     ----------
     head : torch.Tensor
-        ``int64``, non-negative, below :data:`HEAD_LIMIT` times a base.
+        ``float64`` whole numbers in ``[0, head_bound]``.
+    head_bound : int
+        An upper bound on the head, known on the host without looking at it.
     chunks : list of torch.Tensor
         ``int32`` chunks of :data:`CHUNK_BITS` bits each, oldest first.
     chunk_at : list of int
-        For each chunk, the number of steps begun before it was flushed.
+        For each chunk, the number of steps begun before it was cut.
     kept : list of torch.Tensor
-        Whole ``int64`` values stored by :meth:`keep` (``gamma = 0``).
+        Whole velocities stored by :meth:`keep` (``gamma = 0``).
     steps : int
         Steps begun (:meth:`begin_step`) and not undone (:meth:`end_unstep`).
     """
 
     head: torch.Tensor
+    head_bound: int = 0
     chunks: list[torch.Tensor] = field(default_factory=list)
     chunk_at: list[int] = field(default_factory=list)
     kept: list[torch.Tensor] = field(default_factory=list)
@@ -190,59 +219,54 @@ class BitStore:
     @staticmethod
     def empty_like(x: torch.Tensor) -> BitStore:
         """A store of zeros, one number per element of ``x``."""
-        return BitStore(torch.zeros(x.shape, dtype=torch.int64, device=x.device))
-
-    def copy(self) -> BitStore:
-        """A copy whose stacks can be popped without changing this store."""
-        return BitStore(
-            self.head, list(self.chunks), list(self.chunk_at), list(self.kept), self.steps
-        )
+        return BitStore(torch.zeros(x.shape, dtype=torch.float64, device=x.device))
 
     def nbytes(self) -> int:
         """Bytes held by the store."""
-        tensors = [self.head, *self.chunks, *self.kept]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
-    def begin_step(self, head_max: float) -> None:
-        """Start a step, first moving the heads' low bits to a chunk if ``head_max`` is large."""
-        if head_max >= HEAD_LIMIT:
-            self.chunks.append((self.head & _CHUNK_MASK).to(torch.int32))
-            self.chunk_at.append(self.steps)
-            self.head = self.head >> CHUNK_BITS
+    def begin_step(self, numerator: int, denominator: int) -> None:
+        """Start a step that draws a digit in base ``numerator`` and pushes one in base
+        ``denominator``, first cutting a chunk if the head could otherwise pass
+        :data:`HEAD_LIMIT`."""
+        if 0 < numerator < denominator:
+            if (self.head_bound // numerator + 1) * denominator >= HEAD_LIMIT:
+                high, low = _floor_divmod(self.head.clone(), 2**CHUNK_BITS)
+                self.chunks.append(low.to(torch.int32))
+                self.chunk_at.append(self.steps)
+                self.head = high
+                self.head_bound >>= CHUNK_BITS
+            self.head_bound = (self.head_bound // numerator + 1) * denominator - 1
         self.steps += 1
 
     def end_unstep(self) -> None:
-        """Finish undoing a step: bring back the chunk flushed when it began, if any."""
+        """Finish undoing a step: bring back the chunk cut when it began, if any."""
         self.steps -= 1
         if self.chunk_at and self.chunk_at[-1] == self.steps:
             self.chunk_at.pop()
-            self.head = (self.head << CHUNK_BITS) | self.chunks.pop().to(torch.int64)
-
-    def push(self, digit: torch.Tensor, base: int) -> None:
-        """``z <- base * z + digit`` for digits in ``[0, base)``."""
-        self.head = self.head * base + digit
-
-    def pop(self, base: int) -> torch.Tensor:
-        """Undo :meth:`push`: return ``z mod base`` and set ``z <- z // base``."""
-        self.head, digit = _divmod(self.head, base)
-        return digit
+            low = self.chunks.pop().to(torch.float64)
+            self.head = low.add_(self.head, alpha=_CHUNK_BASE)
 
     def draw(self, base: int) -> torch.Tensor:
         """Take a digit in ``[0, base)`` from the store: ``z mod base``, ``z <- z // base``."""
-        self.head, digit = _divmod(self.head, base)
+        self.head, digit = _floor_divmod(self.head, base)
         return digit
 
-    def undraw(self, digit: torch.Tensor, base: int) -> None:
-        """Undo :meth:`draw`."""
-        self.head = self.head * base + digit
+    def push(self, digit: torch.Tensor, base: int) -> None:
+        """``z <- base * z + digit`` for digits in ``[0, base)`` (written over ``digit``)."""
+        self.head = digit.add_(self.head, alpha=base)
+
+    # Undoing a step pops what it pushed and puts back what it drew.
+    pop = draw
+    undraw = push
 
     def keep(self, value: torch.Tensor) -> None:
         """Store a whole tensor."""
         self.kept.append(value)
 
     def unkeep(self) -> torch.Tensor:
-        """Undo :meth:`keep`."""
-        return self.kept.pop()
+        """Undo :meth:`keep` (a copy: the kept tensor may be saved for backward)."""
+        return self.kept.pop().clone()
 
     def tensors(self) -> list[torch.Tensor]:
         """The tensors to save for backward (see :meth:`from_tensors`)."""
@@ -256,111 +280,167 @@ class BitStore:
     def from_tensors(
         tensors: list[torch.Tensor] | tuple[torch.Tensor, ...], layout: tuple[list[int], int, int]
     ) -> BitStore:
-        """Rebuild a store saved as ``tensors()`` and ``layout()``."""
+        """Rebuild a store saved as ``tensors()`` and ``layout()``.
+
+        The head is copied, as undoing steps writes over it; chunks and kept
+        tensors are only read.
+        """
         chunk_at, n_kept, steps = layout
         head, rest = tensors[0], list(tensors[1:])
         n_chunks = len(rest) - n_kept
-        return BitStore(head, rest[:n_chunks], list(chunk_at), rest[n_chunks:], steps)
+        return BitStore(head.clone(), 0, rest[:n_chunks], list(chunk_at), rest[n_chunks:], steps)
 
 
 @dataclass
 class MomentumState:
-    """Position, velocity and bit store of the exact iteration."""
+    """Position, velocity and bit store of the exact iteration.
+
+    The velocity is held in units; the position as its value, a multiple of one
+    unit, so that the functions' inputs take one conversion. Both are float64.
+
+    ``position_bound`` and ``velocity_bound`` bound the magnitudes on the host.
+    ``split_at`` lists the steps whose velocity was too large for the one-line
+    product ``n * v`` to be exact, and which used the split form instead.
+    """
 
     position: torch.Tensor
     velocity: torch.Tensor
     store: BitStore
+    position_bound: float = 0.0
+    velocity_bound: float = 0.0
+    split_at: set[int] = field(default_factory=set)
 
 
 class ExactMomentum:
-    """One step of the momentum iteration on fixed-point integers, and its inverse.
+    """One step of the momentum iteration on fixed-point units, and its inverse.
 
     Parameters
     ----------
     gamma : Gamma
         The momentum term as a fraction ``n / d``.
     fixed : FixedPoint
-        The fixed-point format of the state (used in error messages).
+        The fixed-point format of the state.
     """
 
     def __init__(self, gamma: Gamma, fixed: FixedPoint) -> None:
         self.n = gamma.numerator
         self.d = gamma.denominator
+        self.keep = gamma.value
+        self.mix = gamma.complement
         self.fixed = fixed
+        # (1 - gamma) in units per unit of f, as the plain mode multiplies by it.
+        self.mix_units = gamma.complement * fixed.scale
 
     def start(self, position: torch.Tensor, velocity: torch.Tensor) -> MomentumState:
-        """The state from fixed-point ``x_0`` and ``v_0``."""
-        return MomentumState(position, velocity, BitStore.empty_like(position))
+        """The state from ``x_0`` and ``v_0`` in units (see :meth:`FixedPoint.to_fixed`).
 
-    def check(self, state: MomentumState, layer: int) -> float:
-        """Raise :class:`OverflowError` if the state left the supported range.
-
-        Called before each step and after the last; the integers cannot wrap in
-        between, as each step adds at most two in-range values. Returns the largest
-        store head (one synchronisation for all three statistics).
+        The tensors become the state's: steps write over them.
         """
-        if state.position.numel() == 0:
-            return 0.0
-        stats = torch.stack(
-            [
-                state.position.abs().max(),
-                state.velocity.abs().max(),
-                state.store.head.max(),
-            ]
-        ).tolist()
-        self.fixed.check(stats[0], f"the position x_{layer}")
-        self.fixed.check(stats[1], f"the velocity v_{layer}")
-        return stats[2]
+        return MomentumState(
+            position.mul_(self.fixed.unit),
+            velocity,
+            BitStore.empty_like(position),
+            position_bound=max_abs_of(position) * self.fixed.scale,
+            velocity_bound=max_abs_of(velocity),
+        )
 
-    def _scale_velocity(self, state: MomentumState) -> None:
-        v, n, d, store = state.velocity, self.n, self.d, state.store
-        if n == d:
-            return
+    def inputs(self, state: MomentumState) -> torch.Tensor:
+        """The position as the functions see it: its value in their dtype (a new tensor)."""
+        return state.position.to(self.fixed.dtype, copy=True)
+
+    def update(
+        self,
+        state: MomentumState,
+        y: torch.Tensor,
+        residual: bool,
+        what: str | None = None,
+    ) -> tuple[torch.Tensor, float]:
+        """``(1 - gamma) * f`` in units, from a function's output ``y``.
+
+        With ``residual=False`` the functions are whole blocks and the step is
+        ``y - x``. With ``what`` (forward), the update's range is checked and the
+        error names ``what``; the bound on its magnitude is returned with it.
+        """
+        step = y.detach().to(torch.float64, copy=True)
+        if not residual:
+            step.sub_(state.position)
+        update = step.mul_(self.mix_units).round_()
+        if what is None:
+            return update, 0.0
+        # One maximum per layer, over the function's own output where that bounds
+        # the update, which is cheaper than a pass over float64 units.
+        largest = max_abs_of(y) * abs(self.mix_units)
+        if not residual:
+            largest += state.position_bound * self.fixed.unit * abs(self.mix_units)
+        if not largest + 1 < LIMIT:
+            largest = max_abs_of(update)
+            self.fixed.check(largest, what)
+        return update, largest + 1
+
+    def step(self, state: MomentumState, update: torch.Tensor, bound: float, layer: int) -> None:
+        """``v <- gamma v + update``, ``x <- x + v``, with ``update`` from :meth:`update`.
+
+        Raises :class:`OverflowError` if the new state leaves the supported range;
+        the step itself is exact, so nothing is lost.
+        """
+        state.store.begin_step(self.n, self.d)
+        n, d, store = self.n, self.d, state.store
+        v = state.velocity
         if n == 0:
             store.keep(v)
-            state.velocity = torch.zeros_like(v)
+            v = update
+        elif n == d:
+            v = v.add_(update)
+        elif d * (state.velocity_bound + 2) < 2**52:
+            # p = n v + r, with |p| < 2**52: one product, one division.
+            p = store.draw(n).add_(v, alpha=n)
+            v, digit = _floor_divmod(p, d)
+            store.push(digit, d)
+            v = v.add_(update)
+        else:
+            # v = a d + b with 0 <= b < d, so that p = a n d + (b n + r) and every
+            # intermediate stays below |v| in magnitude.
+            state.split_at.add(store.steps - 1)
+            a, b = _floor_divmod(v, d)
+            high, digit = _floor_divmod(store.draw(n).add_(b, alpha=n), d)
+            store.push(digit, d)
+            v = high.add_(a, alpha=n).add_(update)
+        state.velocity = v
+        state.position.add_(v, alpha=self.fixed.unit)
+        state.velocity_bound = self.keep * state.velocity_bound + 1 + bound
+        state.position_bound += state.velocity_bound
+        self._check_bounds(state, layer + 1)
+
+    def _check_bounds(self, state: MomentumState, layer: int) -> None:
+        if state.position_bound < LIMIT and state.velocity_bound < LIMIT:
             return
-        # p = n * v + r, split so that no intermediate exceeds about |v|:
-        # with v = a * d + b, p = a * n * d + (b * n + r).
-        r = store.draw(n)
-        a, b = _divmod(v, d)
-        high, digit = _divmod(b * n + r, d)
-        state.velocity = a * n + high
-        store.push(digit, d)
+        # The bounds are loose (they add up worst cases): measure before failing.
+        state.position_bound = max_abs_of(state.position) * self.fixed.scale
+        state.velocity_bound = max_abs_of(state.velocity)
+        self.fixed.check(state.position_bound, f"the position x_{layer}")
+        self.fixed.check(state.velocity_bound, f"the velocity v_{layer}")
 
-    def _unscale_velocity(self, state: MomentumState) -> None:
-        v, n, d, store = state.velocity, self.n, self.d, state.store
-        if n == d:
-            return
-        if n == 0:
-            state.velocity = store.unkeep()
-            return
-        # p = d * v + s; with v = e * n + f, p = e * d * n + (f * d + s).
-        s = store.pop(d)
-        e, f = _divmod(v, n)
-        high, digit = _divmod(f * d + s, n)
-        state.velocity = e * d + high
-        store.undraw(digit, n)
-
-    def step(self, state: MomentumState, update: torch.Tensor, layer: int) -> None:
-        """``v <- gamma v + update``, ``x <- x + v`` (``update`` is ``(1-gamma) f`` in units).
-
-        Raises :class:`OverflowError`, before changing anything, if the state is out
-        of range.
-        """
-        head_max = self.check(state, layer)
-        state.store.begin_step(head_max)
-        self._scale_velocity(state)
-        state.velocity = state.velocity + update
-        state.position = state.position + state.velocity
-
-    def unstep_position(self, state: MomentumState) -> torch.Tensor:
-        """First half of the inverse: ``x <- x - v``; returns the restored position."""
-        state.position = state.position - state.velocity
-        return state.position
+    def unstep_position(self, state: MomentumState) -> None:
+        """First half of the inverse: ``x <- x - v``."""
+        state.position.sub_(state.velocity, alpha=self.fixed.unit)
 
     def unstep_velocity(self, state: MomentumState, update: torch.Tensor) -> None:
         """Second half of the inverse, given the update recomputed from the restored position."""
-        state.velocity = state.velocity - update
-        self._unscale_velocity(state)
-        state.store.end_unstep()
+        n, d, store = self.n, self.d, state.store
+        v = state.velocity.sub_(update)
+        if n == 0:
+            v = store.unkeep()
+        elif n == d:
+            pass
+        elif store.steps - 1 not in state.split_at:
+            # p = d v + s, then v = p // n and r = p mod n go back.
+            v, r = _floor_divmod(store.pop(d).add_(v, alpha=d), n)
+            store.undraw(r, n)
+        else:
+            # v = e n + f with 0 <= f < n, so that p = e d n + (f d + s).
+            e, f = _floor_divmod(v, n)
+            high, r = _floor_divmod(store.pop(d).add_(f, alpha=d), n)
+            store.undraw(r, n)
+            v = high.add_(e, alpha=d)
+        state.velocity = v
+        store.end_unstep()
