@@ -312,6 +312,79 @@ def test_retain_graph_allows_a_second_backward() -> None:
     assert torch.equal(first, second)
 
 
+def test_parameter_gradients_are_accumulated_layer_by_layer() -> None:
+    # One autograd node per layer: each layer's parameter gradients reach .grad
+    # before the layer below is recomputed, as with plain autograd, instead of
+    # all at the end (a transient the size of every parameter).
+    events: list[str] = []
+    functions = [_mlp() for _ in range(4)]
+    for t, f in enumerate(functions):
+        f.register_forward_hook(lambda *_, t=t: events.append(f"f{t}"))
+        f[0].weight.register_post_accumulate_grad_hook(lambda _, t=t: events.append(f"g{t}"))
+    net = MomentumNet(functions, gamma=0.9, use_backprop=False)
+    y = net(torch.randn(3, 8, requires_grad=True))
+    events.clear()
+    y.sum().backward()
+    assert events == ["f3", "g3", "f2", "g2", "f1", "g1", "f0", "g0"]
+
+
+def test_partial_backward_then_full_backward_with_retain_graph() -> None:
+    torch.manual_seed(0)
+    plain, light = _pair({"gamma": 0.5}, [_mlp() for _ in range(6)])
+    x = torch.randn(3, 8, requires_grad=True)
+    loss_plain, loss_light = plain(x).square().sum(), light(x).square().sum()
+    # Only the top layers take part in the first backward; the second starts
+    # again from the output.
+    top = list(light.functions[4].parameters())
+    (partial,) = torch.autograd.grad(loss_light, top[:1], retain_graph=True)
+    (expected,) = torch.autograd.grad(loss_plain, list(plain.functions[4].parameters())[:1])
+    torch.testing.assert_close(partial, expected, rtol=1e-5, atol=1e-6)
+    (grad_x,) = torch.autograd.grad(loss_light, x)
+    torch.testing.assert_close(grad_x, torch.autograd.grad(plain(x).square().sum(), x)[0])
+
+
+def test_rng_state_is_recorded_once_for_calls_that_draw_nothing() -> None:
+    from invertnet._rng import RNGTape, call_recorded
+
+    tape = RNGTape([torch.zeros(1)])
+    with tape.recording():
+        for t in range(50):
+            call_recorded(t, torch.tanh, torch.ones(3))
+        call_recorded("draws", torch.randn, 3)
+        call_recorded("after", torch.tanh, torch.ones(3))
+    states = {id(state) for state in tape._states.values()}
+    assert len(tape._states) == 52 and len(states) == 2
+
+
+def test_function_drawing_under_fork_rng_is_reproduced() -> None:
+    # Such a function leaves the generator as it found it, yet its output depends
+    # on the state it found: backward must still restore that state.
+    class ForkedNoise(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            with torch.random.fork_rng():
+                noise = torch.randn_like(x)
+            return torch.tanh(self.lin(x)) * (1 + 0.5 * noise)
+
+    torch.manual_seed(0)
+    # Between dropout layers, which move the generator, so that each forked draw
+    # sees a different state.
+    dropout = [nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.3)) for _ in range(3)]
+    functions = [dropout[0], ForkedNoise(), dropout[1], ForkedNoise(), dropout[2]]
+    plain, light = _pair({"gamma": 0.9}, functions)
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.manual_seed(1)
+    g_plain = _grads(plain, [x], plain(x))
+    torch.manual_seed(1)
+    y_light = light(x)
+    torch.manual_seed(123)  # backward runs with the generator elsewhere
+    g_light = _grads(light, [x], y_light)
+    _assert_close_lists(g_plain, g_light, rtol=1e-5)
+
+
 def test_no_grad_and_eval_give_the_training_function() -> None:
     torch.manual_seed(0)
     plain, light = _pair({"gamma": 0.9}, [_mlp() for _ in range(10)])

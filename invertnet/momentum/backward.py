@@ -54,11 +54,12 @@ class _Run:
     # The state, and the layer whose input it holds; None once it is not needed.
     state: MomentumState | None = None
     layer: int = 0
-    # Backward only: gradients with respect to the position and the velocity at
-    # `layer`, accumulated in float64 like the plain mode, and the leaves standing
-    # for the extra-argument tensors.
+    # Backward only, in float64 like the plain mode: the gradient with respect to
+    # the position at `layer`, and the total one with respect to the velocity
+    # there (through the position too); and the leaves standing for the
+    # extra-argument tensors.
     grad_x: torch.Tensor | None = None
-    grad_v: torch.Tensor | None = None
+    grad_v_total: torch.Tensor | None = None
     arg_leaves: tuple[torch.Tensor, ...] = ()
     leaf_args: tuple[Any, ...] = ()
     leaf_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -191,20 +192,21 @@ class _Start(torch.autograd.Function):
     def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
         state = run.state_at(0)
-        assert run.grad_x is not None and run.grad_v is not None
+        assert run.grad_x is not None and run.grad_v_total is not None
         grad_x, grad_init = run.grad_x, [None] * len(ctx.init_params)
         init = run.net.init_function
         if init is not None:
             x_0 = run.core.inputs(state).requires_grad_(True)
+            grad_v = run.grad_v_total - grad_x
             # The vjp too: restoring the buffers after it keeps the versions that
             # autograd saved (BatchNorm saves its running statistics).
             with run.recomputing(init):
                 v_0 = call_recorded("init", run.net.call_init, x_0)
-                found = _vjp(v_0, (x_0, *ctx.init_params), run.grad_v)
+                found = _vjp(v_0, (x_0, *ctx.init_params), grad_v)
             if found[0] is not None:
                 grad_x.add_(found[0])
             grad_init = list(found[1:])
-        run.state = run.grad_x = run.grad_v = None
+        run.state = run.grad_x = run.grad_v_total = None
         dtype = run.fixed.dtype
         return (None, grad_x.to(dtype) if ctx.needs_input_grad[1] else None, *grad_init)
 
@@ -246,14 +248,14 @@ class _Layer(torch.autograd.Function):
         if t == len(net.functions) - 1:
             _begin_backward(ctx, run, grad_output)
         state = run.state_at(t + 1)
-        assert run.grad_x is not None and run.grad_v is not None
+        grad_x, grad_v_total = run.grad_x, run.grad_v_total
+        assert grad_x is not None and grad_v_total is not None
         f = net.functions[t]
 
         core.unstep_position(state)
         x_t = core.inputs(state).requires_grad_(True)
         # x_{t+1} = x_t + v_{t+1} and v_{t+1} = gamma v_t + (1 - gamma) f_t(x_t).
-        grad_new_v = run.grad_x + run.grad_v
-        grad_y = grad_new_v * core.mix
+        grad_y = grad_v_total * core.mix
         with run.recomputing(f):
             y = call_recorded(t, net.call_function, t, x_t, run.leaf_args, run.leaf_kwargs)
             found = _vjp(y, (x_t, *run.arg_leaves, *ctx.params), grad_y)
@@ -262,15 +264,16 @@ class _Layer(torch.autograd.Function):
         run.layer = t
 
         if found[0] is not None:
-            run.grad_x.add_(found[0])
+            grad_x.add_(found[0])
         if not net.is_residual:
-            run.grad_x.sub_(grad_y)
-        run.grad_v = grad_new_v.mul_(core.keep)
+            grad_x.sub_(grad_v_total, alpha=core.mix)
+        # The total for v_t: through x_t, plus gamma times that for v_{t+1}.
+        torch.add(grad_x, grad_v_total, alpha=core.keep, out=grad_v_total)
 
         needs = ctx.needs_input_grad
         if not needs[2]:
             # No earlier node takes part in this backward: the state can go now.
-            run.state = run.grad_x = run.grad_v = None
+            run.state = run.grad_x = run.grad_v_total = None
         n_args = len(run.grad_slots)
         grad_args = [g if need else None for g, need in zip(found[1 : 1 + n_args], needs[3:])]
         grad_link = grad_output.new_empty(0) if needs[2] else None
@@ -286,7 +289,7 @@ def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     run.state = MomentumState(position.clone(), velocity.clone(), store, split_at=ctx.split_at)
     run.layer = len(run.net.functions)
     run.grad_x = grad_output.to(torch.float64, copy=True)
-    run.grad_v = torch.zeros_like(run.grad_x)
+    run.grad_v_total = run.grad_x.clone()
     run.arg_leaves = tuple(
         (run.args[k] if kind == "arg" else run.kwargs[k]).detach().requires_grad_(True)  # type: ignore[index]
         for kind, k in run.grad_slots

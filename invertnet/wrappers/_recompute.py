@@ -40,6 +40,9 @@ class AutocastState:
     @contextlib.contextmanager
     def restored(states: Sequence[AutocastState]) -> Iterator[None]:
         """Re-enter the recorded autocast settings."""
+        if not any(s.enabled or torch.is_autocast_enabled(s.device_type) for s in states):
+            yield  # off then and off now: nothing to re-enter
+            return
         with contextlib.ExitStack() as stack:
             for s in states:
                 stack.enter_context(
