@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -383,6 +384,32 @@ def test_function_drawing_under_fork_rng_is_reproduced() -> None:
     torch.manual_seed(123)  # backward runs with the generator elsewhere
     g_light = _grads(light, [x], y_light)
     _assert_close_lists(g_plain, g_light, rtol=1e-5)
+
+
+def test_tensor_reached_through_a_closure_is_warned_about_once() -> None:
+    shared = nn.Linear(8, 8)  # not owned by the functions, not an argument
+
+    class UsesShared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.own = nn.Linear(8, 8)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.own(x) + shared(x))
+
+    net = MomentumNet([UsesShared() for _ in range(3)], gamma=0.9, use_backprop=False)
+    x = torch.randn(2, 8, requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        net(x).sum().backward()
+    # Backward meets the top layer first; one warning for the whole network.
+    assert [str(w.message)[:60] for w in caught] == [
+        "MomentumNet(use_backprop=False): functions[2] uses 2 tensor("
+    ]
+    assert shared.weight.grad is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # checked once per layer: silent from now on
+        net(x).sum().backward()
 
 
 def test_no_grad_and_eval_give_the_training_function() -> None:

@@ -19,6 +19,7 @@ link them in the graph are empty and only order them.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -158,6 +159,48 @@ def run_without_activations(
     return link
 
 
+def _check_leaves(
+    net: MomentumNet, key: int | str, y: torch.Tensor, wanted: tuple[torch.Tensor, ...]
+) -> None:
+    """Warn if ``y`` depends on tensors that require grad besides ``wanted``.
+
+    Exact reversal back-propagates each function to its input, its own
+    parameters and the extra arguments only; anything else it reaches (a
+    parameter of another module, captured in a closure) would silently get no
+    gradient. Walking the graph costs time, so each layer is checked once, and a
+    network warns once.
+    """
+    checked = net._leaves_checked
+    if key in checked or "warned" in checked or not y.requires_grad:
+        return
+    checked.add(key)
+    what = "init_function" if key == "init" else f"functions[{key}]"
+    known = {id(w) for w in wanted}
+    stack, seen, missed = [y.grad_fn], set(), 0
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:  # a leaf's AccumulateGrad
+            missed += id(variable) not in known
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    if missed:
+        checked.add("warned")
+        warnings.warn(
+            f"MomentumNet(use_backprop=False): {what} uses {missed} tensor(s) that require "
+            "grad but are neither its own parameters nor arguments of the call (a parameter "
+            "of another module reached through a closure, for example); they get no "
+            "gradient from it (other layers may do the same; this is said once per "
+            "network). Make them parameters of the function, pass them as arguments, "
+            "or use use_backprop=True",
+            UserWarning,
+            stacklevel=2,
+        )
+
+
 def _vjp(
     y: torch.Tensor, wanted: tuple[torch.Tensor, ...], grad_y: torch.Tensor
 ) -> tuple[torch.Tensor | None, ...]:
@@ -202,7 +245,9 @@ class _Start(torch.autograd.Function):
             # autograd saved (BatchNorm saves its running statistics).
             with run.recomputing(init):
                 v_0 = call_recorded("init", run.net.call_init, x_0)
-                found = _vjp(v_0, (x_0, *ctx.init_params), grad_v)
+                wanted = (x_0, *ctx.init_params)
+                _check_leaves(run.net, "init", v_0, wanted)
+                found = _vjp(v_0, wanted, grad_v)
             if found[0] is not None:
                 grad_x.add_(found[0])
             grad_init = list(found[1:])
@@ -258,7 +303,9 @@ class _Layer(torch.autograd.Function):
         grad_y = grad_v_total * core.mix
         with run.recomputing(f):
             y = call_recorded(t, net.call_function, t, x_t, run.leaf_args, run.leaf_kwargs)
-            found = _vjp(y, (x_t, *run.arg_leaves, *ctx.params), grad_y)
+            wanted = (x_t, *run.arg_leaves, *ctx.params)
+            _check_leaves(net, t, y, wanted)
+            found = _vjp(y, wanted, grad_y)
         update, _ = core.update(state, y, net.is_residual)
         core.unstep_velocity(state, update)
         run.layer = t

@@ -161,6 +161,9 @@ class MomentumNet(nn.Module):
         self.init_speed = bool(init_speed)
         self.use_backprop = bool(use_backprop)
         self.is_residual = bool(is_residual)
+        # Layers whose recomputation in backward was checked for tensors that exact
+        # reversal cannot give gradients (see invertnet.momentum.backward).
+        self._leaves_checked: set[int | str] = set()
 
     # -- public properties ---------------------------------------------------
     @property
