@@ -17,6 +17,7 @@ from invertnet.momentum.exact import (
     BitStore,
     ExactMomentum,
     FixedPoint,
+    _floor_divmod,
 )
 from invertnet.momentum.gamma import MAX_DENOMINATOR, Gamma
 
@@ -161,6 +162,34 @@ def test_bit_store_cuts_chunks_on_a_fixed_schedule_and_restores_them() -> None:
     assert torch.equal(copy.head, torch.tensor([1.0, 2.0, 3.0]) + big)
 
 
+def _floor_divmod_matches_int64(device: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # Values up to the largest that the state and the store reach, both signs,
+    # and the multiples of the divisor and their neighbours, where a rounded
+    # quotient would fall on the wrong side of an integer.
+    wide = torch.randint(-(2**52) + 2**20, 2**52 - 2**20, (200_000,), generator=gen)
+    for divisor in (3, 9, 10, 100, 1929, 15625, 2**20):
+        near = torch.randint(
+            -(2**52 // divisor) + 2, 2**52 // divisor - 2, (50_000,), generator=gen
+        )
+        near = (near * divisor).unsqueeze(1) + torch.tensor([-1, 0, 1])
+        ints = torch.cat([wide, near.flatten()])
+        quotient, remainder = _floor_divmod(ints.double().to(device), divisor)
+        expected = torch.div(ints, divisor, rounding_mode="floor")
+        assert torch.equal(quotient.cpu().long(), expected), divisor
+        assert torch.equal(remainder.cpu().long(), ints - expected * divisor), divisor
+
+
+def test_float64_floor_division_is_exact_below_2_to_the_52() -> None:
+    _floor_divmod_matches_int64("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_float64_floor_division_is_exact_on_cuda() -> None:
+    # CUDA multiplies by the reciprocal of a Python-number divisor, which is not exact.
+    _floor_divmod_matches_int64("cuda")
+
+
 def test_gamma_is_an_exact_fraction() -> None:
     assert Gamma.from_value(0.9, "t") == Gamma(9, 10)
     assert Gamma.from_value(0.99, "t") == Gamma(99, 100)
@@ -231,20 +260,30 @@ class _Recorder(nn.Module):
         return 3.0 * torch.tanh(self.lin(x))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("gamma", [0.9, 0.1])
-def test_backward_gives_functions_bit_identical_inputs(gamma: float, dtype: torch.dtype) -> None:
+def _check_bit_identical_inputs(gamma: float, dtype: torch.dtype, device: str) -> None:
     torch.manual_seed(0)
     seen: list[torch.Tensor] = []
     depth = 200
     net = MomentumNet([_Recorder(6, seen) for _ in range(depth)], gamma, use_backprop=False)
-    net = net.to(dtype)
-    x = (torch.randn(4, 6, dtype=dtype) * 1e3).requires_grad_(True)
+    net = net.to(device=device, dtype=dtype)
+    x = (torch.randn(4, 6, dtype=dtype, device=device) * 1e3).requires_grad_(True)
     net(x).sum().backward()
     forward, backward = seen[:depth], seen[depth:]
     assert len(backward) == depth  # one evaluation per layer in backward
     for t in range(depth):
         assert torch.equal(forward[t], backward[depth - 1 - t]), f"layer {t} differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gamma", [0.9, 0.1])
+def test_backward_gives_functions_bit_identical_inputs(gamma: float, dtype: torch.dtype) -> None:
+    _check_bit_identical_inputs(gamma, dtype, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("gamma", [0.9, 0.1])
+def test_backward_gives_functions_bit_identical_inputs_on_cuda(gamma: float) -> None:
+    _check_bit_identical_inputs(gamma, torch.float32, "cuda")
 
 
 def test_forward_overflow_raises_before_anything_is_stored() -> None:

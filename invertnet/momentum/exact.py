@@ -69,6 +69,7 @@ forward pass raises :class:`OverflowError` before anything is lost.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -112,15 +113,23 @@ HEAD_LIMIT = 2**52
 _CHUNK_BASE = float(2**CHUNK_BITS)
 
 
+@functools.lru_cache(maxsize=64)
+def _divisor_on(device: torch.device, b: int) -> torch.Tensor:
+    return torch.tensor(float(b), dtype=torch.float64, device=device)
+
+
 def _floor_divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Floor quotient and non-negative remainder of integer-valued ``a`` by ``b``.
 
     Exact for ``|a| + b < 2**53``: the quotient ``a / b`` is rounded to the nearest
     float64, which stays on the same side of the next integer because the distance
-    to it, at least ``1 / b``, exceeds half a unit in the last place. The
+    to it, at least ``1 / b``, exceeds half a unit in the last place. That needs a
+    true division: on CUDA, dividing by a Python number multiplies by its rounded
+    reciprocal instead, so there the divisor is a tensor on the device. The
     remainder is written over ``a``, which must be a scratch tensor.
     """
-    q = torch.div(a, b).floor_()
+    divisor = b if a.device.type == "cpu" else _divisor_on(a.device, b)
+    q = torch.div(a, divisor).floor_()
     return q, a.sub_(q, alpha=b)
 
 
