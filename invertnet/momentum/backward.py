@@ -125,6 +125,14 @@ def _with_tensors(
     return tuple(args), kwargs
 
 
+def _slot_tensors(run: _Run) -> tuple[torch.Tensor, ...]:
+    """The extra-argument tensors that require grad, in the order of ``run.grad_slots``."""
+    return tuple(
+        run.args[key] if kind == "arg" else run.kwargs[key]  # type: ignore[index]
+        for kind, key in run.grad_slots
+    )
+
+
 def _trainable(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
     return tuple(p for p in module.parameters() if p.requires_grad)
 
@@ -151,7 +159,7 @@ def run_without_activations(
         tape=RNGTape([x]),
         autocast=AutocastState.capture([x]),
     )
-    grad_args = tuple(args[k] if kind == "arg" else kwargs[k] for kind, k in run.grad_slots)  # type: ignore[index]
+    grad_args = _slot_tensors(run)
     init = net.init_function
     link = _Start.apply(run, x, *(_trainable(init) if init is not None else ()))
     for t, f in enumerate(net.functions):
@@ -337,8 +345,5 @@ def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     run.layer = len(run.net.functions)
     run.grad_x = grad_output.to(torch.float64, copy=True)
     run.grad_v_total = run.grad_x.clone()
-    run.arg_leaves = tuple(
-        (run.args[k] if kind == "arg" else run.kwargs[k]).detach().requires_grad_(True)  # type: ignore[index]
-        for kind, k in run.grad_slots
-    )
+    run.arg_leaves = tuple(t.detach().requires_grad_(True) for t in _slot_tensors(run))
     run.leaf_args, run.leaf_kwargs = _with_tensors(run, run.arg_leaves)

@@ -171,10 +171,6 @@ class FixedPoint:
         self.check(max_abs_of(units), what)
         return units.round_()
 
-    def to_value(self, units: torch.Tensor) -> torch.Tensor:
-        """The float64 value of a tensor of units (exact)."""
-        return units * self.unit
-
     def check(self, largest: float, what: str) -> None:
         """Raise :class:`OverflowError` if ``largest`` (in units) is out of range."""
         if not largest < LIMIT:  # also catches NaN
