@@ -167,26 +167,26 @@ def _floor_divmod_matches_int64(device: str) -> None:
     # Values up to the largest that the state and the store reach, both signs,
     # and the multiples of the divisor and their neighbours, where a rounded
     # quotient would fall on the wrong side of an integer.
-    wide = torch.randint(-(2**52) + 2**20, 2**52 - 2**20, (200_000,), generator=gen)
-    for divisor in (3, 9, 10, 100, 1929, 15625, 2**20):
-        near = torch.randint(
-            -(2**52 // divisor) + 2, 2**52 // divisor - 2, (50_000,), generator=gen
-        )
+    top = LIMIT - 1
+    wide = torch.randint(-top, top + 1, (200_000,), generator=gen)
+    for divisor in (1, 2, 3, 9, 10, 100, 1929, 15625, 999_983, MAX_DENOMINATOR):
+        near = torch.randint(-(top // divisor) + 1, top // divisor, (50_000,), generator=gen)
         near = (near * divisor).unsqueeze(1) + torch.tensor([-1, 0, 1])
-        ints = torch.cat([wide, near.flatten()])
+        edges = torch.tensor([-top, -top + 1, -divisor, -1, 0, 1, divisor, top - 1, top])
+        ints = torch.cat([wide, near.flatten(), edges])
         quotient, remainder = _floor_divmod(ints.double().to(device), divisor)
         expected = torch.div(ints, divisor, rounding_mode="floor")
         assert torch.equal(quotient.cpu().long(), expected), divisor
         assert torch.equal(remainder.cpu().long(), ints - expected * divisor), divisor
 
 
-def test_float64_floor_division_is_exact_below_2_to_the_52() -> None:
+def test_float64_floor_division_is_exact_below_the_limit() -> None:
     _floor_divmod_matches_int64("cpu")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_float64_floor_division_is_exact_on_cuda() -> None:
-    # CUDA multiplies by the reciprocal of a Python-number divisor, which is not exact.
+    # CUDA contracts multiply-adds into fused ones; the bound allows for both.
     _floor_divmod_matches_int64("cuda")
 
 

@@ -253,6 +253,21 @@ def test_gradients_equal_plain_autograd(depth: int, gamma: float) -> None:
     _assert_close_lists(g_plain, g_light, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-7), (torch.bfloat16, 2e-2)])
+def test_gradients_in_the_input_dtype_equal_plain_autograd(dtype: torch.dtype, rtol: float) -> None:
+    # The state gradients are carried in the dtype that autograd uses for the plain
+    # mode: float32 accumulators would fail the float64 tolerance.
+    torch.manual_seed(0)
+    functions = [_mlp() for _ in range(30)]
+    plain, light = _pair({"gamma": 0.9}, functions)
+    plain, light = plain.to(dtype), light.to(dtype)
+    x = torch.randn(16, 8, dtype=dtype, requires_grad=True)
+    g_plain = _grads(plain, [x], plain(x))
+    g_light = _grads(light, [x], light(x))
+    assert all(g.dtype == dtype for g in g_light)
+    _assert_close_lists(g_plain, g_light, rtol=rtol)
+
+
 def test_partially_frozen_network_gets_autograd_gradients() -> None:
     torch.manual_seed(0)
     functions = [_mlp() for _ in range(6)]

@@ -55,10 +55,10 @@ class _Run:
     # The state, and the layer whose input it holds; None once it is not needed.
     state: MomentumState | None = None
     layer: int = 0
-    # Backward only, in float64 like the plain mode: the gradient with respect to
-    # the position at `layer`, and the total one with respect to the velocity
-    # there (through the position too); and the leaves standing for the
-    # extra-argument tensors.
+    # Backward only, in the dtype that the plain mode's autograd uses (_grad_dtype):
+    # the gradient with respect to the position at `layer`, and the total one with
+    # respect to the velocity there (through the position too); and the leaves
+    # standing for the extra-argument tensors.
     grad_x: torch.Tensor | None = None
     grad_v_total: torch.Tensor | None = None
     arg_leaves: tuple[torch.Tensor, ...] = ()
@@ -131,6 +131,11 @@ def _slot_tensors(run: _Run) -> tuple[torch.Tensor, ...]:
         run.args[key] if kind == "arg" else run.kwargs[key]  # type: ignore[index]
         for kind, key in run.grad_slots
     )
+
+
+def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the state gradients: that of ``x``, at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _trainable(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:

@@ -9,9 +9,10 @@ so every step can be undone bit for bit:
 * **Fixed point.** Position and velocity are whole numbers of units of
   :math:`2^{-s}`, with ``s`` fractional bits per dtype (:data:`SCALE_BITS`). They
   are held in ``float64`` tensors, which represent every integer below
-  :math:`2^{53}` exactly and, unlike ``int64``, get vectorised division on every
-  device: all the arithmetic below stays exact because every value is kept below
-  that bound (:data:`LIMIT`). The functions see the position converted to their
+  :math:`2^{53}` exactly and, unlike ``int64``, get vectorised arithmetic on every
+  device. Every value is kept below :math:`2^{50}` (:data:`LIMIT`), where floor
+  division is a multiplication and a rounding (:func:`_floor_divmod`), so all
+  the arithmetic below is exact. The functions see the position converted to their
   dtype; their outputs are converted to units by one deterministic rounding,
   which backward repeats on the very same values.
 * **gamma as a fraction** ``n / d`` (:class:`~invertnet.momentum.gamma.Gamma`).
@@ -61,9 +62,9 @@ which is not invertible): the velocity is stored whole, 8 bytes per element and
 layer, so memory grows with depth as with ordinary backpropagation (but without
 the functions' inner activations).
 
-The supported range is :math:`|x|, |v|, |(1-\gamma) f| < 2^{51 - s}`
-(:attr:`FixedPoint.max_abs`: about :math:`5 \cdot 10^5` for float32 and float64,
-:math:`2 \cdot 10^9` for float16 and bfloat16); beyond it, or for non-finite values, the
+The supported range is :math:`|x|, |v|, |(1-\gamma) f| < 2^{50 - s}`
+(:attr:`FixedPoint.max_abs`: about :math:`2.6 \cdot 10^5` for float32 and float64,
+:math:`10^9` for float16 and bfloat16); beyond it, or for non-finite values, the
 forward pass raises :class:`OverflowError` before anything is lost.
 """
 
@@ -98,38 +99,45 @@ SCALE_BITS: dict[torch.dtype, int] = {
     torch.bfloat16: 20,
 }
 
-#: Largest magnitude, in units, of a position, velocity or update. One step adds
-#: at most three such values, which stays below 2**53, where float64 stops
+#: Largest magnitude, in units, of a position, velocity or update, and of the
+#: numbers divided in a step: below it, :func:`_floor_divmod` is exact. One step
+#: adds at most three such values, which stays below 2**53, where float64 stops
 #: holding every integer.
-LIMIT = 2**51
+LIMIT = 2**50
 
 #: Bits moved from a store head to a chunk at a time (an int32 holds 31 bits).
 CHUNK_BITS = 31
 
-#: Store heads stay below this, so that dividing one by a numerator (at most
-#: 2**20) is exact in float64 (see :func:`_floor_divmod`).
-HEAD_LIMIT = 2**52
+#: Store heads stay below this, so that dividing one by a numerator or a
+#: denominator (at most 2**20) is exact (see :func:`_floor_divmod`).
+HEAD_LIMIT = 2**50
 
 _CHUNK_BASE = float(2**CHUNK_BITS)
 
 
 @functools.lru_cache(maxsize=64)
-def _divisor_on(device: torch.device, b: int) -> torch.Tensor:
-    return torch.tensor(float(b), dtype=torch.float64, device=device)
+def _quotient_terms(device: torch.device, b: int) -> tuple[float, torch.Tensor]:
+    """``1 / b`` and ``(1 - b) / (2 b)``, rounded to float64, the latter on ``device``."""
+    return 1.0 / b, torch.tensor((1 - b) / (2 * b), dtype=torch.float64, device=device)
 
 
 def _floor_divmod(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Floor quotient and non-negative remainder of integer-valued ``a`` by ``b``.
 
-    Exact for ``|a| + b < 2**53``: the quotient ``a / b`` is rounded to the nearest
-    float64, which stays on the same side of the next integer because the distance
-    to it, at least ``1 / b``, exceeds half a unit in the last place. That needs a
-    true division: on CUDA, dividing by a Python number multiplies by its rounded
-    reciprocal instead, so there the divisor is a tensor on the device. The
-    remainder is written over ``a``, which must be a scratch tensor.
+    Exact for ``|a| < 2**50`` and ``b < 2**21``, with no division: a division
+    costs twice a multiplication, and on CUDA ``a / b`` for a Python number ``b``
+    is itself a multiplication by a rounded reciprocal. Write ``a / b = m + j / b``
+    with ``m`` whole and ``0 <= j < b``; then
+    ``a / b + (1 - b) / (2 b) = m + (2 j + 1 - b) / (2 b)`` lies within
+    ``1/2 - 1 / (2 b)`` of ``m``, so rounding it to the nearest integer gives
+    ``m`` as long as the computed value errs by less than ``1 / (2 b)``. Computed
+    as ``(1 - b) / (2 b) + a * (1 / b)`` with every constant and operation rounded
+    (fused or not), it errs by at most ``1.5 * 2**-52 * |a| / b + 2**-53``, which
+    is below ``0.4 / b`` when ``|a| < 2**50``. The remainder ``a - b m`` is then
+    exact, and is written over ``a``, which must be a scratch tensor.
     """
-    divisor = b if a.device.type == "cpu" else _divisor_on(a.device, b)
-    q = torch.div(a, divisor).floor_()
+    inverse, offset = _quotient_terms(a.device, b)
+    q = torch.add(offset, a, alpha=inverse).round_()
     return q, a.sub_(q, alpha=b)
 
 
@@ -237,8 +245,9 @@ class BitStore:
         :data:`HEAD_LIMIT`."""
         if 0 < numerator < denominator:
             if (self.head_bound // numerator + 1) * denominator >= HEAD_LIMIT:
-                high, low = _floor_divmod(self.head.clone(), 2**CHUNK_BITS)
-                self.chunks.append(low.to(torch.int32))
+                # Exact: scaling by a power of two, then whole numbers.
+                high = torch.mul(self.head, 1.0 / _CHUNK_BASE).floor_()
+                self.chunks.append(torch.sub(self.head, high, alpha=_CHUNK_BASE).to(torch.int32))
                 self.chunk_at.append(self.steps)
                 self.head = high
                 self.head_bound >>= CHUNK_BITS
@@ -397,8 +406,8 @@ class ExactMomentum:
             v = update
         elif n == d:
             v = v.add_(update)
-        elif d * (state.velocity_bound + 2) < 2**52:
-            # p = n v + r, with |p| < 2**52: one product, one division.
+        elif d * (state.velocity_bound + 2) < LIMIT:
+            # p = n v + r, with |p| < LIMIT: one product, one division.
             p = store.draw(n).add_(v, alpha=n)
             v, digit = _floor_divmod(p, d)
             store.push(digit, d)
