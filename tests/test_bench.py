@@ -20,6 +20,7 @@ import invertnet
 from invertnet.bench import cli as bench_cli
 from invertnet.bench import main
 from invertnet.bench._worker import measure_config_line
+from invertnet.bench.measure import Config, Result, combine_rounds
 from invertnet.bench.report import COLUMNS, SCHEMA, format_table, render_rst
 from invertnet.bench.workloads import METHODS, WORKLOADS, build
 
@@ -257,3 +258,78 @@ def test_readme_tool_refuses_a_readme_without_markers(tmp_path: Path) -> None:
     tool = _load_tool()
     with pytest.raises(ValueError, match="bench-results-start"):
         tool.replace_block("no markers here", "table")
+
+
+class _RecordingRunner:
+    """Stands in for Runner: records the order of configurations, makes up results."""
+
+    calls: list[Config] = []
+
+    def __init__(self, timeout_s: float) -> None:
+        self.round_of: dict[Config, int] = {}
+
+    def __enter__(self) -> _RecordingRunner:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, config: Config) -> Result:
+        type(self).calls.append(config)
+        seen = self.round_of[config] = self.round_of.get(config, 0) + 1
+        # Round k: every step takes k ms and the peak is k MB (round 2 is "slow" on memory).
+        peak = {1: 10, 2: 30, 3: 20}[seen] * 2**20
+        return Result(
+            config=config,
+            step_times_s=[seen * 1e-3] * config.repeats,
+            peak_bytes=peak,
+            saved_bytes=5,
+            batch_size=2,
+            parameters=7,
+            memory_method="fake",
+            warnings=[f"round {seen}"],
+        )
+
+
+def test_rounds_interleave_configurations_and_pool_their_times(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_cli, "Runner", _RecordingRunner)
+    _RecordingRunner.calls = []
+    out = tmp_path / "b.json"
+    argv = ["--workloads", "momentum-mlp", "--depths", "1", "2", "--methods", "plain", "invertnet"]
+    status = main([*argv, "--repeats", "2", "--rounds", "3", "--no-progress", "--json", str(out)])
+    assert status == 0
+    order = [(c.depth, c.method) for c in _RecordingRunner.calls]
+    one_round = [(1, "plain"), (1, "invertnet"), (2, "plain"), (2, "invertnet")]
+    assert order == one_round * 3  # all configurations, then all again: not 3 in a row
+    document = json.loads(out.read_text())
+    assert document["settings"]["rounds"] == 3
+    for row in document["results"]:
+        assert row["step_times_s"] == pytest.approx([1e-3] * 2 + [2e-3] * 2 + [3e-3] * 2)
+        assert row["median_s"] == pytest.approx(2e-3)
+        assert row["peak_bytes"] == 20 * 2**20  # the median round, not the mean
+        assert row["warnings"] == ["round 1", "round 2", "round 3"]
+    assert "6 steps (3 rounds of 2, interleaved)" in render_rst(document)
+
+
+def test_a_failed_round_fails_the_configuration() -> None:
+    config = Config("momentum-mlp", 1, "plain")
+    good = Result(config=config, step_times_s=[1.0], peak_bytes=1)
+    bad = Result(config=config, error="the benchmark worker exited with status 1")
+    combined = combine_rounds([good, bad, good])
+    assert combined.error == bad.error and combined.median_s is None
+
+
+def test_combine_rounds_rejects_mixed_or_missing_results() -> None:
+    with pytest.raises(ValueError, match="at least one result"):
+        combine_rounds([])
+    a, b = Config("momentum-mlp", 1, "plain"), Config("momentum-mlp", 2, "plain")
+    with pytest.raises(ValueError, match="momentum-mlp/1/plain, momentum-mlp/2/plain"):
+        combine_rounds([Result(config=a), Result(config=b)])
+
+
+@pytest.mark.parametrize("rounds", ["0", "two"])
+def test_bad_rounds_is_a_clear_error(rounds: str, capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_bad(["--rounds", rounds], capsys)
+    assert f"rounds must be a positive integer, got {rounds!r}" in err

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from invertnet.bench.measure import DTYPES, Config, Result
+from invertnet.bench.measure import DTYPES, Config, Result, combine_rounds
 from invertnet.bench.report import (
     format_summary,
     format_table,
@@ -124,6 +124,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=3,
         metavar="N",
         help="measured steps per configuration; the median is reported (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=_positive_int("rounds"),
+        default=1,
+        metavar="N",
+        help="measure every configuration N times, one round of all configurations after "
+        "another, each in a fresh process; step times are pooled and the peak memory is the "
+        "median of the rounds, so that a slow spell of a shared machine is spread over all "
+        "methods instead of landing on one (default: %(default)s)",
     )
     parser.add_argument(
         "--warmup",
@@ -264,13 +274,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         for d in depths
         for m in methods
     ]
-    results: list[Result] = []
+    rounds: dict[Config, list[Result]] = {config: [] for config in configs}
     with Runner(timeout_s=args.timeout) as runner:
-        progress = tqdm(configs, unit="config", disable=args.no_progress, file=sys.stderr)
-        for config in progress:
-            progress.set_description(f"{config.workload} depth {config.depth} {config.method}")
-            results.append(runner.run(config))
+        progress = tqdm(
+            total=len(configs) * args.rounds,
+            unit="config",
+            disable=args.no_progress,
+            file=sys.stderr,
+        )
+        for round_ in range(args.rounds):
+            for config in configs:
+                progress.set_description(
+                    f"round {round_ + 1}/{args.rounds}: "
+                    f"{config.workload} depth {config.depth} {config.method}"
+                )
+                rounds[config].append(runner.run(config))
+                progress.update()
         progress.close()
+    results = [combine_rounds(rounds[config]) for config in configs]
 
     settings = {
         "command": shlex.join(["invertnet", "bench", *args_list]),
@@ -281,6 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dtype": args.dtype,
         "device": device,
         "repeats": repeats,
+        "rounds": args.rounds,
         "warmup": args.warmup,
         "threads": args.threads,
     }

@@ -21,7 +21,7 @@ import torch
 from invertnet.bench.memory import SavedBytes, probe_for
 from invertnet.bench.workloads import build
 
-__all__ = ["Config", "Result", "measure_here"]
+__all__ = ["Config", "Result", "combine_rounds", "measure_here"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -73,6 +73,55 @@ class Result:
         """The inverse of :meth:`to_dict`."""
         fields = {k: v for k, v in data.items() if k not in ("config", "median_s")}
         return cls(config=Config(**data["config"]), **fields)
+
+
+def combine_rounds(rounds: list[Result]) -> Result:
+    """Pool the results of one configuration measured in several rounds.
+
+    The step times of all rounds are pooled, so the reported median is over all of
+    them; the peak memory is the median of the rounds' peaks (one of them, not an
+    average); warnings are merged. A failed round makes the whole failed.
+
+    Parameters
+    ----------
+    rounds : list of Result
+        At least one result, all of the same configuration.
+
+    Returns
+    -------
+    Result
+        One result for the configuration.
+
+    Raises
+    ------
+    ValueError
+        If ``rounds`` is empty or mixes configurations.
+    """
+    if not rounds:
+        raise ValueError("combine_rounds: expected at least one result, got none")
+    first = rounds[0]
+    if any(r.config != first.config for r in rounds):
+        raise ValueError(
+            "combine_rounds: expected results of one configuration, got "
+            + ", ".join(
+                sorted({f"{r.config.workload}/{r.config.depth}/{r.config.method}" for r in rounds})
+            )
+        )
+    merged_warnings = sorted({w for r in rounds for w in r.warnings})
+    failed = next((r for r in rounds if r.error is not None), None)
+    if failed is not None:
+        return Result(config=first.config, warnings=merged_warnings, error=failed.error)
+    peaks = [r.peak_bytes for r in rounds if r.peak_bytes is not None]
+    return Result(
+        config=first.config,
+        step_times_s=[t for r in rounds for t in r.step_times_s],
+        peak_bytes=statistics.median_low(peaks) if peaks else None,
+        saved_bytes=first.saved_bytes,
+        batch_size=first.batch_size,
+        parameters=first.parameters,
+        memory_method=first.memory_method,
+        warnings=merged_warnings,
+    )
 
 
 def _sync(device: torch.device) -> None:

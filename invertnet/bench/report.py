@@ -241,6 +241,14 @@ def format_summary(document: dict[str, Any]) -> str:
 
 
 # -- reStructuredText ----------------------------------------------------------
+def _steps(settings: dict[str, Any]) -> str:
+    """How many timed steps each median is over, in words."""
+    repeats, rounds = settings.get("repeats"), settings.get("rounds", 1)
+    if rounds == 1:
+        return f"{repeats} steps"
+    return f"{repeats * rounds} steps ({rounds} rounds of {repeats}, interleaved)"
+
+
 def render_rst(document: dict[str, Any], command: str | None = None) -> str:
     """The README's benchmark block: a line on machine and command, and a grid table.
 
@@ -259,7 +267,7 @@ def render_rst(document: dict[str, Any], command: str | None = None) -> str:
         f"Measured with ``{command}`` on {machine['device_name']} "
         f"({machine['cpu_count']} cores, OMP_NUM_THREADS={threads}; device {machine['device']}, "
         f"{settings.get('dtype', 'float32')}), Python {machine['python']}, "
-        f"PyTorch {machine['torch']}. Medians of {settings.get('repeats')} steps; memory is "
+        f"PyTorch {machine['torch']}. Medians of {_steps(settings)}; memory is "
         "the peak above the model and its gradients."
     )
     header = ["workload", "depth", "method", "step time", "vs plain", "act. memory", "vs plain"]
@@ -323,6 +331,6 @@ def write_plot(document: dict[str, Any], path: str | os.PathLike[str]) -> None:
     machine, settings = document["machine"], document["settings"]
     figure.suptitle(
         f"invertnet bench on {machine['device']} ({machine['device_name']}), "
-        f"{settings.get('dtype', 'float32')}, median of {settings.get('repeats')} steps"
+        f"{settings.get('dtype', 'float32')}, median of {_steps(settings)}"
     )
     figure.savefig(path, format="png", dpi=100)
