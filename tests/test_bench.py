@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -229,10 +230,8 @@ def test_python_dash_m_and_console_dispatch_show_the_method() -> None:
     assert invertnet_main(["bench", "--help"]) == 0
 
 
-def _load_tool() -> object:
-    spec = importlib.util.spec_from_file_location(
-        "update_readme_bench", ROOT / "tools" / "update_readme_bench.py"
-    )
+def _load_tool(name: str = "update_readme_bench") -> Any:
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -333,3 +332,37 @@ def test_combine_rounds_rejects_mixed_or_missing_results() -> None:
 def test_bad_rounds_is_a_clear_error(rounds: str, capsys: pytest.CaptureFixture[str]) -> None:
     err = _run_bad(["--rounds", rounds], capsys)
     assert f"rounds must be a positive integer, got {rounds!r}" in err
+
+
+def test_paired_timing_tool_alternates_methods_and_reports_ratios(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tool = _load_tool("paired_timing")
+    order: list[int] = []
+    real_step = tool.train_step
+
+    def recording_step(model: torch.nn.Module, batch: Any) -> None:
+        order.append(id(model))
+        real_step(model, batch)
+
+    monkeypatch.setattr(tool, "train_step", recording_step)
+    out = tmp_path / "paired.json"
+    argv = ["--workloads", "momentum-mlp", "--depths", "1", "--batch-size", "2"]
+    assert tool.main([*argv, "--pairs", "3", "--json", str(out)]) == 0
+    timed = order[4:]  # after two warm-up steps per model
+    first, second = timed[0], timed[1]
+    assert first != second and timed == [first, second, second, first, first, second]
+    document = json.loads(out.read_text())
+    (row,) = document["rows"]
+    assert len(row["ratios"]) == 3 and all(r > 0 for r in row["ratios"])
+    assert row["q1"] <= row["median"] <= row["q3"]
+    assert document["methods"] == ["checkpoint", "invertnet"]
+    assert "momentum-mlp depth 1: invertnet / checkpoint = " in capsys.readouterr().out
+
+
+def test_paired_timing_tool_rejects_zero_pairs(capsys: pytest.CaptureFixture[str]) -> None:
+    tool = _load_tool("paired_timing")
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--pairs", "0"])
+    assert exit_.value.code == 2
+    assert "--pairs and --depths must be positive integers" in capsys.readouterr().err

@@ -21,7 +21,7 @@ import torch
 from invertnet.bench.memory import SavedBytes, probe_for
 from invertnet.bench.workloads import build
 
-__all__ = ["Config", "Result", "combine_rounds", "measure_here"]
+__all__ = ["Config", "Result", "combine_rounds", "measure_here", "train_step"]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -129,7 +129,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _step(model: torch.nn.Module, batch: Any, counter: SavedBytes | None = None) -> None:
+def train_step(model: torch.nn.Module, batch: Any, counter: SavedBytes | None = None) -> None:
+    """One training step as the benchmark times it: forward, a scalar loss, backward.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A model from :func:`invertnet.bench.workloads.build`.
+    batch : Batch
+        Its batch: positional and keyword arguments of the forward pass.
+    counter : SavedBytes, optional
+        Counts the bytes the forward pass saves for backward.
+    """
     # Only the forward pass is counted: what it saves is what a step keeps alive;
     # recomputation in backward saves transient tensors for one block at a time.
     with counter.counting() if counter is not None else contextlib.nullcontext():
@@ -177,22 +188,22 @@ def _measure(config: Config) -> Result:
     # The first step allocates the gradients (so they count as model memory, not
     # as activations) and counts the bytes autograd saves, the cross-check.
     counter = SavedBytes(model)
-    _step(model, batch, counter)
+    train_step(model, batch, counter)
     _sync(device)
 
     probe.start()
-    _step(model, batch)
+    train_step(model, batch)
     _sync(device)
     peak = probe.peak_bytes()
     probe.finish()
 
     for _ in range(config.warmup):  # warm caches and the allocator for timing
-        _step(model, batch)
+        train_step(model, batch)
     _sync(device)
     times: list[float] = []
     for _ in range(config.repeats):
         start = time.perf_counter()
-        _step(model, batch)
+        train_step(model, batch)
         _sync(device)
         times.append(time.perf_counter() - start)
     return Result(
