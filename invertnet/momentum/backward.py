@@ -19,7 +19,6 @@ link them in the graph are empty and only order them.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -28,6 +27,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from invertnet._rng import RNGTape, call_recorded
+from invertnet.momentum.arguments import Slot, grad_slots, slot_tensors, with_tensors
 from invertnet.momentum.exact import BitStore, ExactMomentum, FixedPoint, MomentumState
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
     from invertnet.momentum.net import MomentumNet
 
 __all__ = ["run_without_activations"]
-
-Slot = tuple[str, int | str]
 
 
 @dataclass
@@ -87,51 +85,6 @@ class _Run:
         return self.state
 
 
-def _nested_grad_tensor(value: Any) -> bool:
-    from invertnet.momentum.net import _requires_grad
-
-    return isinstance(value, (list, tuple, dict)) and _requires_grad(value)
-
-
-def _grad_slots(args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Slot]:
-    for where, value in [*enumerate(args), *kwargs.items()]:
-        if _nested_grad_tensor(value):
-            name = f"argument {where}" if isinstance(where, int) else f"keyword {where!r}"
-            raise TypeError(
-                f"MomentumNet(use_backprop=False): {name} is a container holding a tensor "
-                "that requires grad; pass such tensors as direct arguments so that they get "
-                "gradients (or use use_backprop=True)"
-            )
-    slots: list[Slot] = [
-        ("arg", i) for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad
-    ]
-    slots += [
-        ("kwarg", k) for k, a in kwargs.items() if isinstance(a, torch.Tensor) and a.requires_grad
-    ]
-    return slots
-
-
-def _with_tensors(
-    run: _Run, tensors: tuple[torch.Tensor, ...]
-) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    """``run``'s args and kwargs with the grad slots filled by ``tensors``."""
-    args, kwargs = list(run.args), dict(run.kwargs)
-    for (kind, key), t in zip(run.grad_slots, tensors):
-        if kind == "arg":
-            args[key] = t  # type: ignore[index]
-        else:
-            kwargs[key] = t  # type: ignore[index]
-    return tuple(args), kwargs
-
-
-def _slot_tensors(run: _Run) -> tuple[torch.Tensor, ...]:
-    """The extra-argument tensors that require grad, in the order of ``run.grad_slots``."""
-    return tuple(
-        run.args[key] if kind == "arg" else run.kwargs[key]  # type: ignore[index]
-        for kind, key in run.grad_slots
-    )
-
-
 def _grad_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of the state gradients: that of ``x``, at least float32.
 
@@ -165,13 +118,13 @@ def run_without_activations(
         net=net,
         args=args,
         kwargs=kwargs,
-        grad_slots=_grad_slots(args, kwargs),
+        grad_slots=grad_slots(args, kwargs),
         fixed=fixed,
         core=ExactMomentum(net._gamma, fixed),
         tape=RNGTape([x]),
         autocast=AutocastState.capture([x]),
     )
-    grad_args = _slot_tensors(run)
+    grad_args = slot_tensors(args, kwargs, run.grad_slots)
     init = net.init_function
     link = _Start.apply(run, x, *(_trainable(init) if init is not None else ()))
     for t, f in enumerate(net.functions):
@@ -179,24 +132,23 @@ def run_without_activations(
     return link
 
 
-def _check_leaves(
+def _unowned_leaves(
     net: MomentumNet, key: int | str, y: torch.Tensor, wanted: tuple[torch.Tensor, ...]
-) -> None:
-    """Warn if ``y`` depends on tensors that require grad besides ``wanted``.
+) -> list[torch.Tensor]:
+    """The leaves that ``y`` reaches besides ``wanted`` and that require grad.
 
-    Exact reversal back-propagates each function to its input, its own
-    parameters and the extra arguments only; anything else it reaches (a
-    parameter of another module, captured in a closure) would silently get no
-    gradient. Walking the graph costs time, so each layer is checked once, and a
-    network warns once.
+    Such tensors are used by a function without being its parameters or call
+    arguments: a parameter of another module, captured in a closure, for example.
+    The node of a layer does not list them among its inputs (it cannot know them
+    in forward), so :func:`_vjp` gives them their gradients separately. Walking
+    the graph costs time, so each layer is walked at its first backward, and
+    again only if that walk found some.
     """
-    checked = net._leaves_checked
-    if key in checked or "warned" in checked or not y.requires_grad:
-        return
-    checked.add(key)
-    what = "init_function" if key == "init" else f"functions[{key}]"
+    found_before = net._unowned_leaves.get(key)
+    if found_before is False or not y.requires_grad:
+        return []
     known = {id(w) for w in wanted}
-    stack, seen, missed = [y.grad_fn], set(), 0
+    stack, seen, leaves = [y.grad_fn], set(), {}
     while stack:
         node = stack.pop()
         if node is None or node in seen:
@@ -204,29 +156,35 @@ def _check_leaves(
         seen.add(node)
         variable = getattr(node, "variable", None)
         if variable is not None:  # a leaf's AccumulateGrad
-            missed += id(variable) not in known
+            if id(variable) not in known:
+                leaves[id(variable)] = variable
             continue
         stack.extend(next_node for next_node, _ in node.next_functions)
-    if missed:
-        checked.add("warned")
-        warnings.warn(
-            f"MomentumNet(use_backprop=False): {what} uses {missed} tensor(s) that require "
-            "grad but are neither its own parameters nor arguments of the call (a parameter "
-            "of another module reached through a closure, for example); they get no "
-            "gradient from it (other layers may do the same; this is said once per "
-            "network). Make them parameters of the function, pass them as arguments, "
-            "or use use_backprop=True",
-            UserWarning,
-            stacklevel=2,
-        )
+    net._unowned_leaves[key] = bool(leaves)
+    return list(leaves.values())
 
 
 def _vjp(
-    y: torch.Tensor, wanted: tuple[torch.Tensor, ...], grad_y: torch.Tensor
+    y: torch.Tensor,
+    wanted: tuple[torch.Tensor, ...],
+    grad_y: torch.Tensor,
+    unowned: list[torch.Tensor],
 ) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of ``wanted``, returned; those of ``unowned``, accumulated.
+
+    ``unowned`` tensors get their gradients as autograd would give them in the
+    plain mode: accumulated into ``.grad`` (hooks included) by a second pass
+    through the recomputed graph. The graph is retained by both passes, since a
+    closure may reach into the graph of the enclosing computation, which the
+    backward that is running still has to go through.
+    """
     if not y.requires_grad:
         return (None,) * len(wanted)
-    return torch.autograd.grad(y, wanted, grad_y.to(y.dtype), allow_unused=True)
+    grad_y = grad_y.to(y.dtype)
+    found = torch.autograd.grad(y, wanted, grad_y, allow_unused=True, retain_graph=bool(unowned))
+    if unowned:
+        torch.autograd.backward(y, grad_y, inputs=unowned, retain_graph=True)
+    return found
 
 
 class _Start(torch.autograd.Function):
@@ -266,8 +224,8 @@ class _Start(torch.autograd.Function):
             with run.recomputing(init):
                 v_0 = call_recorded("init", run.net.call_init, x_0)
                 wanted = (x_0, *ctx.init_params)
-                _check_leaves(run.net, "init", v_0, wanted)
-                found = _vjp(v_0, wanted, grad_v)
+                unowned = _unowned_leaves(run.net, "init", v_0, wanted)
+                found = _vjp(v_0, wanted, grad_v, unowned)
             if found[0] is not None:
                 grad_x.add_(found[0])
             grad_init = list(found[1:])
@@ -324,8 +282,8 @@ class _Layer(torch.autograd.Function):
         with run.recomputing(f):
             y = call_recorded(t, net.call_function, t, x_t, run.leaf_args, run.leaf_kwargs)
             wanted = (x_t, *run.arg_leaves, *ctx.params)
-            _check_leaves(net, t, y, wanted)
-            found = _vjp(y, wanted, grad_y)
+            unowned = _unowned_leaves(net, t, y, wanted)
+            found = _vjp(y, wanted, grad_y, unowned)
         update, _ = core.update(state, y, net.is_residual)
         core.unstep_velocity(state, update)
         run.layer = t
@@ -357,5 +315,8 @@ def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     run.layer = len(run.net.functions)
     run.grad_x = grad_output.to(torch.float64, copy=True)
     run.grad_v_total = run.grad_x.clone()
-    run.arg_leaves = tuple(t.detach().requires_grad_(True) for t in _slot_tensors(run))
-    run.leaf_args, run.leaf_kwargs = _with_tensors(run, run.arg_leaves)
+    tensors = slot_tensors(run.args, run.kwargs, run.grad_slots)
+    run.arg_leaves = tuple(t.detach().requires_grad_(True) for t in tensors)
+    run.leaf_args, run.leaf_kwargs = with_tensors(
+        run.args, run.kwargs, run.grad_slots, run.arg_leaves
+    )

@@ -161,9 +161,10 @@ class MomentumNet(nn.Module):
         self.init_speed = bool(init_speed)
         self.use_backprop = bool(use_backprop)
         self.is_residual = bool(is_residual)
-        # Layers whose recomputation in backward was checked for tensors that exact
-        # reversal cannot give gradients (see invertnet.momentum.backward).
-        self._leaves_checked: set[int | str] = set()
+        # Per layer (or "init"), whether its recomputation in backward reaches leaves
+        # that require grad besides its own parameters and the call's arguments
+        # (see invertnet.momentum.backward._unowned_leaves).
+        self._unowned_leaves: dict[int | str, bool] = {}
 
     # -- public properties ---------------------------------------------------
     @property
