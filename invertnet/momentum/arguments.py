@@ -4,10 +4,10 @@
 extra arguments (``forward(x, *args, **kwargs)``), but with every tensor among them
 that requires grad swapped for a leaf of its own, so that one backward call gives
 their gradients. Such tensors may sit directly in ``args`` and ``kwargs`` or inside
-the lists, tuples (named tuples included) and dicts they hold, at any depth, as
-:func:`invertnet.momentum.net._requires_grad` looks for them. A *slot* is the path
-to one: ``("args", 2)`` is ``args[2]``, ``("kwargs", "memory", 0)`` is
-``kwargs["memory"][0]``.
+the lists, tuples (named tuples included) and dicts they hold, at any depth; the
+network also uses :func:`grad_slots` to decide whether a call needs a graph at
+all. A *slot* is the path to one: ``("args", 2)`` is ``args[2]``,
+``("kwargs", "memory", 0)`` is ``kwargs["memory"][0]``.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from invertnet.momentum.arguments import grad_slots
 from invertnet.momentum.gamma import Gamma
 
 __all__ = ["MomentumNet"]
@@ -41,15 +42,6 @@ def _as_module_list(functions: object) -> nn.ModuleList:
                 f"MomentumNet: functions[{i}] must be an nn.Module, got {type(f).__name__}"
             )
     return nn.ModuleList(modules)
-
-
-def _requires_grad(value: Any) -> bool:
-    """Whether ``value``, or a tensor in the lists, tuples and dicts it holds, requires grad."""
-    if isinstance(value, torch.Tensor):
-        return value.requires_grad
-    if isinstance(value, dict):
-        value = list(value.values())
-    return isinstance(value, (list, tuple)) and any(_requires_grad(v) for v in value)
 
 
 class MomentumNet(nn.Module):
@@ -238,7 +230,13 @@ class MomentumNet(nn.Module):
     def _needs_graph(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return False
-        return _requires_grad([x, args, kwargs]) or any(p.requires_grad for p in self.parameters())
+        # The same search that finds the argument tensors to differentiate, so that
+        # whatever makes a graph necessary also gets its gradient.
+        return (
+            x.requires_grad
+            or bool(grad_slots(args, kwargs))
+            or any(p.requires_grad for p in self.parameters())
+        )
 
     def _forward_plain(
         self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
