@@ -33,3 +33,12 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=["native", "tensor-ops"])
+def exact_path(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once with the C loops of the exact iteration and once without."""
+    from invertnet.momentum.kernels import native_kernels
+
+    with native_kernels(request.param == "native"):
+        yield request.param

@@ -276,7 +276,9 @@ def _check_bit_identical_inputs(gamma: float, dtype: torch.dtype, device: str) -
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("gamma", [0.9, 0.1])
-def test_backward_gives_functions_bit_identical_inputs(gamma: float, dtype: torch.dtype) -> None:
+def test_backward_gives_functions_bit_identical_inputs(
+    gamma: float, dtype: torch.dtype, exact_path: str
+) -> None:
     _check_bit_identical_inputs(gamma, dtype, "cpu")
 
 

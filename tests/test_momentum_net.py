@@ -241,7 +241,7 @@ def test_non_float_input() -> None:
 
 
 @pytest.mark.parametrize("depth, gamma", [(100, 0.9), (30, 0.5)])
-def test_gradients_equal_plain_autograd(depth: int, gamma: float) -> None:
+def test_gradients_equal_plain_autograd(depth: int, gamma: float, exact_path: str) -> None:
     torch.manual_seed(0)
 
     class WithArgs(nn.Module):
@@ -269,7 +269,9 @@ def test_gradients_equal_plain_autograd(depth: int, gamma: float) -> None:
 
 
 @pytest.mark.parametrize("dtype, rtol", [(torch.float64, 1e-7), (torch.bfloat16, 2e-2)])
-def test_gradients_in_the_input_dtype_equal_plain_autograd(dtype: torch.dtype, rtol: float) -> None:
+def test_gradients_in_the_input_dtype_equal_plain_autograd(
+    dtype: torch.dtype, rtol: float, exact_path: str
+) -> None:
     # The state gradients are carried in the dtype that autograd uses for the plain
     # mode: float32 accumulators would fail the float64 tolerance.
     torch.manual_seed(0)

@@ -53,6 +53,8 @@ class _Run:
     # The state, and the layer whose input it holds; None once it is not needed.
     state: MomentumState | None = None
     layer: int = 0
+    # Forward only: the next function's input, which the step made with the state.
+    inputs: torch.Tensor | None = None
     # Backward only, in float64 like the plain mode's state: the gradient with
     # respect to the position at `layer`, and the total one with respect to the
     # velocity there (through the position too); and the leaves standing for the
@@ -160,6 +162,8 @@ def _vjp(
 ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of ``wanted``, returned; those of ``unowned``, accumulated.
 
+    ``grad_y`` is the gradient for ``y``, in its dtype.
+
     ``unowned`` tensors get their gradients as autograd would give them in the
     plain mode: accumulated into ``.grad`` (hooks included) by a second pass
     through the recomputed graph. The graph is retained by both passes, since a
@@ -168,7 +172,6 @@ def _vjp(
     """
     if not y.requires_grad:
         return (None,) * len(wanted)
-    grad_y = grad_y.to(y.dtype)
     found = torch.autograd.grad(y, wanted, grad_y, allow_unused=True, retain_graph=bool(unowned))
     if unowned:
         torch.autograd.backward(y, grad_y, inputs=unowned, retain_graph=True)
@@ -213,7 +216,7 @@ class _Start(torch.autograd.Function):
                 v_0 = call_recorded("init", run.net.call_init, x_0)
                 wanted = (x_0, *ctx.init_params)
                 unowned = _unowned_leaves(run.net, "init", v_0, wanted)
-                found = _vjp(v_0, wanted, grad_v, unowned)
+                found = _vjp(v_0, wanted, grad_v.to(v_0.dtype), unowned)
             if found[0] is not None:
                 grad_x.add_(found[0])
             grad_init = list(found[1:])
@@ -232,11 +235,11 @@ class _Layer(torch.autograd.Function):
         net, core = run.net, run.core
         state = run.state
         assert state is not None and run.layer == t
-        x_t = core.inputs(state)
+        x_t = run.inputs if run.inputs is not None else core.inputs(state)
         with run.tape.recording():
             y = call_recorded(t, net.call_function, t, x_t, run.args, run.kwargs)
-        update, bound = core.update(state, y, net.is_residual, f"(1 - gamma) * f_{t}(x_{t})")
-        core.step(state, update, bound, t)
+        what = f"(1 - gamma) * f_{t}(x_{t})"
+        run.inputs = core.advance(state, y, net.is_residual, what, t)
         run.layer = t + 1
         ctx.run, ctx.t = run, t
         ctx.params = tensors[len(run.grad_slots) :]
@@ -248,7 +251,8 @@ class _Layer(torch.autograd.Function):
         ctx.layout = state.store.layout()
         ctx.split_at = set(state.split_at)
         run.state = None
-        return core.inputs(state)
+        output, run.inputs = run.inputs, None
+        return output
 
     @staticmethod
     @once_differentiable
@@ -263,25 +267,19 @@ class _Layer(torch.autograd.Function):
         assert grad_x is not None and grad_v_total is not None
         f = net.functions[t]
 
-        core.unstep_position(state)
-        x_t = core.inputs(state).requires_grad_(True)
         # x_{t+1} = x_t + v_{t+1} and v_{t+1} = gamma v_t + (1 - gamma) f_t(x_t).
-        grad_y = grad_v_total * core.mix
+        x_t, grad_y = core.retreat_position(state, grad_v_total)
+        x_t.requires_grad_(True)
         with run.recomputing(f):
             y = call_recorded(t, net.call_function, t, x_t, run.leaf_args, run.leaf_kwargs)
+            if grad_y.dtype != y.dtype:  # f changed the dtype (autocast): round once
+                grad_y = (grad_v_total * core.mix).to(y.dtype)
             wanted = (x_t, *run.arg_leaves, *ctx.params)
             unowned = _unowned_leaves(net, t, y, wanted)
             found = _vjp(y, wanted, grad_y, unowned)
-        update, _ = core.update(state, y, net.is_residual)
-        core.unstep_velocity(state, update)
+        core.retreat_velocity(state, y, net.is_residual)
         run.layer = t
-
-        if found[0] is not None:
-            grad_x.add_(found[0])
-        if not net.is_residual:
-            grad_x.sub_(grad_v_total, alpha=core.mix)
-        # The total for v_t: through x_t, plus gamma times that for v_{t+1}.
-        torch.add(grad_x, grad_v_total, alpha=core.keep, out=grad_v_total)
+        core.backpropagate(grad_x, grad_v_total, found[0], net.is_residual)
 
         needs = ctx.needs_input_grad
         if not needs[2]:

@@ -75,6 +75,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from invertnet.momentum import kernels
 from invertnet.momentum.gamma import Gamma
 
 __all__ = [
@@ -233,7 +234,7 @@ class BitStore:
     @staticmethod
     def empty_like(x: torch.Tensor) -> BitStore:
         """A store of zeros, one number per element of ``x``."""
-        return BitStore(torch.zeros(x.shape, dtype=torch.float64, device=x.device))
+        return BitStore(torch.zeros_like(x, dtype=torch.float64))  # in the layout of x
 
     def nbytes(self) -> int:
         """Bytes held by the store."""
@@ -382,15 +383,56 @@ class ExactMomentum:
         update = step.mul_(self.mix_units).round_()
         if what is None:
             return update, 0.0
-        # One maximum per layer, over the function's own output where that bounds
-        # the update, which is cheaper than a pass over float64 units.
+        bound = self.update_bound(state, y, residual)
+        if bound is None:
+            largest = max_abs_of(update)
+            self.fixed.check(largest, what)
+            bound = largest + 1
+        return update, bound
+
+    def update_bound(self, state: MomentumState, y: torch.Tensor, residual: bool) -> float | None:
+        """A bound below :data:`LIMIT` on the update's magnitude, from ``y`` alone, or None.
+
+        One maximum per layer, over the function's own output, is cheaper than a
+        pass over the update in float64 units. None means that this bound does
+        not prove the update in range (or that ``y`` is not finite): the update
+        itself must be measured.
+        """
         largest = max_abs_of(y) * abs(self.mix_units)
         if not residual:
             largest += state.position_bound * self.fixed.unit * abs(self.mix_units)
-        if not largest + 1 < LIMIT:
-            largest = max_abs_of(update)
-            self.fixed.check(largest, what)
-        return update, largest + 1
+        return largest + 1 if largest + 1 < LIMIT else None
+
+    def advance(
+        self, state: MomentumState, y: torch.Tensor, residual: bool, what: str, layer: int
+    ) -> torch.Tensor:
+        """:meth:`update`, :meth:`step` and :meth:`inputs` in one, fused where it can be.
+
+        Returns the new position as the functions see it. The state is the same,
+        bit for bit, whichever way the step is computed (:mod:`~invertnet.momentum.kernels`).
+        """
+        bound = self.update_bound(state, y, residual)
+        dtype = self.fixed.dtype
+        if (
+            bound is not None
+            and self._direct_product(state)
+            and kernels.usable(dtype, (state.store.head, state.velocity, state.position), (y,))
+        ):
+            state.store.begin_step(self.n, self.d)
+            out = torch.empty_like(state.position, dtype=dtype)
+            kernels.step(
+                state.store.head, state.velocity, state.position, y.detach(), out,
+                self.n, self.d, self.mix_units, self.fixed.unit, residual,
+            )  # fmt: skip
+            self._after_step(state, bound, layer)
+            return out
+        update, bound = self.update(state, y, residual, what)
+        self.step(state, update, bound, layer)
+        return self.inputs(state)
+
+    def _direct_product(self, state: MomentumState) -> bool:
+        """Whether the next step computes ``n v + r`` in one product (not the split form)."""
+        return 0 < self.n < self.d and self.d * (state.velocity_bound + 2) < LIMIT
 
     def step(self, state: MomentumState, update: torch.Tensor, bound: float, layer: int) -> None:
         """``v <- gamma v + update``, ``x <- x + v``, with ``update`` from :meth:`update`.
@@ -406,7 +448,7 @@ class ExactMomentum:
             v = update
         elif n == d:
             v = v.add_(update)
-        elif d * (state.velocity_bound + 2) < LIMIT:
+        elif self._direct_product(state):
             # p = n v + r, with |p| < LIMIT: one product, one division.
             p = store.draw(n).add_(v, alpha=n)
             v, digit = _floor_divmod(p, d)
@@ -422,6 +464,9 @@ class ExactMomentum:
             v = high.add_(a, alpha=n).add_(update)
         state.velocity = v
         state.position.add_(v, alpha=self.fixed.unit)
+        self._after_step(state, bound, layer)
+
+    def _after_step(self, state: MomentumState, bound: float, layer: int) -> None:
         state.velocity_bound = self.keep * state.velocity_bound + 1 + bound
         state.position_bound += state.velocity_bound
         self._check_bounds(state, layer + 1)
@@ -459,3 +504,76 @@ class ExactMomentum:
             v = high.add_(e, alpha=d)
         state.velocity = v
         store.end_unstep()
+
+    def retreat_position(
+        self, state: MomentumState, grad_velocity: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`unstep_position` and :meth:`inputs` in one, fused where it can be.
+
+        Also returns the gradient for the function's output, ``(1 - gamma)``
+        times ``grad_velocity`` (that of the velocity the step made, ``float64``),
+        in the functions' dtype.
+        """
+        dtype = self.fixed.dtype
+        if kernels.usable(dtype, (state.velocity, state.position, grad_velocity), ()):
+            out = torch.empty_like(state.position, dtype=dtype)
+            grad_y = torch.empty_like(out)
+            kernels.unstep_position(
+                state.velocity, state.position, grad_velocity, out, grad_y,
+                self.fixed.unit, self.mix,
+            )  # fmt: skip
+            return out, grad_y
+        self.unstep_position(state)
+        return self.inputs(state), (grad_velocity * self.mix).to(dtype)
+
+    def retreat_velocity(self, state: MomentumState, y: torch.Tensor, residual: bool) -> None:
+        """:meth:`update` and :meth:`unstep_velocity` in one, fused where it can be.
+
+        ``y`` is the function's output, recomputed on the position that
+        :meth:`retreat_position` restored.
+        """
+        store = state.store
+        if (
+            0 < self.n < self.d
+            and store.steps - 1 not in state.split_at
+            and kernels.usable(self.fixed.dtype, (store.head, state.velocity, state.position), (y,))
+        ):
+            kernels.unstep_velocity(
+                store.head, state.velocity, state.position, y.detach(),
+                self.n, self.d, self.mix_units, residual,
+            )  # fmt: skip
+            store.end_unstep()
+            return
+        update, _ = self.update(state, y, residual)
+        self.unstep_velocity(state, update)
+
+    def backpropagate(
+        self,
+        grad_x: torch.Tensor,
+        grad_velocity: torch.Tensor,
+        grad_input: torch.Tensor | None,
+        residual: bool,
+    ) -> None:
+        r"""The gradients for a step's input state from those for its output, in place.
+
+        On entry ``grad_x`` is the gradient for the step's new position and
+        ``grad_velocity`` the total one for its new velocity (both ``float64``);
+        ``grad_input`` is the function's vector-Jacobian product for its input
+        (None if the output does not depend on it). On return they are the
+        gradient for the step's input position and the total one for its input
+        velocity: from :math:`x_{t+1} = x_t + v_{t+1}` and
+        :math:`v_{t+1} = \gamma v_t + (1 - \gamma) f(x_t)` (with :math:`f(x) - x`
+        if not ``residual``).
+        """
+        typed = () if grad_input is None else (grad_input,)
+        if kernels.usable(self.fixed.dtype, (grad_x, grad_velocity), typed):
+            kernels.accumulate(
+                grad_x, grad_velocity, grad_input, self.fixed.dtype, self.keep, self.mix, residual
+            )
+            return
+        if grad_input is not None:
+            grad_x.add_(grad_input)
+        if not residual:
+            grad_x.sub_(grad_velocity, alpha=self.mix)
+        # The total for v_t: through x_t, plus gamma times that for v_{t+1}.
+        torch.add(grad_x, grad_velocity, alpha=self.keep, out=grad_velocity)

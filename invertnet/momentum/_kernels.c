@@ -1,0 +1,219 @@
+/*
+ * Fused CPU loops of the exact momentum iteration (see invertnet/momentum/kernels.py).
+ *
+ * Each loop does in one pass over memory what invertnet/momentum/exact.py does
+ * with five to ten tensor operations, and gives the same bits: the state holds
+ * whole numbers below 2**50 in doubles, every operation on them is exact, and
+ * the one rounding, of the update (1 - gamma) f to units, is the same double
+ * multiplication and rounding half to even as torch's. Built with
+ * -ffp-contract=off, so that no multiplication is fused with the addition after
+ * it (which would round the update differently from torch).
+ *
+ * The callers check everything (device, dtype, contiguity, shapes, ranges);
+ * these functions take raw addresses.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <stddef.h>
+
+/* x86-64 Linux: compile each loop for AVX2 and for the baseline, and pick one when
+ * the module loads (the baseline's 2-wide vectors are about half as fast). */
+#if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)
+#if __has_attribute(target_clones)
+#define VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#endif
+#endif
+#ifndef VECTOR_CLONES
+#define VECTOR_CLONES
+#endif
+
+/* 1.5 * 2**52. For |a| < 2**51, a + ROUNDER lies in [2**52, 2**53), where doubles
+ * are spaced 1 apart, so the addition rounds a to a whole number (half to even,
+ * in the default rounding mode) and the subtraction is exact. */
+#define ROUNDER 6755399441055744.0
+
+static inline double round_half_even(double a) { return (a + ROUNDER) - ROUNDER; }
+
+/* Floor division by b of whole numbers below 2**50, with no division (the proof
+ * is in invertnet.momentum.exact._floor_divmod): round((1 - b) / (2 b) + a / b). */
+typedef struct {
+    double value, inverse, offset;
+} divisor;
+
+static inline divisor divisor_of(double b) {
+    divisor q = {b, 1.0 / b, (1.0 - b) / (2.0 * b)};
+    return q;
+}
+
+static inline double floor_quotient(double a, divisor b) {
+    return round_half_even(b.offset + a * b.inverse);
+}
+
+/* One set of loops per dtype T of the functions' inputs and outputs. */
+#define DEFINE_LOOPS(T, SUFFIX)                                                            \
+    /* Forward step: v <- gamma v + update, x <- x + v, store digits, x as T. */           \
+    VECTOR_CLONES static void step_##SUFFIX(                                               \
+        double *restrict z, double *restrict v, double *restrict x, const T *restrict y,   \
+        T *restrict x_out, Py_ssize_t size, double n, double d, double mix_units,          \
+        double unit, int residual) {                                                       \
+        const divisor by_n = divisor_of(n), by_d = divisor_of(d);                          \
+        for (Py_ssize_t i = 0; i < size; i++) {                                            \
+            const double f = residual ? (double)y[i] : (double)y[i] - x[i];                \
+            const double update = round_half_even(f * mix_units);                          \
+            const double head = floor_quotient(z[i], by_n);                                \
+            const double p = (z[i] - head * n) + n * v[i];                                 \
+            const double velocity = floor_quotient(p, by_d);                               \
+            z[i] = (p - velocity * d) + d * head;                                          \
+            v[i] = velocity + update;                                                      \
+            x[i] += v[i] * unit;                                                           \
+            x_out[i] = (T)x[i];                                                            \
+        }                                                                                  \
+    }                                                                                      \
+                                                                                           \
+    /* Backward, before the function: x <- x - v, x as T, grad_y = (1 - gamma) g_v. */    \
+    VECTOR_CLONES static void unstep_position_##SUFFIX(                                    \
+        const double *restrict v, double *restrict x, const double *restrict grad_v,       \
+        T *restrict x_out, T *restrict grad_y, Py_ssize_t size, double unit, double mix) { \
+        for (Py_ssize_t i = 0; i < size; i++) {                                            \
+            x[i] -= v[i] * unit;                                                           \
+            x_out[i] = (T)x[i];                                                            \
+            grad_y[i] = (T)(grad_v[i] * mix);                                              \
+        }                                                                                  \
+    }                                                                                      \
+                                                                                           \
+    /* Backward, after the function: undo the velocity step and the store. */            \
+    VECTOR_CLONES static void unstep_velocity_##SUFFIX(                                    \
+        double *restrict z, double *restrict v, const double *restrict x,                  \
+        const T *restrict y, Py_ssize_t size, double n, double d, double mix_units,        \
+        int residual) {                                                                    \
+        const divisor by_n = divisor_of(n), by_d = divisor_of(d);                          \
+        for (Py_ssize_t i = 0; i < size; i++) {                                            \
+            const double f = residual ? (double)y[i] : (double)y[i] - x[i];                \
+            const double velocity = v[i] - round_half_even(f * mix_units);                 \
+            const double head = floor_quotient(z[i], by_d);                                \
+            const double p = (z[i] - head * d) + d * velocity;                             \
+            const double previous = floor_quotient(p, by_n);                               \
+            z[i] = (p - previous * n) + n * head;                                          \
+            v[i] = previous;                                                               \
+        }                                                                                  \
+    }                                                                                      \
+                                                                                           \
+    /* Backward, after the vjp: g_x += found; g_v <- g_x + gamma g_v. */                  \
+    VECTOR_CLONES static void accumulate_##SUFFIX(                                         \
+        double *restrict grad_x, double *restrict grad_v, const T *restrict found,         \
+        Py_ssize_t size, double keep, double mix, int residual) {                          \
+        for (Py_ssize_t i = 0; i < size; i++) {                                            \
+            double g = grad_x[i];                                                          \
+            if (found != NULL) g += (double)found[i];                                      \
+            if (!residual) g -= mix * grad_v[i];                                           \
+            grad_x[i] = g;                                                                 \
+            grad_v[i] = g + keep * grad_v[i];                                              \
+        }                                                                                  \
+    }
+
+DEFINE_LOOPS(float, f32)
+DEFINE_LOOPS(double, f64)
+
+/* Addresses come as Python ints (torch.Tensor.data_ptr()); is_double selects T. */
+#define ADDRESS(a) ((void *)(uintptr_t)(a))
+
+static PyObject *step(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long z, v, x, y, x_out;
+    Py_ssize_t size;
+    double n, d, mix_units, unit;
+    int residual, is_double;
+    if (!PyArg_ParseTuple(args, "KKKKKnddddpp", &z, &v, &x, &y, &x_out, &size, &n, &d,
+                          &mix_units, &unit, &residual, &is_double))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (is_double)
+        step_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
+                 mix_units, unit, residual);
+    else
+        step_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
+                 mix_units, unit, residual);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *unstep_position(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long v, x, grad_v, x_out, grad_y;
+    Py_ssize_t size;
+    double unit, mix;
+    int is_double;
+    if (!PyArg_ParseTuple(args, "KKKKKnddp", &v, &x, &grad_v, &x_out, &grad_y, &size, &unit,
+                          &mix, &is_double))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (is_double)
+        unstep_position_f64(ADDRESS(v), ADDRESS(x), ADDRESS(grad_v), ADDRESS(x_out),
+                            ADDRESS(grad_y), size, unit, mix);
+    else
+        unstep_position_f32(ADDRESS(v), ADDRESS(x), ADDRESS(grad_v), ADDRESS(x_out),
+                            ADDRESS(grad_y), size, unit, mix);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *unstep_velocity(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long z, v, x, y;
+    Py_ssize_t size;
+    double n, d, mix_units;
+    int residual, is_double;
+    if (!PyArg_ParseTuple(args, "KKKKndddpp", &z, &v, &x, &y, &size, &n, &d, &mix_units,
+                          &residual, &is_double))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (is_double)
+        unstep_velocity_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
+                            mix_units, residual);
+    else
+        unstep_velocity_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
+                            mix_units, residual);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyObject *accumulate(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long grad_x, grad_v, found;
+    Py_ssize_t size;
+    double keep, mix;
+    int residual, is_double;
+    if (!PyArg_ParseTuple(args, "KKKnddpp", &grad_x, &grad_v, &found, &size, &keep, &mix,
+                          &residual, &is_double))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS;
+    if (is_double)
+        accumulate_f64(ADDRESS(grad_x), ADDRESS(grad_v), ADDRESS(found), size, keep, mix,
+                       residual);
+    else
+        accumulate_f32(ADDRESS(grad_x), ADDRESS(grad_v), ADDRESS(found), size, keep, mix,
+                       residual);
+    Py_END_ALLOW_THREADS;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef kernel_methods[] = {
+    {"step", step, METH_VARARGS,
+     "step(z, v, x, y, x_out, size, n, d, mix_units, unit, residual, is_double)"},
+    {"unstep_position", unstep_position, METH_VARARGS,
+     "unstep_position(v, x, grad_v, x_out, grad_y, size, unit, mix, is_double)"},
+    {"unstep_velocity", unstep_velocity, METH_VARARGS,
+     "unstep_velocity(z, v, x, y, size, n, d, mix_units, residual, is_double)"},
+    {"accumulate", accumulate, METH_VARARGS,
+     "accumulate(grad_x, grad_v, found, size, keep, mix, residual, is_double); found may be 0"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef kernel_module = {
+    PyModuleDef_HEAD_INIT, "invertnet.momentum._kernels",
+    "Fused CPU loops of the exact momentum iteration (see invertnet.momentum.kernels).", -1,
+    kernel_methods,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernel_module); }
