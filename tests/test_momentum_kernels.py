@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -262,3 +263,50 @@ def test_native_kernels_restores_the_setting_after_an_error() -> None:
         assert not kernels.usable(torch.float32, (torch.zeros(2, dtype=torch.float64),), ())
         raise ValueError("inside")
     assert kernels.usable(torch.float32, (torch.zeros(2, dtype=torch.float64),), ())
+
+
+def _step_and_undo(core: ExactMomentum, start: MomentumState, y: torch.Tensor) -> list[Any]:
+    state = _copy(start)
+    out = core.advance(state, y, True, "f", 0)
+    after = _copy(state)
+    x, grad_y = core.retreat_position(state, torch.ones_like(state.velocity))
+    core.retreat_velocity(state, y, True)
+    return [out, after.position, after.velocity, after.store.head, x, grad_y, state.store.head]
+
+
+def test_large_tensors_are_cut_into_ranges_that_give_the_same_bits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fixed = FixedPoint(torch.float32)
+    core = ExactMomentum(Gamma(9, 10), fixed)
+    gen = torch.Generator().manual_seed(0)
+    x, v, y = (torch.randn(1001, generator=gen) for _ in range(3))
+    start = core.start(fixed.to_fixed(x, "x"), fixed.to_fixed(v, "v"))
+    whole = _step_and_undo(core, start, y)
+    # 1001 elements in ranges of at least 100: as many as threads (cut unevenly).
+    monkeypatch.setattr(kernels, "PARALLEL_GRAIN", 100)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        cut = _step_and_undo(core, start, y)
+    finally:
+        torch.set_num_threads(threads)
+    assert kernels._pool is not None and kernels._pool[1] == 3
+    for a, b in zip(whole, cut):
+        assert torch.equal(a, b)
+
+
+def test_a_process_does_not_use_a_pool_inherited_from_its_parent(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A forked child inherits the parent's pool object but not its threads: work
+    # sent to it would wait forever. The pool is kept per process id.
+    monkeypatch.setattr(kernels, "_pool", None)  # restored afterwards
+    parent = kernels._executor(2)
+    assert kernels._executor(2) is parent
+    monkeypatch.setattr(os, "getpid", lambda: -1)  # as seen from a child
+    child = kernels._executor(2)
+    assert child is not parent
+    assert child.submit(sum, [1, 2]).result(timeout=10) == 3
+    parent.shutdown()
+    child.shutdown()

@@ -22,7 +22,9 @@ installation); :func:`native_kernels` turns the loops off, to compare or debug.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -109,7 +111,56 @@ def usable(
     return True
 
 
-def _typed(dtype: torch.dtype) -> bool:
+#: Elements per thread below which a loop runs on the calling thread alone: the
+#: hand-off to a pool thread costs about as much as 2**17 elements take.
+PARALLEL_GRAIN = 1 << 18
+
+_pool: tuple[int, int, ThreadPoolExecutor] | None = None
+
+
+def _executor(threads: int) -> ThreadPoolExecutor:
+    """A pool of ``threads - 1`` workers, the caller being the last thread.
+
+    One per process: a forked child (a DataLoader worker) inherits the parent's
+    pool object but not its threads, so it makes its own.
+    """
+    global _pool
+    if _pool is None or _pool[:2] != (os.getpid(), threads):
+        if _pool is not None and _pool[0] == os.getpid():
+            _pool[2].shutdown(wait=False)
+        _pool = (os.getpid(), threads, ThreadPoolExecutor(threads - 1, "invertnet-kernels"))
+    return _pool[2]
+
+
+def _launch(
+    loop: Callable[..., None], tensors: tuple[torch.Tensor | None, ...], *scalars: object
+) -> None:
+    """Run ``loop(*addresses, size, *scalars)`` over the elements of ``tensors``.
+
+    Large tensors are cut into one contiguous range per intra-op thread
+    (:func:`torch.get_num_threads`); the loops release the GIL, so the ranges run
+    in parallel. A None tensor is passed as the null address.
+    """
+    size = next(t for t in tensors if t is not None).numel()
+    threads = torch.get_num_threads()
+    tasks = min(threads, size // PARALLEL_GRAIN)
+    bases = [(0, 0) if t is None else (t.data_ptr(), t.element_size()) for t in tensors]
+    if tasks <= 1:
+        loop(*(base for base, _ in bases), size, *scalars)
+        return
+    cuts = [size * k // tasks for k in range(tasks + 1)]
+
+    def run(k: int) -> None:
+        addresses = (base + cuts[k] * width for base, width in bases)
+        loop(*addresses, cuts[k + 1] - cuts[k], *scalars)
+
+    pending = [_executor(threads).submit(run, k) for k in range(1, tasks)]
+    run(0)
+    for future in pending:
+        future.result()
+
+
+def _is_double(dtype: torch.dtype) -> bool:
     return dtype == torch.float64
 
 
@@ -127,20 +178,11 @@ def step(
 ) -> None:
     """A forward step in place (see ``ExactMomentum.step``); ``out`` gets the new position."""
     assert _native is not None
-    _native.step(
-        head.data_ptr(),
-        velocity.data_ptr(),
-        position.data_ptr(),
-        y.data_ptr(),
-        out.data_ptr(),
-        head.numel(),
-        float(n),
-        float(d),
-        mix_units,
-        unit,
-        residual,
-        _typed(y.dtype),
-    )
+    _launch(
+        _native.step,
+        (head, velocity, position, y, out),
+        float(n), float(d), mix_units, unit, residual, _is_double(y.dtype),
+    )  # fmt: skip
 
 
 def unstep_position(
@@ -154,17 +196,11 @@ def unstep_position(
 ) -> None:
     """``x <- x - v`` in place, ``out = x`` and ``grad_y = mix * grad_velocity`` in their dtype."""
     assert _native is not None
-    _native.unstep_position(
-        velocity.data_ptr(),
-        position.data_ptr(),
-        grad_velocity.data_ptr(),
-        out.data_ptr(),
-        grad_y.data_ptr(),
-        velocity.numel(),
-        unit,
-        mix,
-        _typed(out.dtype),
-    )
+    _launch(
+        _native.unstep_position,
+        (velocity, position, grad_velocity, out, grad_y),
+        unit, mix, _is_double(out.dtype),
+    )  # fmt: skip
 
 
 def unstep_velocity(
@@ -179,18 +215,11 @@ def unstep_velocity(
 ) -> None:
     """Undo a step's velocity and store digits in place (see ``ExactMomentum.unstep_velocity``)."""
     assert _native is not None
-    _native.unstep_velocity(
-        head.data_ptr(),
-        velocity.data_ptr(),
-        position.data_ptr(),
-        y.data_ptr(),
-        head.numel(),
-        float(n),
-        float(d),
-        mix_units,
-        residual,
-        _typed(y.dtype),
-    )
+    _launch(
+        _native.unstep_velocity,
+        (head, velocity, position, y),
+        float(n), float(d), mix_units, residual, _is_double(y.dtype),
+    )  # fmt: skip
 
 
 def accumulate(
@@ -204,13 +233,4 @@ def accumulate(
 ) -> None:
     """The gradient update of ``ExactMomentum.backpropagate``, in place (``found`` may be None)."""
     assert _native is not None
-    _native.accumulate(
-        grad_x.data_ptr(),
-        grad_v.data_ptr(),
-        0 if found is None else found.data_ptr(),
-        grad_x.numel(),
-        keep,
-        mix,
-        residual,
-        _typed(dtype),
-    )
+    _launch(_native.accumulate, (grad_x, grad_v, found), keep, mix, residual, _is_double(dtype))
