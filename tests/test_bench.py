@@ -11,6 +11,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +21,9 @@ import torch
 import invertnet
 from invertnet.bench import cli as bench_cli
 from invertnet.bench import main
+from invertnet.bench import measure as bench_measure
 from invertnet.bench._worker import measure_config_line
-from invertnet.bench.measure import Config, Result, combine_rounds
+from invertnet.bench.measure import Config, Result, combine_rounds, with_times
 from invertnet.bench.report import COLUMNS, SCHEMA, format_table, render_rst
 from invertnet.bench.workloads import METHODS, WORKLOADS, build
 
@@ -289,6 +291,15 @@ class _RecordingRunner:
             warnings=[f"round {seen}"],
         )
 
+    def run_interleaved(self, configs: list[Config]) -> list[Result]:
+        type(self).calls.append(tuple(configs))  # type: ignore[arg-type]
+        seen = self.round_of[configs[0]] = self.round_of.get(configs[0], 0) + 1
+        # Round k: every step takes 10 k ms, no memory figures.
+        return [
+            Result(config=c, step_times_s=[seen * 1e-2] * c.repeats, warnings=["timed"])
+            for c in configs
+        ]
+
 
 def test_rounds_interleave_configurations_and_pool_their_times(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
@@ -297,7 +308,8 @@ def test_rounds_interleave_configurations_and_pool_their_times(
     _RecordingRunner.calls = []
     out = tmp_path / "b.json"
     argv = ["--workloads", "momentum-mlp", "--depths", "1", "2", "--methods", "plain", "invertnet"]
-    status = main([*argv, "--repeats", "2", "--rounds", "3", "--no-progress", "--json", str(out)])
+    options = ["--repeats", "2", "--rounds", "3", "--timing", "separate", "--no-progress"]
+    status = main([*argv, *options, "--json", str(out)])
     assert status == 0
     order = [(c.depth, c.method) for c in _RecordingRunner.calls]
     one_round = [(1, "plain"), (1, "invertnet"), (2, "plain"), (2, "invertnet")]
@@ -309,7 +321,89 @@ def test_rounds_interleave_configurations_and_pool_their_times(
         assert row["median_s"] == pytest.approx(2e-3)
         assert row["peak_bytes"] == 20 * 2**20  # the median round, not the mean
         assert row["warnings"] == ["round 1", "round 2", "round 3"]
-    assert "6 steps (3 rounds of 2, interleaved)" in render_rst(document)
+    assert "6 steps (3 rounds)" in render_rst(document)
+
+
+def test_interleaved_timing_takes_memory_and_time_from_separate_runs(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(bench_cli, "Runner", _RecordingRunner)
+    _RecordingRunner.calls = []
+    out = tmp_path / "b.json"
+    argv = ["--workloads", "momentum-mlp", "--depths", "1", "2", "--methods", "plain", "invertnet"]
+    assert (
+        main([*argv, "--repeats", "2", "--rounds", "3", "--no-progress", "--json", str(out)]) == 0
+    )
+    jobs = []
+    for call in _RecordingRunner.calls:
+        if isinstance(call, tuple):  # a group timed together
+            jobs.append(("time", call[0].depth, tuple(c.method for c in call)))
+        else:  # a memory run: nothing timed in it
+            assert call.repeats == 0 and call.warmup == 0
+            jobs.append(("memory", call.depth, call.method))
+    one_round = [
+        ("memory", 1, "plain"),
+        ("memory", 1, "invertnet"),
+        ("time", 1, ("plain", "invertnet")),
+        ("memory", 2, "plain"),
+        ("memory", 2, "invertnet"),
+        ("time", 2, ("plain", "invertnet")),
+    ]
+    assert jobs == one_round * 3
+    document = json.loads(out.read_text())
+    assert document["settings"]["timing"] == "interleaved"
+    for row in document["results"]:
+        assert row["config"]["repeats"] == 2  # reported as asked, not as the memory run
+        assert row["step_times_s"] == pytest.approx([1e-2] * 2 + [2e-2] * 2 + [3e-2] * 2)
+        assert row["peak_bytes"] == 20 * 2**20
+        assert row["warnings"] == ["round 1", "round 2", "round 3", "timed"]
+    assert "6 steps (3 rounds, methods alternating)" in render_rst(document)
+
+
+def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    order: list[str] = []
+    real_step = bench_measure.train_step
+
+    def recording_step(model: torch.nn.Module, batch: Any) -> None:
+        order.append("invertnet" if model.use_backprop is False else "plain")
+        real_step(model, batch)
+
+    monkeypatch.setattr(bench_measure, "train_step", recording_step)
+    base = Config("momentum-mlp", 1, "plain", batch_size=2, repeats=4, warmup=1)
+    configs = [base, replace(base, method="magic"), replace(base, method="invertnet")]
+    plain, magic, light = bench_measure.time_interleaved(configs)
+    assert magic.error is not None and "unknown method 'magic'" in magic.error
+    assert not magic.step_times_s
+    for result in (plain, light):
+        assert result.error is None and len(result.step_times_s) == 4
+        assert result.batch_size == 2 and result.parameters
+    # Two untimed steps each (gradients, warm-up), then rounds that start one later.
+    timed = order[4:]
+    assert timed == ["plain", "invertnet", "invertnet", "plain"] * 2
+
+
+def test_time_interleaved_rejects_configurations_that_differ_beyond_the_method() -> None:
+    base = Config("momentum-mlp", 1, "plain")
+    with pytest.raises(ValueError, match="differ only in their method"):
+        bench_measure.time_interleaved([base, replace(base, depth=2, method="invertnet")])
+    with pytest.raises(ValueError, match="differ only in their method"):
+        bench_measure.time_interleaved([base, base])
+    with pytest.raises(ValueError, match="at least one configuration"):
+        bench_measure.time_interleaved([])
+
+
+def test_a_failed_memory_or_timing_run_fails_the_configuration() -> None:
+    config = Config("momentum-mlp", 1, "plain")
+    memory = Result(config=replace(config, repeats=0), peak_bytes=5, warnings=["a"])
+    timing = Result(config=config, step_times_s=[1.0, 2.0], warnings=["b"])
+    merged = with_times(memory, timing)
+    assert merged.config == config and merged.step_times_s == [1.0, 2.0]
+    assert merged.peak_bytes == 5 and merged.warnings == ["a", "b"]
+    failed = with_times(memory, replace(timing, error="timed out after 9 s"))
+    assert failed.error == "timed out after 9 s" and failed.step_times_s == []
+    assert with_times(replace(memory, error="killed"), timing).error == "killed"
 
 
 def test_a_failed_round_fails_the_configuration() -> None:

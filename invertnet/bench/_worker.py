@@ -1,16 +1,20 @@
 """The measuring side of the benchmark: ``python -m invertnet.bench._worker``.
 
-Two modes, both reading configurations as JSON (see :class:`~invertnet.bench.measure.Config`)
-and writing one JSON result line per configuration to stdout:
+Two modes, both reading jobs as JSON lines and writing one JSON line of results
+per job to stdout. A job is a configuration (see
+:class:`~invertnet.bench.measure.Config`), measured by
+:func:`~invertnet.bench.measure.measure_here`, or a list of configurations of one
+workload and depth, timed against each other by
+:func:`~invertnet.bench.measure.time_interleaved`; the results are a result, or a
+list of them, as dictionaries (:meth:`~invertnet.bench.measure.Result.to_dict`).
 
 ``--serve``
-    Import torch once, then for every configuration line read from stdin fork a
+    Import torch once, then for every job line read from stdin fork a
     fresh child that measures it and exits. The server itself never runs a tensor
     operation, so every child starts from the same clean state (no allocator
     caches, no thread pools), without paying the seconds of ``import torch`` each.
-``--one CONFIG``
-    Measure one configuration in this (new) interpreter; used where ``os.fork``
-    does not exist.
+``--one JOB``
+    Run one job in this (new) interpreter; used where ``os.fork`` does not exist.
 """
 
 from __future__ import annotations
@@ -25,19 +29,30 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from invertnet.bench.measure import Config, Result, measure_here
+from invertnet.bench.measure import Config, Result, measure_here, time_interleaved
 
-__all__ = ["measure_config_line", "main"]
+__all__ = ["failed_job", "main", "measure_config_line"]
 
 
-def measure_config_line(line: str) -> dict[str, Any]:
-    """Measure the configuration encoded in ``line``; failures become an ``error``."""
-    config = Config(**json.loads(line))
+def measure_config_line(line: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """Run the job encoded in ``line``; failures become an ``error`` in its results."""
+    job = json.loads(line)
+    configs = [Config(**c) for c in job] if isinstance(job, list) else Config(**job)
     try:
-        return measure_here(config).to_dict()
+        if isinstance(configs, list):
+            return [r.to_dict() for r in time_interleaved(configs)]
+        return measure_here(configs).to_dict()
     except Exception as exc:  # report any failure of the measured code to the parent
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
-        return Result(config=config, error=detail).to_dict()
+        return failed_job(line, detail)
+
+
+def failed_job(line: str, error: str) -> dict[str, Any] | list[dict[str, Any]]:
+    """The results of the job encoded in ``line`` when it failed with ``error``."""
+    job = json.loads(line)
+    if isinstance(job, list):
+        return [Result(config=Config(**c), error=error).to_dict() for c in job]
+    return Result(config=Config(**job), error=error).to_dict()
 
 
 def _read_all(fd: int) -> bytes:
@@ -70,8 +85,7 @@ def _serve_one(line: str) -> str:
         return payload.decode()
     code = os.waitstatus_to_exitcode(status)
     reason = f"killed by signal {-code}" if code < 0 else f"exited with status {code}"
-    error = f"the measuring process {reason} (out of memory?)"
-    return json.dumps(Result(config=Config(**json.loads(line)), error=error).to_dict())
+    return json.dumps(failed_job(line, f"the measuring process {reason} (out of memory?)"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m invertnet.bench._worker")
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--serve", action="store_true", help="fork a child per stdin line")
-    mode.add_argument("--one", metavar="CONFIG", help="measure one JSON configuration here")
+    mode.add_argument("--one", metavar="JOB", help="run one JSON job here")
     args = parser.parse_args(argv)
     if args.one is not None:
         sys.stdout.write(json.dumps(measure_config_line(args.one)) + "\n")

@@ -7,13 +7,14 @@ import json
 import shlex
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from invertnet.bench.measure import DTYPES, Config, Result, combine_rounds
+from invertnet.bench.measure import DTYPES, Config, Result, combine_rounds, with_times
 from invertnet.bench.report import (
     format_summary,
     format_table,
@@ -136,6 +137,15 @@ def build_parser() -> argparse.ArgumentParser:
         "methods instead of landing on one (default: %(default)s)",
     )
     parser.add_argument(
+        "--timing",
+        choices=("interleaved", "separate"),
+        default="interleaved",
+        help="interleaved: time the methods of each workload and depth in one process, "
+        "alternating their steps, so that all see the same machine (memory is still measured "
+        "in a fresh process per configuration); separate: time each configuration in its own "
+        "process, with its memory (default: %(default)s)",
+    )
+    parser.add_argument(
         "--warmup",
         type=_positive_int("warmup"),
         default=1,
@@ -221,6 +231,46 @@ def _write(text: str, stream: Any = None) -> None:
     (stream or sys.stdout).write(text + "\n")
 
 
+def _run_rounds(
+    configs: list[Config], n_rounds: int, interleaved: bool, args: argparse.Namespace
+) -> dict[Config, list[Result]]:
+    """Measure every configuration ``n_rounds`` times, one round after another.
+
+    With ``interleaved`` timing, each configuration's memory is measured in a
+    process of its own, with no timed steps, and then the methods of each
+    workload and depth are timed together (:meth:`Runner.run_interleaved`).
+    """
+    groups: dict[tuple[str, int], list[Config]] = {}
+    for config in configs:
+        groups.setdefault((config.workload, config.depth), []).append(config)
+    rounds: dict[Config, list[Result]] = {config: [] for config in configs}
+    jobs = len(configs) + (len(groups) if interleaved else 0)
+    with Runner(timeout_s=args.timeout) as runner:
+        progress = tqdm(
+            total=jobs * n_rounds, unit="job", disable=args.no_progress, file=sys.stderr
+        )
+        for round_ in range(n_rounds):
+            where = f"round {round_ + 1}/{n_rounds}"
+            for (workload, depth), group in groups.items():
+                measured = []
+                for config in group:
+                    progress.set_description(f"{where}: {workload} depth {depth} {config.method}")
+                    if interleaved:  # memory only: the time comes from the group's run
+                        config_ = replace(config, repeats=0, warmup=0)
+                        measured.append(runner.run(config_))
+                    else:
+                        rounds[config].append(runner.run(config))
+                    progress.update()
+                if interleaved:
+                    progress.set_description(f"{where}: {workload} depth {depth} timing")
+                    timed = runner.run_interleaved(group)
+                    for memory, timing in zip(measured, timed):
+                        rounds[timing.config].append(with_times(memory, timing))
+                    progress.update()
+        progress.close()
+    return rounds
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``invertnet bench``; returns the exit status.
 
@@ -274,23 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for d in depths
         for m in methods
     ]
-    rounds: dict[Config, list[Result]] = {config: [] for config in configs}
-    with Runner(timeout_s=args.timeout) as runner:
-        progress = tqdm(
-            total=len(configs) * args.rounds,
-            unit="config",
-            disable=args.no_progress,
-            file=sys.stderr,
-        )
-        for round_ in range(args.rounds):
-            for config in configs:
-                progress.set_description(
-                    f"round {round_ + 1}/{args.rounds}: "
-                    f"{config.workload} depth {config.depth} {config.method}"
-                )
-                rounds[config].append(runner.run(config))
-                progress.update()
-        progress.close()
+    rounds = _run_rounds(configs, args.rounds, args.timing == "interleaved", args)
     results = [combine_rounds(rounds[config]) for config in configs]
 
     settings = {
@@ -303,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "device": device,
         "repeats": repeats,
         "rounds": args.rounds,
+        "timing": args.timing,
         "warmup": args.warmup,
         "threads": args.threads,
     }

@@ -1,10 +1,17 @@
-"""Measure one configuration (workload, depth, method); meant for a fresh process.
+"""Measure configurations (workload, depth, method); meant for fresh processes.
 
-The child process builds the model and runs training steps (forward, a scalar
-loss, backward): a first one allocates the gradients and counts the bytes autograd
-saves for backward (the cross-check); a second is the one whose peak activation
-memory the probe (:mod:`invertnet.bench.memory`) measures; then ``warmup``
-unmeasured steps and ``repeats`` timed ones, whose median wall time is the step time.
+:func:`measure_here` builds one configuration's model and runs training steps
+(forward, a scalar loss, backward): a first one allocates the gradients and counts
+the bytes autograd saves for backward (the cross-check); a second is the one whose
+peak activation memory the probe (:mod:`invertnet.bench.memory`) measures; then
+``warmup`` unmeasured steps and ``repeats`` timed ones, whose median wall time is
+the step time.
+
+:func:`time_interleaved` times the methods of one workload and depth in one
+process instead, alternating their steps, so that every method sees the same
+machine: on a shared machine whose speed changes in spells, methods timed in
+separate processes, minutes apart, differ by more than the few per cent that a
+time target has to resolve.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import contextlib
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,7 +28,15 @@ import torch
 from invertnet.bench.memory import SavedBytes, probe_for
 from invertnet.bench.workloads import build
 
-__all__ = ["Config", "Result", "combine_rounds", "measure_here", "train_step"]
+__all__ = [
+    "Config",
+    "Result",
+    "combine_rounds",
+    "measure_here",
+    "time_interleaved",
+    "train_step",
+    "with_times",
+]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 
@@ -166,8 +181,120 @@ def measure_here(config: Config) -> Result:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = _measure(config)
-    result.warnings = sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+    result.warnings = _messages(caught)
     return result
+
+
+def _messages(caught: list[warnings.WarningMessage]) -> list[str]:
+    return sorted({f"{w.category.__name__}: {w.message}" for w in caught})
+
+
+def _error(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def time_interleaved(configs: list[Config]) -> list[Result]:
+    """Time the methods of one workload and depth against each other, in this process.
+
+    Every method's model is built and run for one step (which allocates its
+    gradients) and ``warmup`` more. Then come ``repeats`` rounds of one timed step
+    per method, each round starting one method later than the one before, so that
+    no method always follows the same other. A method that fails is reported
+    failed and left out of the later rounds; the others go on.
+
+    Parameters
+    ----------
+    configs : list of Config
+        One per method; all else (workload, depth, batch size, dtype, device,
+        threads, repeats, warmup, seed) the same.
+
+    Returns
+    -------
+    list of Result
+        In the order of ``configs``: the step times, or the error; no memory figures.
+
+    Raises
+    ------
+    ValueError
+        If ``configs`` is empty, or its configurations differ in more than the method.
+    """
+    if not configs:
+        raise ValueError("time_interleaved: expected at least one configuration, got none")
+    first = configs[0]
+    methods = [c.method for c in configs]
+    if any(replace(c, method=first.method) != first for c in configs) or len(set(methods)) < len(
+        methods
+    ):
+        raise ValueError(
+            "time_interleaved: expected configurations that differ only in their method, got "
+            + ", ".join(f"{c.workload}/{c.depth}/{c.method}" for c in configs)
+        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _time_interleaved(configs)
+    for result in results:
+        result.warnings = _messages(caught)
+    return results
+
+
+def _time_interleaved(configs: list[Config]) -> list[Result]:
+    first = configs[0]
+    if first.threads is not None:
+        torch.set_num_threads(first.threads)
+    device = torch.device(first.device)
+    results = [Result(config=c) for c in configs]
+    running: dict[int, tuple[torch.nn.Module, Any]] = {}
+    for i, config in enumerate(configs):
+        try:
+            model, batch = build(
+                config.workload,
+                config.depth,
+                config.method,
+                batch_size=config.batch_size,
+                dtype=DTYPES[config.dtype],
+                device=device,
+                seed=config.seed,
+            )
+            for _ in range(1 + config.warmup):
+                train_step(model, batch)
+            _sync(device)
+        except Exception as exc:  # reported in the result; the other methods go on
+            results[i].error = _error(exc)
+            continue
+        running[i] = (model, batch)
+        results[i].batch_size = int(batch.args[0].shape[0])
+        results[i].parameters = sum(p.numel() for p in model.parameters())
+    for round_ in range(first.repeats):
+        order = list(running)
+        shift = round_ % len(order) if order else 0
+        for i in order[shift:] + order[:shift]:
+            model, batch = running[i]
+            start = time.perf_counter()
+            try:
+                train_step(model, batch)
+                _sync(device)
+            except Exception as exc:
+                results[i].error = _error(exc)
+                results[i].step_times_s = []
+                del running[i]
+                continue
+            results[i].step_times_s.append(time.perf_counter() - start)
+    return results
+
+
+def with_times(memory: Result, timing: Result) -> Result:
+    """One result from a memory run (:func:`measure_here` with no timed steps) and a
+    timing run (:func:`time_interleaved`) of the same configuration; either failing
+    fails the whole."""
+    failed = memory.error or timing.error
+    merged = replace(
+        memory,
+        config=timing.config,
+        step_times_s=[] if failed else list(timing.step_times_s),
+        warnings=sorted(set(memory.warnings) | set(timing.warnings)),
+        error=failed,
+    )
+    return merged
 
 
 def _measure(config: Config) -> Result:

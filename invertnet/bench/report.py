@@ -244,9 +244,11 @@ def format_summary(document: dict[str, Any]) -> str:
 def _steps(settings: dict[str, Any]) -> str:
     """How many timed steps each median is over, in words."""
     repeats, rounds = settings.get("repeats"), settings.get("rounds", 1)
-    if rounds == 1:
-        return f"{repeats} steps"
-    return f"{repeats * rounds} steps ({rounds} rounds of {repeats}, interleaved)"
+    details = [f"{rounds} rounds"] if rounds > 1 else []
+    if settings.get("timing") == "interleaved":
+        details.append("methods alternating")
+    steps = f"{repeats * rounds} steps"
+    return f"{steps} ({', '.join(details)})" if details else steps
 
 
 def render_rst(document: dict[str, Any], command: str | None = None) -> str:

@@ -1,8 +1,8 @@
-"""Run configurations one after another, each in a fresh process.
+"""Run benchmark jobs one after another, each in a fresh process.
 
 :class:`Runner` starts ``python -m invertnet.bench._worker --serve`` once; that
-server forks a new child for every configuration (see :mod:`invertnet.bench._worker`).
-Where ``os.fork`` does not exist, a new interpreter is started per configuration.
+server forks a new child for every job (see :mod:`invertnet.bench._worker`).
+Where ``os.fork`` does not exist, a new interpreter is started per job.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import invertnet
 from invertnet.bench.measure import Config, Result
@@ -88,7 +89,8 @@ class Runner:
             )
         return self._server
 
-    def _read_line(self, process: subprocess.Popen[str], config: Config) -> Result:
+    def _read_line(self, process: subprocess.Popen[str]) -> Any:
+        """The job's results as decoded JSON, or the reason there are none, a str."""
         assert process.stdout is not None
         with selectors.DefaultSelector() as selector:
             selector.register(process.stdout, selectors.EVENT_READ)
@@ -97,27 +99,23 @@ class Runner:
             self._kill(process)
             if process is self._server:
                 self._server = None
-            return Result(config=config, error=f"timed out after {self.timeout_s:.0f} s")
+            return f"timed out after {self.timeout_s:.0f} s"
         line = process.stdout.readline()
         if not line:
             process.wait()
             if process is self._server:
                 self._server = None
-            return Result(
-                config=config,
-                error=f"the benchmark worker exited with status {process.returncode}",
-            )
-        return Result.from_dict(json.loads(line))
+            return f"the benchmark worker exited with status {process.returncode}"
+        return json.loads(line)
 
-    def run(self, config: Config) -> Result:
-        """Measure ``config`` in a fresh process and return what it measured."""
-        line = json.dumps(asdict(config))
+    def _run_job(self, job: Any) -> Any:
+        line = json.dumps(job)
         if hasattr(os, "fork"):
             server = self._start_server()
             assert server.stdin is not None
             server.stdin.write(line + "\n")
             server.stdin.flush()
-            return self._read_line(server, config)
+            return self._read_line(server)
         process = subprocess.Popen(
             [*_WORKER, "--one", line],
             stdout=subprocess.PIPE,
@@ -126,7 +124,24 @@ class Runner:
             env=_worker_env(),
         )
         try:
-            return self._read_line(process, config)
+            return self._read_line(process)
         finally:
             if process.poll() is None:
                 process.wait()
+
+    def run(self, config: Config) -> Result:
+        """Measure ``config`` in a fresh process and return what it measured."""
+        answer = self._run_job(asdict(config))
+        if isinstance(answer, str):
+            return Result(config=config, error=answer)
+        return Result.from_dict(answer)
+
+    def run_interleaved(self, configs: list[Config]) -> list[Result]:
+        """Time ``configs`` (one workload and depth) against each other in a fresh process.
+
+        See :func:`invertnet.bench.measure.time_interleaved`.
+        """
+        answer = self._run_job([asdict(c) for c in configs])
+        if isinstance(answer, str):
+            return [Result(config=c, error=answer) for c in configs]
+        return [Result.from_dict(data) for data in answer]
