@@ -43,9 +43,12 @@ more mapped on their own) minus the resident set before; on CUDA
 torch.cuda.max_memory_allocated after reset_peak_memory_stats, minus
 memory_allocated before. The bytes the forward pass saves for backward (counted with
 torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a
-cross-check. Timings on a shared machine are noisy: compare ratios within one run,
-and on a busy machine use --threads 1 (OpenMP threads waiting for each other on
-oversubscribed cores can make steps many times slower).
+cross-check. Time is the median step time with the methods of each workload and
+depth built in one more fresh process and their steps alternating (--timing
+interleaved), so that all see the same machine. Timings on a shared machine are
+noisy: compare ratios within one run, and on a busy machine use --threads 1 (OpenMP
+threads waiting for each other on oversubscribed cores can make steps many times
+slower).
 """
 
 

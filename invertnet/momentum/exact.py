@@ -42,6 +42,12 @@ so every step can be undone bit for bit:
   function's output; the state itself is measured only when such a bound nears
   :data:`LIMIT`.
 
+On the CPU, :class:`ExactMomentum`'s fused methods (:meth:`~ExactMomentum.advance`,
+:meth:`~ExactMomentum.retreat_position`, :meth:`~ExactMomentum.retreat_velocity`,
+:meth:`~ExactMomentum.backpropagate`) run each phase of a step as one C loop
+(:mod:`invertnet.momentum.kernels`) where it applies, with the same results; the
+tensor operations here are the reference and serve everywhere else.
+
 Memory per element of ``x``: position, velocity and store head, 8 bytes each,
 plus 4 bytes per 31 bits accumulated in chunks, about
 :math:`4 L \log_2(1/\gamma) / 31` bytes after ``L`` layers. Measured (all bytes
