@@ -389,12 +389,15 @@ class ExactMomentum:
         update = step.mul_(self.mix_units).round_()
         if what is None:
             return update, 0.0
-        bound = self.update_bound(state, y, residual)
-        if bound is None:
-            largest = max_abs_of(update)
-            self.fixed.check(largest, what)
-            bound = largest + 1
-        return update, bound
+        return update, self._checked_bound(update, self.update_bound(state, y, residual), what)
+
+    def _checked_bound(self, update: torch.Tensor, bound: float | None, what: str) -> float:
+        """``bound``, or if it is None the update's measured bound, checked in range."""
+        if bound is not None:
+            return bound
+        largest = max_abs_of(update)
+        self.fixed.check(largest, what)
+        return largest + 1
 
     def update_bound(self, state: MomentumState, y: torch.Tensor, residual: bool) -> float | None:
         """A bound below :data:`LIMIT` on the update's magnitude, from ``y`` alone, or None.
@@ -432,8 +435,8 @@ class ExactMomentum:
             )  # fmt: skip
             self._after_step(state, bound, layer)
             return out
-        update, bound = self.update(state, y, residual, what)
-        self.step(state, update, bound, layer)
+        update, _ = self.update(state, y, residual)
+        self.step(state, update, self._checked_bound(update, bound, what), layer)
         return self.inputs(state)
 
     def _direct_product(self, state: MomentumState) -> bool:
