@@ -195,6 +195,24 @@ def test_channels_last_states_take_the_loops(monkeypatch: pytest.MonkeyPatch) ->
     assert steps.calls == 5
 
 
+def test_an_expanded_output_gradient_takes_the_loops_in_the_state_layout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The gradient of out.sum() is a tensor of ones expanded (stride 0); the state
+    # gradients are made in the state's own layout (here channels_last) from it.
+    torch.manual_seed(0)
+    functions = [nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.Tanh()) for _ in range(4)]
+    net = MomentumNet(functions, gamma=0.9, use_backprop=False)
+    net = net.to(memory_format=torch.channels_last)
+    plain = MomentumNet(functions, gamma=0.9)
+    x = torch.randn(2, 3, 6, 5).to(memory_format=torch.channels_last).requires_grad_(True)
+    updates = _Counted(monkeypatch, "accumulate")
+    net(x).sum().backward()
+    assert updates.calls == 4
+    expected = torch.autograd.grad(plain(x).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected, rtol=1e-5, atol=1e-6)
+
+
 class _Transposed(nn.Module):
     """A layer whose output is a transposed view: not in the state's memory order."""
 

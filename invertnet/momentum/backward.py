@@ -299,7 +299,9 @@ def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     # retain_graph=True must find the saved tensors intact for the next one.
     run.state = MomentumState(position.clone(), velocity.clone(), store, split_at=ctx.split_at)
     run.layer = len(run.net.functions)
-    run.grad_x = grad_output.to(torch.float64, copy=True)
+    # In the state's layout, which the fused loops need (the gradient of a sum is
+    # an expanded tensor, for one).
+    run.grad_x = torch.empty_like(position).copy_(grad_output)
     run.grad_v_total = run.grad_x.clone()
     tensors = slot_tensors(run.args, run.kwargs, run.grad_slots)
     run.arg_leaves = tuple(t.detach().requires_grad_(True) for t in tensors)
