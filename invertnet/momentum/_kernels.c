@@ -17,6 +17,11 @@
 
 #include <stddef.h>
 
+/* MSVC's C compiler knows restrict only in its C11 mode; __restrict always. */
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict
+#endif
+
 /* x86-64 Linux: compile each loop for AVX2 and for the baseline, and pick one when
  * the module loads (the baseline's 2-wide vectors are about half as fast). */
 #if defined(__x86_64__) && defined(__linux__) && defined(__has_attribute)

@@ -51,7 +51,8 @@ def native_kernels(enabled: bool) -> Iterator[None]:
     """Use the C loops, where they apply, only if ``enabled``, inside the ``with`` block.
 
     Both ways give the same states bit for bit, and so the same outputs; the
-    gradients may differ in their last bits (the loops add in another order).
+    gradients may differ in their last bits (the loops add in another order). The
+    setting is process-wide, not per thread.
 
     Parameters
     ----------
@@ -111,8 +112,9 @@ def usable(
     return True
 
 
-#: Elements per thread below which a loop runs on the calling thread alone: the
-#: hand-off to a pool thread costs about as much as 2**17 elements take.
+#: Elements per thread below which a loop runs on the calling thread alone: a
+#: shorter range does not repay handing it to another thread (tens of
+#: microseconds), and the state of a few layers of that size still fits in cache.
 PARALLEL_GRAIN = 1 << 18
 
 _pool: tuple[int, int, ThreadPoolExecutor] | None = None
