@@ -216,9 +216,11 @@ static PyMethodDef kernel_methods[] = {
 };
 
 static struct PyModuleDef kernel_module = {
-    PyModuleDef_HEAD_INIT, "invertnet.momentum._kernels",
-    "Fused CPU loops of the exact momentum iteration (see invertnet.momentum.kernels).", -1,
-    kernel_methods,
+    PyModuleDef_HEAD_INIT,
+    .m_name = "invertnet.momentum._kernels",
+    .m_doc = "Fused CPU loops of the exact momentum iteration (see invertnet.momentum.kernels).",
+    .m_size = -1,
+    .m_methods = kernel_methods,
 };
 
 PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernel_module); }
