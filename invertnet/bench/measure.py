@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from invertnet.bench.memory import SavedBytes, probe_for
-from invertnet.bench.workloads import build
+from invertnet.bench.workloads import Batch, build
 
 __all__ = [
     "Config",
@@ -139,6 +139,24 @@ def combine_rounds(rounds: list[Result]) -> Result:
     )
 
 
+def _build(config: Config, device: torch.device) -> tuple[torch.nn.Module, Batch]:
+    """The model and batch of ``config``, on ``device``."""
+    return build(
+        config.workload,
+        config.depth,
+        config.method,
+        batch_size=config.batch_size,
+        dtype=DTYPES[config.dtype],
+        device=device,
+        seed=config.seed,
+    )
+
+
+def _sizes(model: torch.nn.Module, batch: Batch) -> tuple[int, int]:
+    """The batch size and the number of parameters, as results report them."""
+    return int(batch.args[0].shape[0]), sum(p.numel() for p in model.parameters())
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -222,9 +240,8 @@ def time_interleaved(configs: list[Config]) -> list[Result]:
         raise ValueError("time_interleaved: expected at least one configuration, got none")
     first = configs[0]
     methods = [c.method for c in configs]
-    if any(replace(c, method=first.method) != first for c in configs) or len(set(methods)) < len(
-        methods
-    ):
+    same_but_method = all(replace(c, method=first.method) == first for c in configs)
+    if not same_but_method or len(set(methods)) < len(methods):
         raise ValueError(
             "time_interleaved: expected configurations that differ only in their method, got "
             + ", ".join(f"{c.workload}/{c.depth}/{c.method}" for c in configs)
@@ -246,15 +263,7 @@ def _time_interleaved(configs: list[Config]) -> list[Result]:
     running: dict[int, tuple[torch.nn.Module, Any]] = {}
     for i, config in enumerate(configs):
         try:
-            model, batch = build(
-                config.workload,
-                config.depth,
-                config.method,
-                batch_size=config.batch_size,
-                dtype=DTYPES[config.dtype],
-                device=device,
-                seed=config.seed,
-            )
+            model, batch = _build(config, device)
             for _ in range(1 + config.warmup):
                 train_step(model, batch)
             _sync(device)
@@ -262,8 +271,7 @@ def _time_interleaved(configs: list[Config]) -> list[Result]:
             results[i].error = _error(exc)
             continue
         running[i] = (model, batch)
-        results[i].batch_size = int(batch.args[0].shape[0])
-        results[i].parameters = sum(p.numel() for p in model.parameters())
+        results[i].batch_size, results[i].parameters = _sizes(model, batch)
     for round_ in range(first.repeats):
         order = list(running)
         shift = round_ % len(order) if order else 0
@@ -287,14 +295,13 @@ def with_times(memory: Result, timing: Result) -> Result:
     timing run (:func:`time_interleaved`) of the same configuration; either failing
     fails the whole."""
     failed = memory.error or timing.error
-    merged = replace(
+    return replace(
         memory,
         config=timing.config,
         step_times_s=[] if failed else list(timing.step_times_s),
         warnings=sorted(set(memory.warnings) | set(timing.warnings)),
         error=failed,
     )
-    return merged
 
 
 def _measure(config: Config) -> Result:
@@ -303,15 +310,7 @@ def _measure(config: Config) -> Result:
     device = torch.device(config.device)
     probe = probe_for(device)
     probe.prepare()
-    model, batch = build(
-        config.workload,
-        config.depth,
-        config.method,
-        batch_size=config.batch_size,
-        dtype=DTYPES[config.dtype],
-        device=device,
-        seed=config.seed,
-    )
+    model, batch = _build(config, device)
     # The first step allocates the gradients (so they count as model memory, not
     # as activations) and counts the bytes autograd saves, the cross-check.
     counter = SavedBytes(model)
@@ -333,12 +332,13 @@ def _measure(config: Config) -> Result:
         train_step(model, batch)
         _sync(device)
         times.append(time.perf_counter() - start)
+    batch_size, parameters = _sizes(model, batch)
     return Result(
         config=config,
         step_times_s=times,
         peak_bytes=peak,
         saved_bytes=counter.nbytes,
-        batch_size=int(batch.args[0].shape[0]),
-        parameters=sum(p.numel() for p in model.parameters()),
+        batch_size=batch_size,
+        parameters=parameters,
         memory_method=probe.method,
     )
