@@ -53,7 +53,7 @@ class _Run:
     # The state, and the layer whose input it holds; None once it is not needed.
     state: MomentumState | None = None
     layer: int = 0
-    # Forward only: the next function's input, which the step made with the state.
+    # Forward only: the next function's input (the start, then each step, makes it).
     inputs: torch.Tensor | None = None
     # Backward only, in float64 like the plain mode's state: the gradient with
     # respect to the position at `layer`, and the total one with respect to the
@@ -194,6 +194,7 @@ class _Start(torch.autograd.Function):
         else:
             velocity = torch.zeros_like(position)
         run.state = run.core.start(position, velocity)
+        run.inputs = run.core.inputs(run.state)
         run.layer = 0
         ctx.run = run
         ctx.init_params = init_params
@@ -234,8 +235,8 @@ class _Layer(torch.autograd.Function):
     ) -> torch.Tensor:
         net, core = run.net, run.core
         state = run.state
-        assert state is not None and run.layer == t
-        x_t = run.inputs if run.inputs is not None else core.inputs(state)
+        assert state is not None and run.inputs is not None and run.layer == t
+        x_t = run.inputs
         with run.tape.recording():
             y = call_recorded(t, net.call_function, t, x_t, run.args, run.kwargs)
         what = f"(1 - gamma) * f_{t}(x_{t})"

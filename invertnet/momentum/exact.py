@@ -443,6 +443,10 @@ class ExactMomentum:
         """Whether the next step computes ``n v + r`` in one product (not the split form)."""
         return 0 < self.n < self.d and self.d * (state.velocity_bound + 2) < LIMIT
 
+    def _undoes_direct_product(self, state: MomentumState) -> bool:
+        """Whether the step to undo next computed ``n v + r`` in one product."""
+        return 0 < self.n < self.d and state.store.steps - 1 not in state.split_at
+
     def step(self, state: MomentumState, update: torch.Tensor, bound: float, layer: int) -> None:
         """``v <- gamma v + update``, ``x <- x + v``, with ``update`` from :meth:`update`.
 
@@ -501,7 +505,7 @@ class ExactMomentum:
             v = store.unkeep()
         elif n == d:
             pass
-        elif store.steps - 1 not in state.split_at:
+        elif self._undoes_direct_product(state):
             # p = d v + s, then v = p // n and r = p mod n go back.
             v, r = _floor_divmod(store.pop(d).add_(v, alpha=d), n)
             store.undraw(r, n)
@@ -542,10 +546,8 @@ class ExactMomentum:
         :meth:`retreat_position` restored.
         """
         store = state.store
-        if (
-            0 < self.n < self.d
-            and store.steps - 1 not in state.split_at
-            and kernels.usable(self.fixed.dtype, (store.head, state.velocity, state.position), (y,))
+        if self._undoes_direct_product(state) and kernels.usable(
+            self.fixed.dtype, (store.head, state.velocity, state.position), (y,)
         ):
             kernels.unstep_velocity(
                 store.head, state.velocity, state.position, y.detach(),
