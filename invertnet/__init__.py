@@ -18,6 +18,7 @@ from invertnet.couplings import (
 )
 from invertnet.momentum import MomentumNet, transform_to_momentumnet
 from invertnet.wrappers import (
+    InputKeptWarning,
     InvertibleModuleWrapper,
     ReconstructionError,
     debug_reconstruction,
@@ -33,6 +34,7 @@ __all__ = [
     "AffineAdapterSigmoid",
     "AffineCoupling",
     "CouplingBase",
+    "InputKeptWarning",
     "InvertibleModuleWrapper",
     "MomentumCoupling",
     "MomentumNet",

@@ -6,9 +6,11 @@ from invertnet.wrappers.debug import (
     set_debug_reconstruction,
     set_finite_check,
 )
+from invertnet.wrappers._storage import InputKeptWarning
 from invertnet.wrappers.invertible import InvertibleModuleWrapper
 
 __all__ = [
+    "InputKeptWarning",
     "InvertibleModuleWrapper",
     "ReconstructionError",
     "debug_reconstruction",

@@ -20,7 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["FreedInput", "why_not_freeable", "free", "FREED_ATTR"]
+__all__ = ["FreedInput", "InputKeptWarning", "why_not_freeable", "free", "FREED_ATTR"]
+
+
+class InputKeptWarning(UserWarning):
+    """A wrapper kept an input in memory that ``keep_input=False`` asked it to free.
+
+    Results are unaffected; only the memory saving is lost. Its own category lets a
+    benchmark or a test turn it into an error (``warnings.simplefilter("error",
+    InputKeptWarning)``) or count it, without touching other warnings.
+    """
 
 #: Attribute set on a freed input tensor, naming who freed it.
 FREED_ATTR = "_invertnet_freed_by"

@@ -16,7 +16,13 @@ from torch.autograd.function import once_differentiable
 
 from invertnet._rng import RNGTape
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
-from invertnet.wrappers._storage import FREED_ATTR, FreedInput, free, why_not_freeable
+from invertnet.wrappers._storage import (
+    FREED_ATTR,
+    FreedInput,
+    InputKeptWarning,
+    free,
+    why_not_freeable,
+)
 from invertnet.wrappers.debug import (
     DebugSettings,
     check_reconstruction,
@@ -287,14 +293,18 @@ class InvertibleModuleWrapper(nn.Module):
 
     Notes
     -----
-    Inputs are freed only when that is safe and useful: in training with grad
-    enabled, and when no other tensor holds the input's storage. A kept input is
-    reported by a :class:`UserWarning` once per wrapper. A freed input has a
+    Inputs are freed only when that is safe and useful: in training mode
+    (``wrapper.training``) with grad enabled, and when no other tensor holds the
+    input's storage. A kept input is reported by an
+    :class:`~invertnet.InputKeptWarning` once per wrapper. A freed input has a
     zero-element shape until backward restores it; do not read it in between.
 
-    Under :func:`torch.no_grad`, :func:`torch.inference_mode`, or when neither the
-    inputs nor the parameters require grad, the module runs directly and nothing
-    is freed.
+    In eval mode (``wrapper.eval()``), under :func:`torch.no_grad`,
+    :func:`torch.inference_mode`, or when neither the inputs nor the parameters
+    require grad, the module runs directly with plain autograd and nothing is
+    freed: gradients taken in eval mode are exact but keep the activations. To
+    save memory while, say, BatchNorm layers stay frozen in eval mode, set
+    ``wrapper.training = True`` on the wrappers alone after ``model.eval()``.
 
     Examples
     --------
@@ -356,13 +366,17 @@ class InvertibleModuleWrapper(nn.Module):
             f"InvertibleModuleWrapper({type(self._fn).__name__}): input {index} is kept in "
             f"memory instead of freed because {reason}; results are unaffected, only the "
             "memory saving is lost (this warning is shown once per wrapper)",
-            UserWarning,
+            InputKeptWarning,
             stacklevel=_caller_stacklevel(),
         )
 
     def _recording(self) -> bool:
-        """Whether this call could build a graph: enabled, grad mode on, not inference."""
-        if self.disable or not torch.is_grad_enabled():
+        """Whether this call saves memory: enabled, in training mode, grad mode on,
+        not inference."""
+        # In eval mode the module runs directly: inference (and torch.export) needs
+        # none of the memory machinery, and the docstring promises freeing "in
+        # training" only.
+        if self.disable or not self.training or not torch.is_grad_enabled():
             return False
         # Inference mode turns grad mode off unless grad is re-enabled inside it.
         # Dynamo cannot trace this query (a graph break on every call), so it is
