@@ -19,7 +19,6 @@ class AutocastState:
     device_type: str
     enabled: bool
     dtype: torch.dtype
-    cache_enabled: bool
 
     @staticmethod
     def capture(tensors: Sequence[torch.Tensor]) -> list[AutocastState]:
@@ -30,7 +29,6 @@ class AutocastState:
                 device_type=d,
                 enabled=torch.is_autocast_enabled(d),
                 dtype=torch.get_autocast_dtype(d),
-                cache_enabled=torch.is_autocast_cache_enabled(),
             )
             for d in sorted(device_types)
             if d != "meta"
@@ -39,7 +37,14 @@ class AutocastState:
     @staticmethod
     @contextlib.contextmanager
     def restored(states: Sequence[AutocastState]) -> Iterator[None]:
-        """Re-enter the recorded autocast settings."""
+        """Re-enter the recorded autocast settings, without autocast's weight cache.
+
+        The forward pass ran without grad, so the low-precision copies of the
+        parameters it cached have no graph; a recomputation inside the same autocast
+        region that found them in the cache would give the parameters no gradient
+        (PyTorch 2.4 looks the cache up whatever the grad mode; 2.13 no longer). Casting
+        afresh costs one cast per parameter use.
+        """
         if not any(s.enabled or torch.is_autocast_enabled(s.device_type) for s in states):
             yield  # off then and off now: nothing to re-enter
             return
@@ -50,7 +55,7 @@ class AutocastState:
                         s.device_type,
                         dtype=s.dtype,
                         enabled=s.enabled,
-                        cache_enabled=s.cache_enabled,
+                        cache_enabled=False,
                     )
                 )
             yield

@@ -4,7 +4,8 @@ An input may be freed only when nothing but the caller's reference holds its
 storage: freeing a tensor that a view, a ReLU's saved output or any other saved
 tensor shares would corrupt that holder (memcnn issues 39, 70). PyTorch's use
 counts tell how many tensors and saved variables hold a storage, so each input is
-checked before anything is touched.
+checked before anything is touched, against the counts of an input that nothing
+else holds, measured on the running release (:mod:`invertnet._torch_private`).
 
 A freed input keeps its storage object (so every alias of it sees the restored
 data) but is given a zero-element shape until backward restores it: reading it in
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from invertnet._torch_private import holder_counts, input_kind, sole_holder_counts, version
+
 __all__ = ["FreedInput", "InputKeptWarning", "why_not_freeable", "free", "FREED_ATTR"]
 
 
@@ -33,19 +36,6 @@ class InputKeptWarning(UserWarning):
 
 #: Attribute set on a freed input tensor, naming who freed it.
 FREED_ATTR = "_invertnet_freed_by"
-
-_storage_use_count = torch._C._storage_Use_Count
-
-
-def _storage_holders(x: torch.Tensor) -> int:
-    # One reference belongs to the temporary storage object created by this call.
-    return _storage_use_count(x.untyped_storage()._cdata) - 1
-
-
-def _expected_tensor_holders(x: torch.Tensor) -> int:
-    # A leaf that requires grad is also held by its gradient accumulator.
-    return 2 if (x.is_leaf and x.requires_grad) else 1
-
 
 def why_not_freeable(
     x: torch.Tensor, outputs: tuple[torch.Tensor, ...], own_alias: bool
@@ -67,16 +57,22 @@ def why_not_freeable(
         return "it is a parameter"
     if x._base is not None:
         return "it is a view of another tensor"
-    storage = x.untyped_storage()
-    if x.storage_offset() != 0 or storage.nbytes() != x.numel() * x.element_size():
+    if x.storage_offset() != 0 or x.untyped_storage().nbytes() != x.numel() * x.element_size():
         return "it covers only part of its storage, which other tensors may use"
-    expected_storage = 1 + (1 if own_alias else 0)
-    if _storage_holders(x) > expected_storage or x._use_count() > _expected_tensor_holders(x):
+    # Compared with the counts of an input that nothing else holds, measured on this
+    # PyTorch release (their constants changed between releases): one more holder of
+    # the tensor is, say, an earlier operation that saved it for backward; one more
+    # holder of the storage is another tensor over the same memory. (No storage
+    # object may be alive in this frame while counting: under some releases it is a
+    # holder too.)
+    sole = sole_holder_counts(x.device.type)[input_kind(x)]
+    counts = holder_counts(x)
+    if counts.tensor > sole.tensor or counts.storage > sole.storage + (1 if own_alias else 0):
         return (
             "its storage is also held elsewhere (a view of it, or an earlier operation "
             "that saved it for backward, such as a ReLU)"
         )
-    ptr = storage.data_ptr()
+    ptr = x.untyped_storage().data_ptr()
     if any(o.untyped_storage().data_ptr() == ptr for o in outputs):
         return "an output shares its storage"
     return None
@@ -101,14 +97,14 @@ class FreedInput:
             _set_view(x, storage, self.size, self.stride)
             x.copy_(values)
         # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
-        self.version = x._version
+        self.version = version(x)
         if hasattr(x, FREED_ATTR):
             delattr(x, FREED_ATTR)
 
     @property
     def mutated(self) -> bool:
         """Whether something wrote to the tensor in place while it was freed."""
-        return self.tensor._version != self.version
+        return version(self.tensor) != self.version
 
 
 def freed_shape(size: torch.Size) -> tuple[int, ...]:
@@ -152,4 +148,4 @@ def free(x: torch.Tensor, owner: str) -> FreedInput:
         storage.resize_(0)
         _set_view(x, storage, freed_shape(record_size), None)
     setattr(x, FREED_ATTR, owner)
-    return FreedInput(x, record_size, record_stride, nbytes, x._version)
+    return FreedInput(x, record_size, record_stride, nbytes, version(x))

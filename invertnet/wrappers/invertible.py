@@ -15,6 +15,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from invertnet._rng import RNGTape
+from invertnet._torch_private import is_output_of
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 from invertnet.wrappers._storage import (
     FREED_ATTR,
@@ -98,7 +99,7 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
     # its second occurrence on would see it already freed by the first.
     ids = [id(x) for x in inputs]
     for i, x in enumerate(inputs):
-        own_alias = isinstance(x.grad_fn, _InvertibleFunction._backward_cls)
+        own_alias = is_output_of(x, _InvertibleFunction)
         if ids.count(id(x)) > 1:
             reason: str | None = "it is passed more than once"
         else:

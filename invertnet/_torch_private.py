@@ -1,0 +1,126 @@
+"""Every private PyTorch API invertnet relies on, in one place.
+
+Nothing public tells how many holders a tensor or its storage has, nor runs code at
+the end of a backward pass, nor names the backward node class of a custom
+:class:`torch.autograd.Function`. What invertnet needs of these is wrapped here, so
+that ``tests/test_torch_private.py``, which CI runs under the oldest and the newest
+PyTorch release that ``pyproject.toml`` accepts, exercises every use.
+
+Reference counts are the delicate part: their values for "nobody else holds this
+tensor" are not a documented constant. Inside the forward of a custom
+:class:`~torch.autograd.Function`, PyTorch 2.4 to 2.13 count two more holders of
+each input than 2.14 does (the C++ argument unpacking keeps copies), and storage use
+counts read one lower under 2.4 than later. So the counts an input has when nothing
+else holds it are not written down here but measured once per process and device
+type, by passing fresh tensors, which nothing else can hold, through a probe
+Function of the same shape as the wrapper's (:func:`sole_holder_counts`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+__all__ = [
+    "HolderCounts",
+    "holder_counts",
+    "input_kind",
+    "is_output_of",
+    "queue_end_of_backward",
+    "sole_holder_counts",
+    "storage_key",
+    "version",
+]
+
+
+class HolderCounts(NamedTuple):
+    """How many references hold a tensor and its storage, as PyTorch counts them."""
+
+    #: References to the tensor itself (its ``TensorImpl``): the caller's, plus any
+    #: kept by autograd, such as a gradient accumulator or a saved input.
+    tensor: int
+    #: References to its storage: one per tensor that views it.
+    storage: int
+
+
+def holder_counts(x: torch.Tensor) -> HolderCounts:
+    """The reference counts of ``x`` and of its storage, at this moment."""
+    storage = torch._C._storage_Use_Count(x.untyped_storage()._cdata)
+    return HolderCounts(tensor=x._use_count(), storage=storage)
+
+
+def input_kind(x: torch.Tensor) -> str:
+    """The category of ``x`` that fixes its baseline counts (see :func:`sole_holder_counts`).
+
+    A leaf that requires grad is also held by its gradient accumulator.
+    """
+    if not x.requires_grad:
+        return "no_grad"
+    return "leaf" if x.is_leaf else "non_leaf"
+
+
+class _CountProbe(torch.autograd.Function):
+    """Records, inside its forward, the holder counts of the tensors passed to it."""
+
+    @staticmethod
+    def forward(ctx: Any, found: list[HolderCounts], *tensors: torch.Tensor) -> torch.Tensor:
+        found.extend(holder_counts(t) for t in tensors)
+        return tensors[0].new_zeros(())
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[None, ...]:  # pragma: no cover
+        return (None,) * 4
+
+
+@functools.lru_cache(maxsize=None)
+def sole_holder_counts(device_type: str) -> dict[str, HolderCounts]:
+    """The holder counts, per :func:`input_kind`, of an input of a custom Function's
+    forward that nothing but the caller holds, on tensors of ``device_type``.
+
+    Measured once per process and device type on fresh tensors, which nothing else
+    can hold, passed through a Function the same way a wrapper's inputs are.
+    """
+    device = torch.device(device_type)
+    found: list[HolderCounts] = []
+    with torch.inference_mode(False), torch.enable_grad():
+        leaf = torch.zeros(2, device=device, requires_grad=True)
+        non_leaf = torch.zeros(2, device=device, requires_grad=True).clone()
+        plain = torch.zeros(2, device=device)
+        _CountProbe.apply(found, leaf, non_leaf, plain)
+    return dict(zip(("leaf", "non_leaf", "no_grad"), found))
+
+
+def storage_key(x: torch.Tensor) -> int:
+    """An identifier of ``x``'s storage, shared by every tensor that views it.
+
+    Unlike ``untyped_storage().data_ptr()`` it survives the storage being resized,
+    and it stays unique while any tensor holds the storage.
+    """
+    return x.untyped_storage()._cdata
+
+
+def version(x: torch.Tensor) -> int:
+    """The version counter of ``x``, bumped by every in-place write to it."""
+    return x._version
+
+
+def is_output_of(x: torch.Tensor, function: type[torch.autograd.Function]) -> bool:
+    """Whether ``x`` was returned by a call of the custom Function ``function``."""
+    return isinstance(x.grad_fn, function._backward_cls)
+
+
+def queue_end_of_backward(callback: Callable[[], None]) -> bool:
+    """Run ``callback`` when the backward pass now running ends.
+
+    Returns ``False``, queueing nothing, when called outside a backward pass. An
+    exception the callback raises propagates out of ``backward()`` (or
+    ``torch.autograd.grad``).
+    """
+    try:
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+    except RuntimeError:
+        return False
+    return True
