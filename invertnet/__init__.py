@@ -16,6 +16,7 @@ from invertnet.couplings import (
     create_coupling,
     register_coupling,
 )
+from invertnet.flows import ActNorm, Flow, InvertibleConv1x1, Permutation, Squeeze
 from invertnet.momentum import MomentumNet, transform_to_momentumnet
 from invertnet.wrappers import (
     InputKeptWarning,
@@ -29,15 +30,19 @@ from invertnet.wrappers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActNorm",
     "AdditiveCoupling",
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "AffineCoupling",
     "CouplingBase",
+    "Flow",
     "InputKeptWarning",
+    "InvertibleConv1x1",
     "InvertibleModuleWrapper",
     "MomentumCoupling",
     "MomentumNet",
+    "Permutation",
     "ReconstructionError",
     "available_couplings",
     "create_coupling",
@@ -45,6 +50,7 @@ __all__ = [
     "is_invertible_module",
     "register_coupling",
     "set_debug_reconstruction",
+    "Squeeze",
     "set_finite_check",
     "transform_to_momentumnet",
 ]

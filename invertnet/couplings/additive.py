@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from invertnet.couplings._compat import warn_implementation_args
-from invertnet.couplings.base import Combine, CouplingBase, Step
+from invertnet.couplings._log_det import forward_and_log_det, inverse_and_vjp_with_log_det
+from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
 
 __all__ = ["AdditiveCoupling", "Add"]
 
@@ -27,6 +28,10 @@ class Add(Combine):
         self, a: torch.Tensor, m: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return grad, grad
+
+    def log_det(self, a: torch.Tensor, m: torch.Tensor) -> None:
+        """``log|da'/da| = 0``: a shift preserves volume (``None`` stands for 0)."""
+        return None
 
 
 _ADD = Add()
@@ -81,6 +86,26 @@ class AdditiveCoupling(CouplingBase):
 
     def steps(self) -> Sequence[Step]:
         return _ADDITIVE_STEPS
+
+    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
+        """:meth:`forward` and its log-determinant, which is 0 (volume preserving).
+
+        Returns
+        -------
+        y, log_det
+            The output of :meth:`forward` and zeros of shape ``(batch,)``.
+        """
+        return forward_and_log_det(self, xs)
+
+    def inverse_and_vjp_with_log_det(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        grad_outputs: tuple[torch.Tensor, ...],
+        grad_log_det: torch.Tensor,
+        params: tuple[torch.Tensor, ...],
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+        """:meth:`inverse_and_vjp`; the log-determinant is constant, so has no gradient."""
+        return inverse_and_vjp_with_log_det(self, outputs, grad_outputs, grad_log_det, params)
 
 
 _ADDITIVE_STEPS = (Step(0, 1, "Fm", _ADD), Step(1, 0, "Gm", _ADD))

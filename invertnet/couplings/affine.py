@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from invertnet.couplings._compat import warn_implementation_args
-from invertnet.couplings.base import Combine, CouplingBase, Step
+from invertnet.couplings._log_det import forward_and_log_det, inverse_and_vjp_with_log_det
+from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
 
 __all__ = ["AffineCoupling", "AffineAdapterNaive", "AffineAdapterSigmoid", "ScaleShift"]
 
@@ -32,6 +33,17 @@ class ScaleShift(Combine):
     ) -> tuple[torch.Tensor, ScaleAndShift]:
         s, _ = m
         return grad * s, (grad * a, grad)
+
+    def log_det(self, a: torch.Tensor, m: ScaleAndShift) -> torch.Tensor:
+        """``sum(log|s|)`` over all but the batch dimension (dimension 0)."""
+        return torch.log(torch.abs(m[0])).flatten(1).sum(1)
+
+    def log_det_vjp(
+        self, m: ScaleAndShift, grad_log_det: torch.Tensor
+    ) -> tuple[torch.Tensor, None]:
+        """The gradient of ``sum(grad_log_det * log_det)`` with respect to ``(s, t)``."""
+        s = m[0]
+        return grad_log_det.reshape((-1,) + (1,) * (s.dim() - 1)) / s, None
 
     def output_shapes(self, m: ScaleAndShift) -> list[torch.Size]:
         if not (isinstance(m, (tuple, list)) and len(m) == 2):
@@ -149,6 +161,26 @@ class AffineCoupling(CouplingBase):
 
     def steps(self) -> Sequence[Step]:
         return _AFFINE_STEPS
+
+    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
+        """:meth:`forward` and its log-determinant, the sum of ``log|scale|`` of both steps.
+
+        Returns
+        -------
+        y, log_det
+            The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
+        """
+        return forward_and_log_det(self, xs)
+
+    def inverse_and_vjp_with_log_det(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        grad_outputs: tuple[torch.Tensor, ...],
+        grad_log_det: torch.Tensor,
+        params: tuple[torch.Tensor, ...],
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+        """:meth:`inverse_and_vjp` that also back-propagates ``grad_log_det``, in the same pass."""
+        return inverse_and_vjp_with_log_det(self, outputs, grad_outputs, grad_log_det, params)
 
 
 _AFFINE_STEPS = (Step(0, 1, "Fm", _SCALE_SHIFT), Step(1, 0, "Gm", _SCALE_SHIFT))

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from numbers import Real
 
 import torch
 from torch import nn
 
+from invertnet.couplings._log_det import forward_and_log_det, inverse_and_vjp_with_log_det
 from invertnet.couplings.additive import Add
-from invertnet.couplings.base import Combine, CouplingBase, Step
+from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
 
 __all__ = ["MomentumCoupling", "MomentumMix"]
 
@@ -36,6 +38,11 @@ class MomentumMix(Combine):
         self, a: torch.Tensor, m: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.gamma * grad, (1.0 - self.gamma) * grad
+
+    def log_det(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """``d log(gamma)`` for ``d`` elements of ``a`` per sample; independent of ``m``."""
+        per_sample = a[0].numel() * math.log(self.gamma)
+        return torch.full((a.shape[0],), per_sample, dtype=a.dtype, device=a.device)
 
 
 _ADD = Add()
@@ -118,6 +125,31 @@ class MomentumCoupling(CouplingBase):
 
     def steps(self) -> Sequence[Step]:
         return self._steps
+
+    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
+        r""":meth:`forward` and its log-determinant, ``d log(gamma)``.
+
+        ``d`` is the number of velocity elements per sample. ``F`` contributes
+        nothing: it only adds a function of ``x`` to the velocity, a triangular
+        update, and ``x' = x + v'`` is a shear, so the Jacobian's determinant is
+        that of ``v -> gamma v``.
+
+        Returns
+        -------
+        y, log_det
+            The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
+        """
+        return forward_and_log_det(self, xs)
+
+    def inverse_and_vjp_with_log_det(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        grad_outputs: tuple[torch.Tensor, ...],
+        grad_log_det: torch.Tensor,
+        params: tuple[torch.Tensor, ...],
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+        """:meth:`inverse_and_vjp`; the log-determinant is constant, so has no gradient."""
+        return inverse_and_vjp_with_log_det(self, outputs, grad_outputs, grad_log_det, params)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, split_dim={self.split_dim}"

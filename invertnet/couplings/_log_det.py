@@ -1,0 +1,153 @@
+"""Log-determinants of couplings, and the fused backward that carries their gradient.
+
+A coupling step ``a' = combine.apply(a, m)`` with ``m = module(source)`` has a
+triangular Jacobian (the source is unchanged), so its log-determinant is that of
+``da'/da`` alone, which the :class:`~invertnet.couplings.Combine` gives through an
+optional ``log_det(a, m)`` method; the sub-module never contributes. A combine
+whose log-determinant depends on ``m`` also defines ``log_det_vjp(m, grad_log_det)``,
+the gradient of ``sum(grad_log_det * log_det)`` with respect to ``m``.
+
+Kept apart from :mod:`invertnet.couplings.base` so that the engine's own fused
+backward stays the one path for couplings used without log-determinants.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from invertnet.couplings.base import ModuleOutput, _as_tuple, _detach
+
+if TYPE_CHECKING:
+    from invertnet.couplings.base import CouplingBase
+
+__all__ = ["forward_and_log_det", "inverse_and_vjp_with_log_det"]
+
+Tensors = tuple[torch.Tensor, ...]
+
+
+def _check_batch(coupling: CouplingBase, parts: list[torch.Tensor]) -> None:
+    name = type(coupling).__name__
+    if parts[0].dim() < 1:
+        raise ValueError(f"{name}.forward_and_log_det needs a batch dimension (dimension 0)")
+    if coupling.split_dim % parts[0].dim() == 0:
+        raise ValueError(
+            f"{name}.forward_and_log_det: split_dim={coupling.split_dim} halves the batch "
+            "dimension (0), so there is no log-determinant per sample; split another dimension"
+        )
+
+
+def _step_log_det(coupling: CouplingBase, combine: object, a: torch.Tensor, m: ModuleOutput):
+    log_det = getattr(combine, "log_det", None)
+    if log_det is None:
+        raise TypeError(
+            f"{type(coupling).__name__}: its combine rule {type(combine).__name__} defines no "
+            "log_det(a, m), so the coupling's log-determinant is unknown; add one returning "
+            "the per-sample log|det da'/da| of shape (batch,)"
+        )
+    return log_det(a, m)
+
+
+def forward_and_log_det(
+    coupling: CouplingBase, xs: tuple[torch.Tensor, ...]
+) -> tuple[ModuleOutput, torch.Tensor]:
+    """Run ``coupling.forward(*xs)`` and return its output and log-determinant.
+
+    Returns
+    -------
+    y, log_det
+        The coupling's output (one tensor or a tuple, as ``forward`` returns it) and
+        ``log|det dy/dx|`` per sample, of shape ``(batch,)``.
+    """
+    parts = coupling._split(xs)
+    _check_batch(coupling, parts)
+    log_det = parts[0].new_zeros(parts[0].shape[0])
+    for step in coupling.steps():
+        a = parts[step.target]
+        m = coupling._evaluate(step, parts[step.source], a)
+        term = _step_log_det(coupling, step.combine, a, m)
+        if term is not None:
+            log_det = log_det + term
+        parts[step.target] = step.combine.apply(a, m)
+    return coupling._merge(parts, len(xs)), log_det
+
+
+def _has_log_det_gradient(coupling: CouplingBase) -> bool:
+    return any(getattr(step.combine, "log_det_vjp", None) is not None for step in coupling.steps())
+
+
+def inverse_and_vjp_with_log_det(
+    coupling: CouplingBase,
+    outputs: Tensors,
+    grad_outputs: Tensors,
+    grad_log_det: torch.Tensor,
+    params: Tensors,
+) -> tuple[Tensors, Tensors, list[torch.Tensor | None]]:
+    """:meth:`CouplingBase.inverse_and_vjp`, with the gradient of the log-determinant too.
+
+    Each sub-module is still evaluated once: its output undoes the step, carries the
+    outputs' gradient and the log-determinant's.
+
+    Parameters
+    ----------
+    coupling : CouplingBase
+        The coupling.
+    outputs, grad_outputs : tuple of torch.Tensor
+        The forward pass's outputs and the loss's gradients with respect to them.
+    grad_log_det : torch.Tensor
+        The loss's gradient with respect to the log-determinant, shape ``(batch,)``.
+    params : tuple of torch.Tensor
+        Parameters whose gradients are wanted.
+
+    Returns
+    -------
+    inputs, grad_inputs, grad_params
+        As :meth:`CouplingBase.inverse_and_vjp`.
+    """
+    if not _has_log_det_gradient(coupling):
+        # A log-determinant that does not depend on the input or the parameters
+        # (additive: 0; momentum: d log(gamma)) has no gradient to carry.
+        return coupling.inverse_and_vjp(outputs, grad_outputs, params)
+    parts = [p.detach() for p in coupling._split(outputs)]
+    grads = list(coupling._split(grad_outputs))
+    grad_params: list[torch.Tensor | None] = [None] * len(params)
+    for step in reversed(coupling.steps()):
+        t, s = step.target, step.source
+        log_det_vjp = getattr(step.combine, "log_det_vjp", None)
+        if step.module is None:
+            source = parts[s]
+            m_graph: ModuleOutput = source
+        else:
+            with torch.enable_grad():
+                source = parts[s].detach().requires_grad_(True)
+                m_graph = coupling._evaluate(step, source, parts[t])
+        m = _detach(m_graph)
+        a = step.combine.invert(parts[t], m)
+        d_a, d_m = step.combine.vjp(a, m, grads[t])
+        if log_det_vjp is not None:
+            extra = log_det_vjp(m, grad_log_det)
+            d_m = tuple(d if e is None else d + e for d, e in zip(_as_tuple(d_m), _as_tuple(extra)))
+        if step.module is None:
+            grads[s] = grads[s] + _as_tuple(d_m)[0]
+        else:
+            outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
+            needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
+            if needed:
+                found = torch.autograd.grad(
+                    [o for o, _ in needed],
+                    (source, *params),
+                    [g for _, g in needed],
+                    allow_unused=True,
+                )
+                if found[0] is not None:
+                    grads[s] = grads[s] + found[0]
+                for i, g in enumerate(found[1:]):
+                    if g is not None:
+                        grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+        parts[t] = a
+        grads[t] = d_a
+    n = len(outputs)
+    inputs = _as_tuple(coupling._merge(parts, n))
+    grad_inputs = _as_tuple(coupling._merge(grads, n))
+    return inputs, grad_inputs, grad_params

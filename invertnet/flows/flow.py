@@ -1,0 +1,379 @@
+"""``Flow``: a normalizing flow over a chain of invertible blocks, memory-saving in training."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.distributions import Distribution
+
+from invertnet.wrappers import InvertibleModuleWrapper
+
+__all__ = ["Flow"]
+
+Tensors = tuple[torch.Tensor, ...]
+_LOG_2PI = math.log(2 * math.pi)
+
+
+class _LogDetStep(nn.Module):
+    """A flow block seen by :class:`~invertnet.InvertibleModuleWrapper`.
+
+    ``forward(x)`` returns ``(y, log_det)``; ``inverse(y, log_det)`` ignores the
+    log-determinant. The wrapper frees ``x`` and, in backward, receives the
+    gradients of both outputs.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.block.forward_and_log_det(x)
+
+    def inverse(self, y: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
+        return self.block.inverse(y)
+
+
+class _FusedLogDetStep(_LogDetStep):
+    """:class:`_LogDetStep` for a block with ``inverse_and_vjp_with_log_det``: the
+    wrapper's fused backward then rebuilds the input and back-propagates both
+    gradients in one pass."""
+
+    def inverse_and_vjp(
+        self, outputs: Tensors, grad_outputs: Tensors, params: Tensors
+    ) -> tuple[Tensors, Tensors, list[torch.Tensor | None]]:
+        (y, _), (grad_y, grad_log_det) = outputs, grad_outputs
+        return self.block.inverse_and_vjp_with_log_det((y,), (grad_y,), grad_log_det, params)
+
+
+def _wrap(block: nn.Module, keep_input: bool) -> InvertibleModuleWrapper:
+    fused = callable(getattr(block, "inverse_and_vjp_with_log_det", None))
+    step = _FusedLogDetStep(block) if fused else _LogDetStep(block)
+    return InvertibleModuleWrapper(step, keep_input=keep_input)
+
+
+def _as_event_shape(event_shape: object) -> torch.Size:
+    if isinstance(event_shape, int) and not isinstance(event_shape, bool):
+        event_shape = (event_shape,)
+    if not (
+        isinstance(event_shape, (tuple, list, torch.Size))
+        and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in event_shape)
+    ):
+        raise ValueError(
+            "Flow: event_shape must be the shape of one sample, a tuple of positive ints "
+            f"such as (2,) or (3, 32, 32), got {event_shape!r}"
+        )
+    return torch.Size(event_shape)
+
+
+def _as_sample_shape(sample_shape: object) -> torch.Size:
+    shape = (sample_shape,) if isinstance(sample_shape, int) else sample_shape
+    if isinstance(sample_shape, bool) or not (
+        isinstance(shape, (tuple, list, torch.Size))
+        and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)
+    ):
+        raise ValueError(
+            "Flow.sample: sample_shape must be a number of samples or a tuple of "
+            f"non-negative ints, got {sample_shape!r}"
+        )
+    return torch.Size(shape)
+
+
+class Flow(nn.Module):
+    r"""A normalizing flow: invertible blocks that map data ``x`` to a base variable ``z``.
+
+    .. math::
+
+        \log p(x) = \log p_Z(f(x)) + \log|\det \partial f / \partial x|,
+
+    with ``f`` the chain of ``blocks`` and each block adding its own log-determinant.
+    In training with ``keep_input=False``, every block runs under
+    :class:`~invertnet.InvertibleModuleWrapper`: the activations between blocks are
+    freed after the forward pass and rebuilt by the blocks' inverses in backward,
+    which back-propagates the gradient of the log-determinant in the same pass. A
+    deep flow then trains with activation memory that does not grow with depth.
+
+    Parameters
+    ----------
+    blocks : iterable of torch.nn.Module
+        The blocks, applied in order from data to base. Each needs
+        ``forward_and_log_det(x) -> (y, log_det)`` and ``inverse(y)``: the couplings
+        (:class:`~invertnet.AdditiveCoupling`, :class:`~invertnet.AffineCoupling`,
+        :class:`~invertnet.MomentumCoupling`) and the blocks of
+        :mod:`invertnet.flows` have them. A block that changes the shape of a sample
+        (:class:`~invertnet.flows.Squeeze`) defines ``output_shape(event_shape)``.
+    event_shape : int or tuple of int
+        The shape of one data sample, such as ``(2,)`` or ``(3, 32, 32)``.
+    base : torch.distributions.Distribution, optional
+        The distribution of ``z``, with ``event_shape`` equal to the shape the blocks
+        map one sample to (:attr:`latent_shape`) and an empty ``batch_shape``. By
+        default a standard normal, evaluated in the dtype and on the device of the
+        data (a given distribution stays where it was built: move it yourself).
+    keep_input : bool
+        Keep the activations between blocks for backward as plain autograd does
+        (faster by one forward pass, memory growing with depth) instead of freeing
+        them.
+
+    Attributes
+    ----------
+    blocks : torch.nn.ModuleList
+        The blocks.
+    event_shape, latent_shape : torch.Size
+        The shape of one data sample and of its image ``z``.
+
+    Notes
+    -----
+    Following :mod:`torch.distributions`, a value may carry any number of leading
+    sample dimensions before the event dimensions: ``log_prob`` of an ``(n, m,
+    *event_shape)`` tensor has shape ``(n, m)``. ``sample`` runs without grad,
+    ``rsample`` keeps the graph for reparameterised gradients.
+
+    Memory is saved only in training mode (``flow.train()``) with grad enabled. The
+    caller's own input ``x`` is never freed: the first block keeps it, and rebuilds
+    nothing. The blocks must then be deterministic (no dropout in the coupling
+    networks unless its random state is fixed), as for
+    :class:`~invertnet.InvertibleModuleWrapper`.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> from invertnet import AffineAdapterNaive, AffineCoupling, Flow
+    >>> from invertnet.flows import ActNorm, Permutation
+    >>> def net():
+    ...     return nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Linear(16, 1))
+    >>> blocks = []
+    >>> for _ in range(4):
+    ...     blocks += [ActNorm(2), AffineCoupling(net(), adapter=AffineAdapterNaive),
+    ...                Permutation.reversed(2)]
+    >>> flow = Flow(blocks, event_shape=(2,))
+    >>> x = torch.randn(128, 2)
+    >>> loss = -flow.log_prob(x).mean()
+    >>> loss.backward()
+    >>> flow.sample(5).shape
+    torch.Size([5, 2])
+    """
+
+    def __init__(
+        self,
+        blocks: Iterable[nn.Module],
+        event_shape: int | Sequence[int],
+        base: Distribution | None = None,
+        keep_input: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+            raise TypeError(
+                "Flow: blocks must be a list of modules (or an nn.Sequential / nn.ModuleList), "
+                f"got a single {type(blocks).__name__}; pass [block]"
+            )
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("Flow: blocks is empty; give at least one invertible block")
+        self.event_shape = _as_event_shape(event_shape)
+        shapes = [self.event_shape]
+        for i, block in enumerate(blocks):
+            if not isinstance(block, nn.Module):
+                raise TypeError(f"Flow: block {i} must be an nn.Module, got {type(block).__name__}")
+            missing = [
+                name
+                for name in ("forward_and_log_det", "inverse")
+                if not callable(getattr(block, name, None))
+            ]
+            if missing:
+                raise TypeError(
+                    f"Flow: block {i} ({type(block).__name__}) has no {' or '.join(missing)}; "
+                    "a flow block needs forward_and_log_det(x) -> (y, log_det) and inverse(y)"
+                )
+            output_shape = getattr(block, "output_shape", None)
+            shapes.append(torch.Size(output_shape(shapes[-1])) if output_shape else shapes[-1])
+        self.blocks = nn.ModuleList(blocks)
+        self._shapes = shapes
+        self.latent_shape = shapes[-1]
+        if base is not None:
+            if not isinstance(base, Distribution):
+                raise TypeError(
+                    "Flow: base must be a torch.distributions.Distribution, got "
+                    f"{type(base).__name__}"
+                )
+            if base.event_shape != self.latent_shape or base.batch_shape != torch.Size():
+                raise ValueError(
+                    f"Flow: base has event_shape {tuple(base.event_shape)} and batch_shape "
+                    f"{tuple(base.batch_shape)}; it must have event_shape "
+                    f"{tuple(self.latent_shape)} (the shape the blocks map one sample of "
+                    f"{tuple(self.event_shape)} to) and batch_shape (); wrap a batch of "
+                    "independent distributions in torch.distributions.Independent"
+                )
+        self.base = base
+        self.keep_input = keep_input
+        # The wrappers hold no state of their own; kept out of the module tree so that
+        # the state_dict and the parameters are those of the blocks, whatever keep_input.
+        self._wrappers: list[InvertibleModuleWrapper] = [
+            _wrap(block, keep_input=(i == 0)) for i, block in enumerate(blocks)
+        ]
+
+    def extra_repr(self) -> str:
+        return (
+            f"event_shape={tuple(self.event_shape)}, latent_shape={tuple(self.latent_shape)}, "
+            f"keep_input={self.keep_input}"
+        )
+
+    # -- shapes and dtypes ---------------------------------------------------
+    def _reference(self) -> torch.Tensor | None:
+        for t in self.parameters():
+            return t
+        for t in self.buffers():
+            if t.is_floating_point():
+                return t
+        return None
+
+    def _flatten(self, value: torch.Tensor, shape: torch.Size, what: str) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"Flow.{what} expects a tensor, got {type(value).__name__}")
+        k = len(shape)
+        if value.dim() < k or value.shape[value.dim() - k :] != shape:
+            raise ValueError(
+                f"Flow.{what}: expected a tensor of shape (..., {', '.join(map(str, shape))}) "
+                f"ending in the shape of one sample {tuple(shape)}, got {tuple(value.shape)}"
+            )
+        if not value.is_floating_point():
+            raise TypeError(f"Flow.{what} expects a floating-point tensor, got {value.dtype}")
+        ref = self._reference()
+        if ref is not None and (value.dtype != ref.dtype or value.device != ref.device):
+            raise ValueError(
+                f"Flow.{what}: the tensor is {str(value.dtype)[6:]} on {value.device} but the "
+                f"flow's parameters are {str(ref.dtype)[6:]} on {ref.device}; convert one "
+                "to the other (flow.to(x) or x.to(...))"
+            )
+        return value.reshape((-1,) + tuple(shape))
+
+    def _memory_saving(self) -> bool:
+        return not self.keep_input and self.training and torch.is_grad_enabled()
+
+    # -- the flow --------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Map data to the base variable.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Data of shape ``(*sample_shape, *event_shape)``.
+
+        Returns
+        -------
+        z : torch.Tensor
+            Of shape ``(*sample_shape, *latent_shape)``.
+        log_det : torch.Tensor
+            ``log|det dz/dx|`` of shape ``sample_shape``.
+        """
+        return self._forward(x, "forward")
+
+    def _forward(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        leading = x.shape[: x.dim() - len(self.event_shape)] if isinstance(x, torch.Tensor) else ()
+        h = self._flatten(x, self.event_shape, what)
+        saving = self._memory_saving()
+        log_det = h.new_zeros(h.shape[0])
+        for i, block in enumerate(self.blocks):
+            if saving:
+                h, term = self._wrappers[i](h)
+            else:
+                h, term = block.forward_and_log_det(h)
+            if h.shape[1:] != self._shapes[i + 1]:
+                raise ValueError(
+                    f"Flow: block {i} ({type(block).__name__}) maps a sample of shape "
+                    f"{tuple(self._shapes[i])} to {tuple(h.shape[1:])}, expected "
+                    f"{tuple(self._shapes[i + 1])}; a block that changes the shape must "
+                    "define output_shape(event_shape)"
+                )
+            if term.shape != log_det.shape:
+                raise ValueError(
+                    f"Flow: block {i} ({type(block).__name__}) returned a log-determinant "
+                    f"of shape {tuple(term.shape)}; expected one value per sample, "
+                    f"{tuple(log_det.shape)}"
+                )
+            log_det = log_det + term
+        return h.reshape(leading + self.latent_shape), log_det.reshape(leading)
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """Map base variables back to data.
+
+        Parameters
+        ----------
+        z : torch.Tensor
+            Of shape ``(*sample_shape, *latent_shape)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``x`` of shape ``(*sample_shape, *event_shape)``.
+        """
+        leading = z.shape[: z.dim() - len(self.latent_shape)] if isinstance(z, torch.Tensor) else ()
+        h = self._flatten(z, self.latent_shape, "inverse")
+        for block in reversed(self.blocks):
+            h = block.inverse(h)
+        return h.reshape(leading + self.event_shape)
+
+    def base_log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """``log p_Z(z)`` of base variables ``z`` of shape ``(*sample_shape, *latent_shape)``."""
+        if self.base is not None:
+            return self.base.log_prob(z)
+        k = len(self.latent_shape)
+        squares = z.square().sum(dim=tuple(range(z.dim() - k, z.dim())))
+        return -0.5 * squares - 0.5 * self.latent_shape.numel() * _LOG_2PI
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """The log-density of data ``x``.
+
+        Parameters
+        ----------
+        x : torch.Tensor
+            Data of shape ``(*sample_shape, *event_shape)``.
+
+        Returns
+        -------
+        torch.Tensor
+            ``log p(x)`` of shape ``sample_shape``.
+        """
+        z, log_det = self._forward(x, "log_prob")
+        return self.base_log_prob(z) + log_det
+
+    def rsample(self, sample_shape: int | Sequence[int] = ()) -> torch.Tensor:
+        """Draw samples, differentiable in the parameters (reparameterised).
+
+        Parameters
+        ----------
+        sample_shape : int or tuple of int
+            The number of samples, or the shape of the batch of samples.
+
+        Returns
+        -------
+        torch.Tensor
+            Of shape ``(*sample_shape, *event_shape)``.
+        """
+        shape = _as_sample_shape(sample_shape)
+        if self.base is not None:
+            z = self.base.rsample(shape) if self.base.has_rsample else self.base.sample(shape)
+        else:
+            ref = self._reference()
+            dtype = ref.dtype if ref is not None else torch.get_default_dtype()
+            device = ref.device if ref is not None else None
+            z = torch.randn(shape + self.latent_shape, dtype=dtype, device=device)
+        return self.inverse(z)
+
+    def sample(self, sample_shape: int | Sequence[int] = ()) -> torch.Tensor:
+        """Draw samples without grad.
+
+        Parameters
+        ----------
+        sample_shape : int or tuple of int
+            The number of samples, or the shape of the batch of samples.
+
+        Returns
+        -------
+        torch.Tensor
+            Of shape ``(*sample_shape, *event_shape)``.
+        """
+        with torch.no_grad():
+            return self.rsample(sample_shape)
