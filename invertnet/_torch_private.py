@@ -26,6 +26,7 @@ import torch
 
 __all__ = [
     "HolderCounts",
+    "assert_on_device",
     "holder_counts",
     "input_kind",
     "is_output_of",
@@ -75,7 +76,7 @@ class _CountProbe(torch.autograd.Function):
         return (None,) * 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def sole_holder_counts(device_type: str) -> dict[str, HolderCounts]:
     """The holder counts, per :func:`input_kind`, of an input of a custom Function's
     forward that nothing but the caller holds, on tensors of ``device_type``.
@@ -124,3 +125,12 @@ def queue_end_of_backward(callback: Callable[[], None]) -> bool:
     except RuntimeError:
         return False
     return True
+
+
+def assert_on_device(condition: torch.Tensor, message: str) -> None:
+    """Fail if the one-element boolean ``condition`` is false, without the host
+    waiting for the device: on an accelerator the check runs in a kernel (a failure
+    is a device-side assert, which ends the process's use of the device); on the CPU
+    it raises :class:`RuntimeError` at once.
+    """
+    torch._assert_async(condition, message)

@@ -34,8 +34,10 @@ class InputKeptWarning(UserWarning):
     InputKeptWarning)``) or count it, without touching other warnings.
     """
 
+
 #: Attribute set on a freed input tensor, naming who freed it.
 FREED_ATTR = "_invertnet_freed_by"
+
 
 def why_not_freeable(
     x: torch.Tensor, outputs: tuple[torch.Tensor, ...], own_alias: bool

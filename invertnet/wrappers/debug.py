@@ -5,11 +5,11 @@ the inverse is wrong, or numerically unstable for the values at hand, the
 gradients are silently wrong. Two checks guard against that:
 
 * Always on: a reconstruction that contains NaN or Inf although the outputs it was
-  computed from are finite raises :class:`ReconstructionError`. Its cost is one
-  reduction over each reconstructed input per backward pass; the outputs are
-  inspected only when that reduction finds a non-finite value. It can be turned off
-  with :func:`set_finite_check` (for example to avoid the host synchronisation the
-  reduction implies on a GPU).
+  computed from are finite raises :class:`ReconstructionError` when the backward
+  pass ends. Its cost is one reduction (a sum) over each reconstructed input, and
+  one read of the results on the host per backward pass, so a GPU is not made to
+  wait once per block (:mod:`invertnet.wrappers._finite`). It can be turned off
+  with :func:`set_finite_check`.
 * Debug mode (:func:`debug_reconstruction` or :func:`set_debug_reconstruction`):
   every wrapper that frees an input during a forward pass in this mode keeps a copy
   of it, and its backward compares the reconstruction against the copy, raising
@@ -252,7 +252,7 @@ def module_name(settings: DebugSettings | None, wrapper: nn.Module, wrapped: nn.
     return label
 
 
-_ADVICE = (
+ADVICE = (
     "Check that the module's inverse really inverts its forward (test it with "
     "invertnet.is_invertible_module(module, input_shape)); if it does but loses precision "
     "for these values (small affine scales, a small momentum gamma, many blocks in low "
@@ -265,61 +265,21 @@ def check_reconstruction(
     index: int,
     reconstructed: torch.Tensor,
     outputs: tuple[torch.Tensor, ...],
-    original: torch.Tensor | None,
-    settings: DebugSettings | None,
-) -> None:
-    """Raise :class:`ReconstructionError` if ``reconstructed`` is wrong.
-
-    With ``original`` (debug mode) the two are compared within the settings'
-    tolerances. Without it, only NaN or Inf that appear in ``reconstructed`` while
-    ``outputs`` are finite are reported, and only when the finite check is on.
-    """
-    if original is not None and settings is not None:
-        _compare(name, index, reconstructed, original, outputs, settings)
-        return
-    if not _finite_check or not reconstructed.is_floating_point():
-        return
-    # A finite sum proves every element finite (NaN and Inf propagate through it), in
-    # one reduction without a boolean temporary; only a non-finite sum, rare, or an
-    # overflow of the sum, rarer, needs the element-wise test.
-    if bool(torch.isfinite(reconstructed.sum())) or bool(torch.isfinite(reconstructed).all()):
-        return
-    # Non-finite values that were already in the outputs came from the forward
-    # pass itself (a NaN input, an overflow), which plain autograd would propagate
-    # too; only values the inverse created are its fault.
-    if not _all_finite(outputs):
-        return
-    bad = int((~torch.isfinite(reconstructed)).sum())
-    raise ReconstructionError(
-        f"{name}: reconstructed input {index} contains {bad} NaN/Inf value(s) of "
-        f"{reconstructed.numel()} although the outputs it was computed from are finite, so "
-        f"the gradients would be NaN. {_ADVICE}. To find where it first goes wrong, run the "
-        "step inside invertnet.debug_reconstruction()",
-        module_name=name,
-        input_index=index,
-        max_abs_error=float("nan"),
-        nonfinite=bad,
-    )
-
-
-def _all_finite(tensors: tuple[torch.Tensor, ...]) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
-
-
-def _compare(
-    name: str,
-    index: int,
-    reconstructed: torch.Tensor,
     original: torch.Tensor,
-    outputs: tuple[torch.Tensor, ...],
     settings: DebugSettings,
 ) -> None:
+    """Raise :class:`ReconstructionError` if ``reconstructed`` differs from ``original``
+    (kept by debug mode) by more than the settings' tolerances.
+
+    Outside debug mode only NaN and Inf are looked for, once per backward pass
+    (:mod:`invertnet.wrappers._finite`).
+    """
     atol, rtol = settings.tolerances(original.dtype)
     r = reconstructed.detach()
     if r.shape != original.shape:
         raise ReconstructionError(
             f"{name}: reconstructed input {index} has shape {tuple(r.shape)}, but the "
-            f"original input had shape {tuple(original.shape)}. {_ADVICE}",
+            f"original input had shape {tuple(original.shape)}. {ADVICE}",
             module_name=name,
             input_index=index,
             max_abs_error=float("inf"),
@@ -353,9 +313,13 @@ def _compare(
         f"the largest error is {max_abs:.3g} at index {where} (original "
         f"{float(o64.flatten()[worst]):.6g}, reconstructed {float(r64.flatten()[worst]):.6g}; "
         f"tolerance atol={atol:g}, rtol={rtol:g}), {int((~close).sum())} of {r.numel()} "
-        f"elements outside the tolerance. {_ADVICE}",
+        f"elements outside the tolerance. {ADVICE}",
         module_name=name,
         input_index=index,
         max_abs_error=max_abs,
         nonfinite=appeared,
     )
+
+
+def _all_finite(tensors: tuple[torch.Tensor, ...]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())

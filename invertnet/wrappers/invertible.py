@@ -16,6 +16,7 @@ from torch.autograd.function import once_differentiable
 
 from invertnet._rng import RNGTape
 from invertnet._torch_private import is_output_of
+from invertnet.wrappers._finite import check_finite_when_backward_ends
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 from invertnet.wrappers._storage import (
     FREED_ATTR,
@@ -28,6 +29,7 @@ from invertnet.wrappers.debug import (
     DebugSettings,
     check_reconstruction,
     current_settings,
+    finite_check_enabled,
     module_name,
 )
 
@@ -190,10 +192,12 @@ class _InvertibleFunction(torch.autograd.Function):
                 freed.restore(reconstructed[i])
         # Checked after restoring, so that a failing input can be inspected.
         label = module_name(call.debug, call.wrapper, call.wrapper.module)
-        for i in call.freed:
-            check_reconstruction(
-                label, i, reconstructed[i], call.outputs, call.originals.get(i), call.debug
-            )
+        for i, freed in call.freed.items():
+            original = call.originals.get(i)
+            if original is not None and call.debug is not None:
+                check_reconstruction(label, i, freed.tensor, call.outputs, original, call.debug)
+            elif finite_check_enabled():
+                check_finite_when_backward_ends(label, i, freed.tensor, call.outputs)
         if call.passes_left == 0:
             # Drop references so the memory goes when the graph does.
             call.inputs = call.outputs = call.params = ()

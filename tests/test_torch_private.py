@@ -1,0 +1,122 @@
+"""Every private PyTorch API invertnet uses (invertnet/_torch_private.py) behaves as
+relied on. CI runs this file under the oldest and the newest accepted release."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from invertnet import _torch_private as private
+
+
+class _Record(torch.autograd.Function):
+    """Records the holder counts of its inputs, as a wrapper's forward sees them."""
+
+    @staticmethod
+    def forward(ctx: Any, found: list, *tensors: torch.Tensor) -> torch.Tensor:
+        found.extend(private.holder_counts(t) for t in tensors)
+        return tensors[0] * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        return (None, grad, None)
+
+
+def _counts_inside(*tensors: torch.Tensor) -> list[private.HolderCounts]:
+    found: list[private.HolderCounts] = []
+    _Record.apply(found, *tensors)
+    return found
+
+
+@pytest.mark.parametrize("kind", ["leaf", "non_leaf", "no_grad"])
+def test_an_input_nothing_else_holds_has_the_calibrated_counts(kind: str) -> None:
+    leaf = torch.randn(3, requires_grad=kind != "no_grad")
+    x = leaf * 2 if kind == "non_leaf" else leaf
+    assert private.input_kind(x) == kind
+    (counts, _) = _counts_inside(x, torch.randn(3))
+    assert counts == private.sole_holder_counts("cpu")[kind]
+
+
+def test_a_view_adds_a_storage_holder_and_a_saved_input_a_tensor_holder() -> None:
+    sole = private.sole_holder_counts("cpu")["leaf"]
+    x = torch.randn(4, requires_grad=True)
+    view = x[:2]  # noqa: F841  (alive while counting)
+    (counts, _) = _counts_inside(x, torch.randn(4))
+    assert counts.storage == sole.storage + 1  # (the view also holds x as its base)
+
+    y = torch.randn(4, requires_grad=True)
+    saved = torch.sin(y)  # noqa: F841  (sin saves its input for backward)
+    (counts, _) = _counts_inside(y, torch.randn(4))
+    assert counts.tensor == sole.tensor + 1 and counts.storage == sole.storage
+
+
+def test_sole_counts_are_measured_once_per_device_type() -> None:
+    assert private.sole_holder_counts("cpu") is private.sole_holder_counts("cpu")
+    assert set(private.sole_holder_counts("cpu")) == {"leaf", "non_leaf", "no_grad"}
+
+
+def test_storage_key_is_shared_by_aliases_and_survives_a_resize() -> None:
+    x = torch.randn(8)
+    alias = x.detach()
+    key = private.storage_key(x)
+    assert private.storage_key(alias) == key
+    assert private.storage_key(torch.randn(8)) != key
+    x.untyped_storage().resize_(0)
+    x.untyped_storage().resize_(32)
+    assert private.storage_key(alias) == key
+
+
+def test_version_counts_in_place_writes() -> None:
+    x = torch.zeros(3)
+    before = private.version(x)
+    x.add_(1)
+    assert private.version(x) == before + 1
+
+
+def test_is_output_of_names_the_function_that_made_a_tensor() -> None:
+    x = torch.randn(3, requires_grad=True)
+    assert private.is_output_of(_Record.apply([], x, x), _Record)
+    assert not private.is_output_of(x * 2, _Record)
+    assert not private.is_output_of(x, _Record)
+
+
+class _QueueInBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, events: list, fail: bool) -> torch.Tensor:
+        ctx.events, ctx.fail = events, fail
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
+        def at_end() -> None:
+            ctx.events.append("end")
+            if ctx.fail:
+                raise ValueError("raised at the end of backward")
+
+        ctx.events.append("queued" if private.queue_end_of_backward(at_end) else "refused")
+        return grad, None, None
+
+
+def test_queue_end_of_backward_runs_after_the_pass_and_propagates_errors() -> None:
+    events: list[str] = []
+    x = torch.randn(3, requires_grad=True)
+    y = _QueueInBackward.apply(x, events, False)
+    y.register_hook(lambda g: events.append("hook"))
+    y.sum().backward()
+    assert events == ["hook", "queued", "end"]
+    assert x.grad is not None
+
+    with pytest.raises(ValueError, match="at the end of backward"):
+        _QueueInBackward.apply(x, [], True).sum().backward()
+
+
+def test_queue_end_of_backward_refuses_outside_a_backward_pass() -> None:
+    assert private.queue_end_of_backward(lambda: None) is False
+
+
+def test_assert_on_device_raises_on_the_cpu_when_false() -> None:
+    private.assert_on_device(torch.tensor(True), "never shown")
+    with pytest.raises(RuntimeError):
+        private.assert_on_device(torch.tensor(False), "the condition failed")
