@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
-from invertnet.bench.measure import DTYPES, Config, Result, combine_rounds, with_times
+from invertnet._optional import require
+from invertnet.bench.measure import AUTOCAST, DTYPES, Config, Result, combine_rounds, with_times
 from invertnet.bench.report import (
     format_summary,
     format_table,
@@ -24,16 +24,30 @@ from invertnet.bench.report import (
     write_plot,
 )
 from invertnet.bench.runner import Runner
-from invertnet.bench.workloads import METHODS, WORKLOADS
+from invertnet.bench.workloads import METHOD_INFO, METHODS, SIZES, WORKLOADS, method_available
 
 __all__ = ["build_parser", "main"]
 
-DEFAULT_DEPTHS = (8, 32, 128)
+#: ``--autocast`` value for no autocast.
+AUTOCAST_OFF = "off"
 
 DESCRIPTION = """\
 Train the same networks with plain autograd, torch.utils.checkpoint per block and
 invertnet, side by side, and report the median training-step time and the peak
-activation memory of each, with their ratios to plain autograd.
+activation memory of each, with their ratios to plain autograd. Peers join where
+installed: RevLib and memcnn on the coupling stacks, momentumnet on the MLP; the
+Transformer also runs before conversion (original, original-checkpoint).
+
+Sizes (--size): cpu, small networks, the default on CPU; cpu-large, the coupling
+stacks at 64 channels, 32x32, batch 16; gpu, networks at the scale of GPU training
+(RevNet 128 channels at batch 128, a d512 Transformer with sequence 512, a 1024-wide
+MLP at batch 4096), the default with --device cuda, run in fp32 and under bf16
+autocast. On CUDA steps are timed with CUDA events.
+
+A memory-saving method that keeps inputs (InputKeptWarning, recorded from the
+first step) or whose memory grows with depth (peak at the deepest depth above
+1.25x that at the shallowest, plus a noise slack) is flagged: a WARNING line in
+the summary, a note in its rows, and "alerts" in the JSON.
 
 Every configuration (workload, depth, method) runs in a fresh process. Memory is the
 peak of one training step above what the process held before it, after a first step
@@ -98,19 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="workloads to run, space- or comma-separated (default: all available)",
     )
     parser.add_argument(
+        "--size",
+        choices=SIZES,
+        help="network sizes: cpu (small), cpu-large (coupling stacks at 64 channels, 32x32, "
+        "batch 16), gpu (GPU scale) (default: gpu with --device cuda, else cpu)",
+    )
+    parser.add_argument(
         "--depths",
         nargs="+",
         type=_positive_int("depth"),
-        default=list(DEFAULT_DEPTHS),
         metavar="N",
-        help="network depths in blocks (default: %(default)s)",
+        help="network depths in blocks (default: each workload's at the size; 8 32 128 for most)",
     )
     parser.add_argument(
         "--methods",
         nargs="+",
         type=_names(list(METHODS), "method"),
         metavar="NAME",
-        help=f"methods to compare (default: {' '.join(METHODS)}); ratios need plain",
+        help="methods to compare, where a workload has them (default: all of each "
+        f"workload's whose package is installed; known: {' '.join(METHODS)}); ratios need "
+        "plain",
     )
     parser.add_argument(
         "--batch-size",
@@ -118,7 +139,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="batch size for every workload (default: each workload's own)",
     )
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="parameter and input dtype (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--autocast",
+        nargs="+",
+        choices=(AUTOCAST_OFF, *AUTOCAST),
+        metavar="MODE",
+        help="run each workload under these torch.autocast modes: off, bf16, fp16 (default: "
+        "off bf16 at --size gpu, else off)",
+    )
     parser.add_argument(
         "--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)"
     )
@@ -215,19 +249,66 @@ def _choose_workloads(
         for name in names:
             missing = WORKLOADS[name].missing()
             if missing:
+                install = WORKLOADS[name].install
                 parser.error(
-                    f"workload {name!r} needs invertnet.{', invertnet.'.join(missing)}, "
-                    "which this installation does not provide"
+                    f"workload {name!r} needs {', '.join(missing)}, which this installation "
+                    f"does not provide{f' ({install})' if install else ''}"
                 )
         return names, skipped
     names = []
     for name, workload in WORKLOADS.items():
         missing = workload.missing()
         if missing:
-            skipped[name] = f"needs invertnet.{', invertnet.'.join(missing)}, not available"
+            install = f" ({workload.install})" if workload.install else ""
+            skipped[name] = f"needs {', '.join(missing)}, not available{install}"
         else:
             names.append(name)
     return names, skipped
+
+
+def _choose_methods(
+    workloads: list[str], requested: list[list[str]] | None
+) -> tuple[dict[str, list[str]], list[str]]:
+    """Per workload, the methods to run; and notes on the methods left out.
+
+    A peer whose package is not installed is left out with a note, not an error.
+    """
+    wanted = list(dict.fromkeys(m for group in requested for m in group)) if requested else None
+    chosen: dict[str, list[str]] = {}
+    missing: dict[str, list[str]] = {}
+    for name in workloads:
+        methods = []
+        for method in WORKLOADS[name].methods:
+            if wanted is not None and method not in wanted:
+                continue
+            if method_available(method) is None:
+                methods.append(method)
+            else:
+                missing.setdefault(method, []).append(name)
+        chosen[name] = methods
+    notes = [
+        f"{method} not measured on {', '.join(names)}: {method_available(method)}"
+        for method, names in missing.items()
+    ]
+    return chosen, notes
+
+
+class _NoProgress:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, text: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, disable: bool) -> Any:
+    if disable:
+        return _NoProgress()
+    tqdm = require("tqdm", "bench", "invertnet bench's progress bar (or pass --no-progress)")
+    return tqdm.tqdm(total=total, unit="job", file=sys.stderr)
 
 
 def _write(text: str, stream: Any = None) -> None:
@@ -241,23 +322,23 @@ def _run_rounds(
 
     With ``interleaved`` timing, each configuration's memory is measured in a
     process of its own, with no timed steps, and then the methods of each
-    workload and depth are timed together (:meth:`Runner.run_interleaved`).
+    workload, autocast mode and depth are timed together
+    (:meth:`Runner.run_interleaved`).
     """
-    groups: dict[tuple[str, int], list[Config]] = {}
+    groups: dict[tuple[str, str | None, int], list[Config]] = {}
     for config in configs:
-        groups.setdefault((config.workload, config.depth), []).append(config)
+        groups.setdefault((config.workload, config.autocast, config.depth), []).append(config)
     rounds: dict[Config, list[Result]] = {config: [] for config in configs}
     jobs = len(configs) + (len(groups) if interleaved else 0)
     with Runner(timeout_s=args.timeout) as runner:
-        progress = tqdm(
-            total=jobs * n_rounds, unit="job", disable=args.no_progress, file=sys.stderr
-        )
+        progress = _progress(jobs * n_rounds, args.no_progress)
         for round_ in range(n_rounds):
             where = f"round {round_ + 1}/{n_rounds}"
-            for (workload, depth), group in groups.items():
+            for (workload, autocast, depth), group in groups.items():
+                label = f"{workload}+{autocast}" if autocast else workload
                 measured = []
                 for config in group:
-                    progress.set_description(f"{where}: {workload} depth {depth} {config.method}")
+                    progress.set_description(f"{where}: {label} depth {depth} {config.method}")
                     if interleaved:  # memory only: the time comes from the group's run
                         config_ = replace(config, repeats=0, warmup=0)
                         measured.append(runner.run(config_))
@@ -265,7 +346,7 @@ def _run_rounds(
                         rounds[config].append(runner.run(config))
                     progress.update()
                 if interleaved:
-                    progress.set_description(f"{where}: {workload} depth {depth} timing")
+                    progress.set_description(f"{where}: {label} depth {depth} timing")
                     timed = runner.run_interleaved(group)
                     for memory, timing in zip(measured, timed):
                         rounds[timing.config].append(with_times(memory, timing))
@@ -285,7 +366,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     int
-        0 when every configuration was measured, 1 when one failed, 2 for bad options.
+        0 when every configuration was measured (a peer that could not run is a
+        note, not a failure), 1 when one failed, 2 for bad options.
     """
     args_list = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -298,18 +380,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads, skipped = _choose_workloads(parser, args.workloads)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    methods = list(
-        dict.fromkeys(m for group in args.methods for m in group) if args.methods else METHODS
-    )
-    depths = sorted(set([2, 4] if args.quick else args.depths))
+    size = args.size or ("gpu" if device.startswith("cuda") else "cpu")
+    modes = args.autocast or ([AUTOCAST_OFF, "bf16"] if size == "gpu" else [AUTOCAST_OFF])
+    autocasts = [None if m == AUTOCAST_OFF else m for m in dict.fromkeys(modes)]
+    methods, notes = _choose_methods(workloads, args.methods)
     repeats = 1 if args.quick else args.repeats
     batch_size = 4 if args.quick else args.batch_size
 
     for name, reason in skipped.items():
         _write(f"invertnet bench: skipping workload {name!r}: {reason}", sys.stderr)
+    if args.methods and not any(methods.values()):
+        _write(
+            "invertnet bench: none of the methods asked for runs on these workloads: "
+            + "; ".join(notes or [f"{w} has {', '.join(WORKLOADS[w].methods)}" for w in workloads]),
+            sys.stderr,
+        )
+        return 2
     if not workloads:
         _write("invertnet bench: no workload is available to run", sys.stderr)
         return 1
+
+    def depths_of(workload: str) -> list[int]:
+        if args.quick:
+            return [2, 4]
+        return sorted(set(args.depths or WORKLOADS[workload].default_depths(size)))
 
     configs = [
         Config(
@@ -322,21 +416,34 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeats=repeats,
             warmup=args.warmup,
             threads=args.threads,
+            size=size,
+            autocast=a,
         )
         for w in workloads
-        for d in depths
-        for m in methods
+        for a in autocasts
+        for d in depths_of(w)
+        for m in methods[w]
     ]
     rounds = _run_rounds(configs, args.rounds, args.timing == "interleaved", args)
     results = [combine_rounds(rounds[config]) for config in configs]
+    peers_failed = sorted(
+        {(r.config.method, r.config.workload) for r in results if r.error and _is_peer(r)}
+    )
+    notes += [
+        f"{method} could not run on {workload} (see the failure above); a peer's failure "
+        "is not the benchmark's"
+        for method, workload in peers_failed
+    ]
 
     settings = {
         "command": shlex.join(["invertnet", "bench", *args_list]),
+        "size": size,
         "workloads": workloads,
-        "depths": depths,
-        "methods": methods,
+        "depths": {w: depths_of(w) for w in workloads},
+        "methods": {w: methods[w] for w in workloads},
         "batch_size": batch_size,
         "dtype": args.dtype,
+        "autocast": [a or AUTOCAST_OFF for a in autocasts],
         "device": device,
         "repeats": repeats,
         "rounds": args.rounds,
@@ -344,17 +451,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "warmup": args.warmup,
         "threads": args.threads,
     }
-    document = to_document(results, settings, machine_info(device), skipped)
+    document = to_document(results, settings, machine_info(device), skipped, notes)
     _write(format_table(document))
     summary = format_summary(document)
     if summary:
         _write("\n" + summary)
     for name, reason in skipped.items():
         _write(f"skipped {name}: {reason}")
-    notes = sorted({w for r in results for w in r.warnings})
-    for note in notes:
-        _write(f"warning in a measured run: {note}", sys.stderr)
+    messages = sorted({w for r in results for w in r.warnings})
+    for message in messages:
+        _write(f"warning in a measured run: {message}", sys.stderr)
     if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2) + "\n")
         _write(f"wrote {args.json}")
     if args.plot:
@@ -363,8 +471,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rst:
         args.rst.write_text(render_rst(document))
         _write(f"wrote {args.rst}")
-    failed = [r for r in results if r.error]
+    failed = [r for r in results if r.error and not _is_peer(r)]
     if failed:
         _write(f"invertnet bench: {len(failed)} configuration(s) failed", sys.stderr)
         return 1
     return 0
+
+
+def _is_peer(result: Result) -> bool:
+    info = METHOD_INFO.get(result.config.method)
+    return bool(info and info.package)

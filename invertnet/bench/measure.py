@@ -25,12 +25,15 @@ from typing import Any
 
 import torch
 
+import invertnet
 from invertnet.bench.memory import SavedBytes, probe_for
 from invertnet.bench.workloads import Batch, build
 
 __all__ = [
+    "AUTOCAST",
     "Config",
     "Result",
+    "StepTimer",
     "combine_rounds",
     "measure_here",
     "time_interleaved",
@@ -39,6 +42,9 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
+
+#: ``--autocast`` modes: ``None`` (off) or the dtype of :func:`torch.autocast`.
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Config:
     warmup: int = 1
     threads: int | None = None
     seed: int = 0
+    size: str = "cpu"
+    autocast: str | None = None
 
 
 @dataclass
@@ -69,6 +77,7 @@ class Result:
     parameters: int | None = None
     memory_method: str = ""
     warnings: list[str] = field(default_factory=list)
+    kept_inputs: int = 0
     error: str | None = None
 
     @property
@@ -95,7 +104,8 @@ def combine_rounds(rounds: list[Result]) -> Result:
 
     The step times of all rounds are pooled, so the reported median is over all of
     them; the peak memory is the median of the rounds' peaks (one of them, not an
-    average); warnings are merged. A failed round makes the whole failed.
+    average); warnings are merged, and the kept inputs are the most any round saw.
+    A failed round makes the whole failed.
 
     Parameters
     ----------
@@ -123,9 +133,12 @@ def combine_rounds(rounds: list[Result]) -> Result:
             )
         )
     merged_warnings = sorted({w for r in rounds for w in r.warnings})
+    kept = max(r.kept_inputs for r in rounds)
     failed = next((r for r in rounds if r.error is not None), None)
     if failed is not None:
-        return Result(config=first.config, warnings=merged_warnings, error=failed.error)
+        return Result(
+            config=first.config, warnings=merged_warnings, kept_inputs=kept, error=failed.error
+        )
     peaks = [r.peak_bytes for r in rounds if r.peak_bytes is not None]
     return Result(
         config=first.config,
@@ -136,6 +149,7 @@ def combine_rounds(rounds: list[Result]) -> Result:
         parameters=first.parameters,
         memory_method=first.memory_method,
         warnings=merged_warnings,
+        kept_inputs=kept,
     )
 
 
@@ -149,6 +163,7 @@ def _build(config: Config, device: torch.device) -> tuple[torch.nn.Module, Batch
         dtype=DTYPES[config.dtype],
         device=device,
         seed=config.seed,
+        size=config.size,
     )
 
 
@@ -162,7 +177,52 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step(model: torch.nn.Module, batch: Any, counter: SavedBytes | None = None) -> None:
+class StepTimer:
+    """Time a step on ``device``: wall time on CPU, CUDA events on a GPU.
+
+    On CUDA the step is bracketed by two events recorded on the current stream
+    (after a synchronisation, so no earlier work is counted), and the time between
+    them is read once the second has completed: the device's time for the step,
+    including any gaps where the GPU waited for the host to launch kernels.
+
+    Parameters
+    ----------
+    device : torch.device or str
+        Where the timed steps run.
+
+    Examples
+    --------
+    >>> timer = StepTimer("cpu")
+    >>> timer(lambda: sum(range(1000))) > 0
+    True
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+
+    def __call__(self, step: Any) -> float:
+        """Run ``step()`` and return its time in seconds."""
+        if self.device.type != "cuda":
+            start = time.perf_counter()
+            step()
+            return time.perf_counter() - start
+        torch.cuda.synchronize(self.device)
+        with torch.cuda.device(self.device):
+            begin = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            begin.record()
+            step()
+            end.record()
+        end.synchronize()
+        return begin.elapsed_time(end) / 1e3  # milliseconds
+
+
+def train_step(
+    model: torch.nn.Module,
+    batch: Any,
+    counter: SavedBytes | None = None,
+    autocast: str | None = None,
+) -> None:
     """One training step as the benchmark times it: forward, a scalar loss, backward.
 
     Parameters
@@ -173,17 +233,59 @@ def train_step(model: torch.nn.Module, batch: Any, counter: SavedBytes | None = 
         Its batch: positional and keyword arguments of the forward pass.
     counter : SavedBytes, optional
         Counts the bytes the forward pass saves for backward.
+    autocast : str, optional
+        A key of :data:`AUTOCAST`: run the forward pass and the loss under
+        :func:`torch.autocast` with that dtype (backward runs outside it, as usual).
     """
     # Only the forward pass is counted: what it saves is what a step keeps alive;
     # recomputation in backward saves transient tensors for one block at a time.
-    with counter.counting() if counter is not None else contextlib.nullcontext():
+    counting = counter.counting() if counter is not None else contextlib.nullcontext()
+    if autocast is None:
+        casting: Any = contextlib.nullcontext()
+    else:
+        device_type = batch.args[0].device.type
+        casting = torch.autocast(device_type=device_type, dtype=AUTOCAST[autocast])
+    with counting, casting:
         out = model(*batch.args, **batch.kwargs)
         loss = out.float().square().mean()
     loss.backward()
 
 
+class _Recorder:
+    """Record the warnings of a block; count the inputs a wrapper kept.
+
+    :class:`invertnet.InputKeptWarning` is emitted once per wrapper that keeps an
+    input it was asked to free, so their number is the number of such wrappers.
+    """
+
+    def __init__(self) -> None:
+        self.messages: set[str] = set()
+        self.kept_inputs = 0
+
+    @contextlib.contextmanager
+    def recording(self) -> Any:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:
+                self._add(caught)
+
+    def _add(self, caught: list[warnings.WarningMessage]) -> None:
+        kept_category = getattr(invertnet, "InputKeptWarning", None)
+        for w in caught:
+            self.messages.add(f"{w.category.__name__}: {w.message}")
+            if kept_category is not None and issubclass(w.category, kept_category):
+                self.kept_inputs += 1
+
+
 def measure_here(config: Config) -> Result:
     """Measure ``config`` in this process, recording the warnings it raises.
+
+    Warnings are recorded from the start, the model's construction and the
+    untimed first steps included: a wrapper warns once, at its first training
+    call, that it keeps an input (:class:`invertnet.InputKeptWarning`), and those
+    are counted in :attr:`Result.kept_inputs`.
 
     Parameters
     ----------
@@ -193,18 +295,15 @@ def measure_here(config: Config) -> Result:
     Returns
     -------
     Result
-        Step times, peak activation memory, bytes saved for backward, and the
-        distinct warning messages seen (a kept input, for example, shows there).
+        Step times, peak activation memory, bytes saved for backward, the
+        distinct warning messages seen and the number of kept inputs.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    recorder = _Recorder()
+    with recorder.recording():
         result = _measure(config)
-    result.warnings = _messages(caught)
+    result.warnings = sorted(recorder.messages)
+    result.kept_inputs = recorder.kept_inputs
     return result
-
-
-def _messages(caught: list[warnings.WarningMessage]) -> list[str]:
-    return sorted({f"{w.category.__name__}: {w.message}" for w in caught})
 
 
 def _error(exc: Exception) -> str:
@@ -218,13 +317,15 @@ def time_interleaved(configs: list[Config]) -> list[Result]:
     gradients) and ``warmup`` more. Then come ``repeats`` rounds of one timed step
     per method, each round starting one method later than the one before, so that
     no method always follows the same other. A method that fails is reported
-    failed and left out of the later rounds; the others go on.
+    failed and left out of the later rounds; the others go on. Each method's
+    warnings (and kept inputs) are recorded on its own, from its construction on.
+    On CUDA the steps are timed with CUDA events (:class:`StepTimer`).
 
     Parameters
     ----------
     configs : list of Config
-        One per method; all else (workload, depth, batch size, dtype, device,
-        threads, repeats, warmup, seed) the same.
+        One per method; all else (workload, depth, size, batch size, dtype,
+        autocast, device, threads, repeats, warmup, seed) the same.
 
     Returns
     -------
@@ -246,27 +347,29 @@ def time_interleaved(configs: list[Config]) -> list[Result]:
             "time_interleaved: expected configurations that differ only in their method, got "
             + ", ".join(f"{c.workload}/{c.depth}/{c.method}" for c in configs)
         )
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        results = _time_interleaved(configs)
-    for result in results:
-        result.warnings = _messages(caught)
+    recorders = [_Recorder() for _ in configs]
+    results = _time_interleaved(configs, recorders)
+    for result, recorder in zip(results, recorders):
+        result.warnings = sorted(recorder.messages)
+        result.kept_inputs = recorder.kept_inputs
     return results
 
 
-def _time_interleaved(configs: list[Config]) -> list[Result]:
+def _time_interleaved(configs: list[Config], recorders: list[_Recorder]) -> list[Result]:
     first = configs[0]
     if first.threads is not None:
         torch.set_num_threads(first.threads)
     device = torch.device(first.device)
+    timer = StepTimer(device)
     results = [Result(config=c) for c in configs]
     running: dict[int, tuple[torch.nn.Module, Any]] = {}
     for i, config in enumerate(configs):
         try:
-            model, batch = _build(config, device)
-            for _ in range(1 + config.warmup):
-                train_step(model, batch)
-            _sync(device)
+            with recorders[i].recording():
+                model, batch = _build(config, device)
+                for _ in range(1 + config.warmup):
+                    train_step(model, batch, autocast=config.autocast)
+                _sync(device)
         except Exception as exc:  # reported in the result; the other methods go on
             results[i].error = _error(exc)
             continue
@@ -277,29 +380,29 @@ def _time_interleaved(configs: list[Config]) -> list[Result]:
         shift = round_ % len(order) if order else 0
         for i in order[shift:] + order[:shift]:
             model, batch = running[i]
-            start = time.perf_counter()
             try:
-                train_step(model, batch)
-                _sync(device)
+                with recorders[i].recording():
+                    seconds = timer(lambda: train_step(model, batch, autocast=first.autocast))  # noqa: B023
             except Exception as exc:
                 results[i].error = _error(exc)
                 results[i].step_times_s = []
                 del running[i]
                 continue
-            results[i].step_times_s.append(time.perf_counter() - start)
+            results[i].step_times_s.append(seconds)
     return results
 
 
 def with_times(memory: Result, timing: Result) -> Result:
     """One result from a memory run (:func:`measure_here` with no timed steps) and a
     timing run (:func:`time_interleaved`) of the same configuration; either failing
-    fails the whole."""
+    fails the whole, and inputs kept in either count."""
     failed = memory.error or timing.error
     return replace(
         memory,
         config=timing.config,
         step_times_s=[] if failed else list(timing.step_times_s),
         warnings=sorted(set(memory.warnings) | set(timing.warnings)),
+        kept_inputs=max(memory.kept_inputs, timing.kept_inputs),
         error=failed,
     )
 
@@ -314,24 +417,23 @@ def _measure(config: Config) -> Result:
     # The first step allocates the gradients (so they count as model memory, not
     # as activations) and counts the bytes autograd saves, the cross-check.
     counter = SavedBytes(model)
-    train_step(model, batch, counter)
+    train_step(model, batch, counter, autocast=config.autocast)
     _sync(device)
 
     probe.start()
-    train_step(model, batch)
+    train_step(model, batch, autocast=config.autocast)
     _sync(device)
     peak = probe.peak_bytes()
     probe.finish()
 
     for _ in range(config.warmup):  # warm caches and the allocator for timing
-        train_step(model, batch)
+        train_step(model, batch, autocast=config.autocast)
     _sync(device)
-    times: list[float] = []
-    for _ in range(config.repeats):
-        start = time.perf_counter()
-        train_step(model, batch)
-        _sync(device)
-        times.append(time.perf_counter() - start)
+    timer = StepTimer(device)
+    times = [
+        timer(lambda: train_step(model, batch, autocast=config.autocast))
+        for _ in range(config.repeats)
+    ]
     batch_size, parameters = _sizes(model, batch)
     return Result(
         config=config,

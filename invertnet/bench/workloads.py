@@ -1,24 +1,43 @@
-"""The networks the benchmark trains, each buildable under every method.
+"""The networks the benchmark trains, each buildable under every method it names.
 
-A workload builds one network of a given depth three ways that compute the same
-function with the same weights (same seed):
+A workload builds one network of a given depth and size several ways, with the
+same weights (same seed). The core methods, on every workload:
 
 ``plain``
     Ordinary autograd: every block's activations are kept for backward
-    (``InvertibleModuleWrapper(..., disable=True)``, or ``MomentumNet(...,
-    use_backprop=True)``).
+    (``InvertibleModuleWrapper(..., disable=True)``, ``MomentumNet(...,
+    use_backprop=True)``, or the unconverted model for ``llama``).
 ``checkpoint``
     :func:`torch.utils.checkpoint.checkpoint` around every block
     (``use_reentrant=False``): only block inputs are kept, each block is run again
-    in backward.
+    in backward (``gradient_checkpointing_enable`` for ``llama``).
 ``invertnet``
     The memory-saving path: ``InvertibleModuleWrapper(..., keep_input=False)``, or
     ``MomentumNet(..., use_backprop=False)``; block inputs are rebuilt from outputs.
+
+Reference rows where a model was converted (``transformer``):
+
+``original``
+    The model before :func:`invertnet.transform_to_momentumnet`, plain autograd.
+``original-checkpoint``
+    The same under checkpoint per layer: what a user who converts compares against.
+
+Peers, optional, measured when their package is installed (:data:`METHOD_INFO`):
+``revlib`` (``revlib.ReversibleSequential(f1, g1, f2, g2, ...)``, additive
+couplings), ``memcnn`` (memcnn 1.5's ``InvertibleModuleWrapper`` and couplings) and
+``momentumnet`` (momentumnet 0.10's ``MomentumNet(use_backprop=False)``).
+
+Sizes (:data:`SIZES`): ``cpu``, today's small networks, the default on CPU;
+``cpu-large``, the coupling stacks at 64 channels, 32x32, batch 16 (the size where
+a CPU run separates the reversible methods; the other workloads as ``cpu``);
+``gpu``, networks at the scale of training on a GPU, the default on CUDA.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import importlib.util
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,16 +48,108 @@ from torch.utils.checkpoint import checkpoint
 import invertnet
 
 __all__ = [
+    "CORE_METHODS",
     "METHODS",
+    "METHOD_INFO",
+    "SIZES",
     "Batch",
     "CheckpointBlock",
+    "Method",
     "Workload",
     "WORKLOADS",
     "build",
+    "method_available",
 ]
 
-#: The three ways of training the same network, in the order they are reported.
-METHODS = ("plain", "checkpoint", "invertnet")
+
+@dataclass(frozen=True)
+class Method:
+    """One way of training a workload's network.
+
+    Parameters
+    ----------
+    name : str
+        The name on the command line and in reports.
+    description : str
+        One line saying what it runs.
+    saves_memory : bool
+        Whether its activation memory should stay flat in depth; the benchmark
+        flags it when it grows (see :mod:`invertnet.bench.report`).
+    package : str, optional
+        The module a peer method imports; ``None`` for invertnet's own.
+    install : str
+        How to install ``package``.
+    """
+
+    name: str
+    description: str
+    saves_memory: bool
+    package: str | None = None
+    install: str = ""
+
+
+#: Every method, in the order they are reported.
+METHOD_INFO: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method("original", "the model before conversion, plain autograd", False),
+        Method("original-checkpoint", "the model before conversion, checkpoint per layer", False),
+        Method("plain", "plain autograd: every activation kept for backward", False),
+        Method("checkpoint", "torch.utils.checkpoint around every block", False),
+        Method("invertnet", "invertnet: inputs freed and rebuilt in backward", True),
+        Method(
+            "revlib",
+            "RevLib ReversibleSequential(f1, g1, ...)",
+            True,
+            package="revlib",
+            install="pip install revlib",
+        ),
+        Method(
+            "memcnn",
+            "memcnn 1.5 InvertibleModuleWrapper(keep_input=False)",
+            True,
+            package="memcnn",
+            install="pip install --no-deps memcnn",
+        ),
+        Method(
+            "momentumnet",
+            "momentumnet 0.10 MomentumNet(use_backprop=False)",
+            True,
+            package="momentumnet",
+            install="pip install momentumnet",
+        ),
+    )
+}
+
+#: All method names, in report order.
+METHODS = tuple(METHOD_INFO)
+
+#: The methods every workload has.
+CORE_METHODS = ("plain", "checkpoint", "invertnet")
+
+#: The sizes, smallest first.
+SIZES = ("cpu", "cpu-large", "gpu")
+
+
+def method_available(method: str) -> str | None:
+    """Why ``method`` cannot run here (its package is not installed), or ``None``."""
+    info = METHOD_INFO[method]
+    if info.package is None or importlib.util.find_spec(info.package) is not None:
+        return None
+    return f"{info.package} is not installed ({info.install})"
+
+
+def _peer(method: str) -> Any:
+    """Import the package of a peer method, with a clear error when it is missing."""
+    info = METHOD_INFO[method]
+    assert info.package is not None
+    try:
+        return importlib.import_module(info.package)
+    except ImportError as exc:
+        raise ImportError(
+            f"method {method!r} needs {info.package}, which cannot be imported ({exc}); "
+            f"install it with: {info.install}"
+        ) from exc
 
 
 @dataclass
@@ -75,7 +186,11 @@ class CheckpointBlock(nn.Module):
         return self.module(*args, **kwargs)
 
 
-Builder = Callable[[int, str, int, torch.dtype, torch.device], tuple[nn.Module, Batch]]
+#: ``builder(depth, method, batch_size, dtype, device, sizes) -> (model, batch)``;
+#: ``sizes`` are the workload's parameters at the chosen size.
+Builder = Callable[
+    [int, str, int, torch.dtype, torch.device, Mapping[str, Any]], tuple[nn.Module, Batch]
+]
 
 
 @dataclass(frozen=True)
@@ -87,29 +202,61 @@ class Workload:
     name : str
         The name used on the command line and in reports.
     description : str
-        One line saying what is built, with its default sizes.
-    default_batch_size : int
-        Batch size used when none is given.
+        What is built; ``{name}`` fields are filled from the size's parameters.
     builder : callable
-        ``builder(depth, method, batch_size, dtype, device) -> (model, batch)``.
+        See :data:`Builder`.
+    sizes : mapping
+        Per size (a key of :data:`SIZES`), the parameters: ``batch_size``,
+        ``depths`` (the default depths) and what the builder reads.
+    methods : tuple of str
+        The methods this workload can be trained with, in report order.
+    same_function : mapping
+        For a method, the method whose function it computes with the same weights
+        (``checkpoint`` computes ``plain``'s); methods absent compute their own.
     requires : tuple of str
         Names the workload needs from the ``invertnet`` package.
+    packages : tuple of str
+        Other packages it needs (optional workloads).
+    install : str
+        How to install ``packages``.
     """
 
     name: str
     description: str
-    default_batch_size: int
     builder: Builder
+    sizes: Mapping[str, Mapping[str, Any]]
+    methods: tuple[str, ...] = CORE_METHODS
+    same_function: Mapping[str, str] = field(
+        default_factory=lambda: {"checkpoint": "plain", "invertnet": "plain"}
+    )
     requires: tuple[str, ...] = ()
+    packages: tuple[str, ...] = ()
+    install: str = ""
 
     def missing(self) -> list[str]:
-        """The required ``invertnet`` names this installation lacks."""
-        return [name for name in self.requires if not hasattr(invertnet, name)]
+        """The required ``invertnet`` names and packages this installation lacks."""
+        names = [f"invertnet.{n}" for n in self.requires if not hasattr(invertnet, n)]
+        return names + [p for p in self.packages if importlib.util.find_spec(p) is None]
+
+    def describe(self, size: str = "cpu") -> str:
+        """The description at ``size``."""
+        return self.description.format(**self.sizes[size])
+
+    def default_batch_size(self, size: str = "cpu") -> int:
+        """The batch size at ``size``."""
+        return int(self.sizes[size]["batch_size"])
+
+    def default_depths(self, size: str = "cpu") -> tuple[int, ...]:
+        """The depths measured at ``size`` when none are given."""
+        return tuple(self.sizes[size]["depths"])
 
 
 # -- coupling stacks ---------------------------------------------------------
-CONV_CHANNELS = 32  # total channels; each half (what Fm and Gm see) has 16
-CONV_SIZE = 16  # spatial height and width
+_CONV_SIZES = {
+    "cpu": {"channels": 32, "spatial": 16, "batch_size": 8, "depths": (8, 32, 128)},
+    "cpu-large": {"channels": 64, "spatial": 32, "batch_size": 16, "depths": (8, 32, 128)},
+    "gpu": {"channels": 128, "spatial": 32, "batch_size": 128, "depths": (8, 32, 128)},
+}
 
 
 def _conv_bn_relu(channels: int) -> nn.Module:
@@ -142,42 +289,112 @@ def _wrap_couplings(couplings: list[nn.Module], method: str) -> nn.Module:
     return nn.Sequential(*blocks)
 
 
-def _image_batch(batch_size: int, dtype: torch.dtype, device: torch.device) -> Batch:
-    x = torch.randn(batch_size, CONV_CHANNELS, CONV_SIZE, CONV_SIZE, dtype=dtype, device=device)
-    return Batch((x,))
+def _memcnn_stack(couplings: list[nn.Module]) -> nn.Module:
+    """The same couplings' functions (their very modules) under memcnn 1.5."""
+    memcnn = _peer("memcnn")
+    blocks = []
+    for c in couplings:
+        if isinstance(c, invertnet.AffineCoupling):
+            # c.Fm and c.Gm are already adapted to (scale, shift) pairs, which memcnn's
+            # coupling takes as they are (no adapter): y = x * s + t in both.
+            peer = memcnn.AffineCoupling(c.Fm, c.Gm)
+        else:
+            peer = memcnn.AdditiveCoupling(c.Fm, c.Gm)
+        blocks.append(memcnn.InvertibleModuleWrapper(peer, keep_input=False))
+    return nn.Sequential(*blocks)
+
+
+def _revlib_stack(couplings: list[nn.Module]) -> nn.Module:
+    """The same additive couplings as one ``revlib.ReversibleSequential``.
+
+    RevLib's modules alternate: ``(x0, x1) -> (x1, x0 + f(x1))``, so the pair
+    ``(F, G)`` maps ``(x1, x2)`` to ``(y1, x2 + G(y1))`` with ``y1 = x1 + F(x2)``:
+    the additive coupling, and the halves come out in the coupling's order.
+    """
+    revlib = _peer("revlib")
+    stack = revlib.ReversibleSequential(*(m for c in couplings for m in (c.Fm, c.Gm)))
+    return nn.Sequential(_RequiresGrad(), stack)
+
+
+class _RequiresGrad(nn.Module):
+    """Make the input a leaf that requires grad, as RevLib needs.
+
+    RevLib's autograd function takes the parameters as closure, not as inputs: with
+    an input that does not require grad (the benchmark's batch), its output would
+    not require grad and nothing would be trained. In a real network the stack's
+    input comes out of a stem layer and requires grad anyway.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.requires_grad or not torch.is_grad_enabled():
+            return x
+        return x.detach().requires_grad_()
+
+
+def _image_batch(
+    batch_size: int, dtype: torch.dtype, device: torch.device, sizes: Mapping[str, Any]
+) -> Batch:
+    shape = (batch_size, sizes["channels"], sizes["spatial"], sizes["spatial"])
+    return Batch((torch.randn(*shape, dtype=dtype, device=device),))
+
+
+def _coupling_stack(couplings: list[nn.Module], method: str) -> nn.Module:
+    if method == "revlib":
+        return _revlib_stack(couplings)
+    if method == "memcnn":
+        return _memcnn_stack(couplings)
+    return _wrap_couplings(couplings, method)
 
 
 def _additive_conv(
-    depth: int, method: str, batch_size: int, dtype: torch.dtype, device: torch.device
+    depth: int,
+    method: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: Mapping[str, Any],
 ) -> tuple[nn.Module, Batch]:
-    half = CONV_CHANNELS // 2
+    half = sizes["channels"] // 2
     couplings = [
         invertnet.AdditiveCoupling(_conv_bn_relu(half), _conv_bn_relu(half)) for _ in range(depth)
     ]
-    model = _wrap_couplings(couplings, method)
-    return model.to(device=device, dtype=dtype), _image_batch(batch_size, dtype, device)
+    model = _coupling_stack(couplings, method)
+    return model.to(device=device, dtype=dtype), _image_batch(batch_size, dtype, device, sizes)
 
 
 def _affine_conv(
-    depth: int, method: str, batch_size: int, dtype: torch.dtype, device: torch.device
+    depth: int,
+    method: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: Mapping[str, Any],
 ) -> tuple[nn.Module, Batch]:
-    half = CONV_CHANNELS // 2
+    half = sizes["channels"] // 2
     couplings = [
         invertnet.AffineCoupling(
             _affine_net(half), _affine_net(half), adapter=invertnet.AffineAdapterNaive
         )
         for _ in range(depth)
     ]
-    model = _wrap_couplings(couplings, method)
-    return model.to(device=device, dtype=dtype), _image_batch(batch_size, dtype, device)
+    model = _coupling_stack(couplings, method)
+    return model.to(device=device, dtype=dtype), _image_batch(batch_size, dtype, device, sizes)
 
 
 # -- momentum networks -------------------------------------------------------
-MLP_WIDTH = 256
 GAMMA = 0.9
-TRANSFORMER_DIM = 64
-TRANSFORMER_HEADS = 4
-TRANSFORMER_SEQ = 32
+
+_MLP_SIZES = {
+    "cpu": {"width": 256, "batch_size": 128, "depths": (8, 32, 128)},
+    "cpu-large": {"width": 256, "batch_size": 128, "depths": (8, 32, 128)},
+    "gpu": {"width": 1024, "batch_size": 4096, "depths": (16, 64)},
+}
+_TRANSFORMER_CPU = dict(d_model=64, heads=4, ff=128, seq=32, batch_size=8, depths=(8, 32, 128))
+_TRANSFORMER_SIZES = {
+    "cpu": _TRANSFORMER_CPU,
+    "cpu-large": _TRANSFORMER_CPU,
+    "gpu": dict(d_model=512, heads=8, ff=2048, seq=512, batch_size=32, depths=(12, 48)),
+}
 
 
 def _checkpoint_forward(module: nn.Module) -> None:
@@ -209,44 +426,121 @@ def _checkpoint_functions(model: nn.Module) -> nn.Module:
 
 
 def _momentum_mlp(
-    depth: int, method: str, batch_size: int, dtype: torch.dtype, device: torch.device
+    depth: int,
+    method: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: Mapping[str, Any],
 ) -> tuple[nn.Module, Batch]:
+    width = sizes["width"]
     functions = [
-        nn.Sequential(nn.Linear(MLP_WIDTH, MLP_WIDTH), nn.Tanh(), nn.Linear(MLP_WIDTH, MLP_WIDTH))
+        nn.Sequential(nn.Linear(width, width), nn.Tanh(), nn.Linear(width, width))
         for _ in range(depth)
     ]
-    if method == "checkpoint":
-        functions = [CheckpointBlock(f) for f in functions]
-    model = invertnet.MomentumNet(functions, gamma=GAMMA, use_backprop=method != "invertnet")
-    x = torch.randn(batch_size, MLP_WIDTH, dtype=dtype, device=device)
+    if method == "momentumnet":
+        model = _peer("momentumnet").MomentumNet(functions, gamma=GAMMA, use_backprop=False)
+    else:
+        if method == "checkpoint":
+            functions = [CheckpointBlock(f) for f in functions]
+        model = invertnet.MomentumNet(functions, gamma=GAMMA, use_backprop=method != "invertnet")
+    x = torch.randn(batch_size, width, dtype=dtype, device=device)
     return model.to(device=device, dtype=dtype), Batch((x,))
 
 
 def _transformer_encoder(
-    depth: int, method: str, batch_size: int, dtype: torch.dtype, device: torch.device
+    depth: int,
+    method: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: Mapping[str, Any],
 ) -> tuple[nn.Module, Batch]:
     layer = nn.TransformerEncoderLayer(
-        TRANSFORMER_DIM,
-        TRANSFORMER_HEADS,
-        dim_feedforward=2 * TRANSFORMER_DIM,
-        dropout=0.0,
-        batch_first=True,
+        sizes["d_model"], sizes["heads"], dim_feedforward=sizes["ff"], dropout=0.0, batch_first=True
     )
-    encoder = nn.TransformerEncoder(layer, num_layers=depth, enable_nested_tensor=False)
-    model = invertnet.transform_to_momentumnet(
-        encoder,
-        sub_layers=["layers"],
-        keep_first_layer=False,
-        gamma=GAMMA,
-        use_backprop=method != "invertnet",
-    )
-    if method == "checkpoint":
-        model = _checkpoint_functions(model)
-    x = torch.randn(batch_size, TRANSFORMER_SEQ, TRANSFORMER_DIM, dtype=dtype, device=device)
-    mask = nn.Transformer.generate_square_subsequent_mask(
-        TRANSFORMER_SEQ, device=device, dtype=dtype
-    )
+    model = nn.TransformerEncoder(layer, num_layers=depth, enable_nested_tensor=False)
+    if method == "original-checkpoint":
+        for block in model.layers:
+            _checkpoint_forward(block)
+    elif method != "original":
+        model = invertnet.transform_to_momentumnet(
+            model,
+            sub_layers=["layers"],
+            keep_first_layer=False,
+            gamma=GAMMA,
+            use_backprop=method != "invertnet",
+        )
+        if method == "checkpoint":
+            model = _checkpoint_functions(model)
+    seq, d_model = sizes["seq"], sizes["d_model"]
+    x = torch.randn(batch_size, seq, d_model, dtype=dtype, device=device)
+    mask = nn.Transformer.generate_square_subsequent_mask(seq, device=device, dtype=dtype)
     return model.to(device=device, dtype=dtype), Batch((x,), {"mask": mask, "is_causal": True})
+
+
+# -- a Hugging Face decoder (optional: needs transformers) ---------------------
+_LLAMA_SIZES = {
+    "cpu": dict(hidden=64, heads=4, seq=64, vocab=256, batch_size=4, depths=(2, 8)),
+    "cpu-large": dict(hidden=128, heads=4, seq=128, vocab=512, batch_size=4, depths=(4, 16)),
+    "gpu": dict(hidden=256, heads=4, seq=256, vocab=1024, batch_size=16, depths=(4, 16)),
+}
+
+
+class _Logits(nn.Module):
+    """A causal language model as ``input_ids -> logits`` (no cache)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _enable_hf_checkpointing(model: nn.Module) -> None:
+    kwargs = {"use_reentrant": False}
+    # transformers 5 renamed the method; the old name warns there.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def _llama(
+    depth: int,
+    method: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: Mapping[str, Any],
+) -> tuple[nn.Module, Batch]:
+    transformers = importlib.import_module("transformers")
+    hidden, seq, vocab = sizes["hidden"], sizes["seq"], sizes["vocab"]
+    config = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=depth,
+        num_attention_heads=sizes["heads"],
+        num_key_value_heads=sizes["heads"],
+        max_position_embeddings=seq,
+        use_cache=False,
+        attention_dropout=0.0,
+    )
+    model = transformers.LlamaForCausalLM(config)
+    if method == "checkpoint":
+        _enable_hf_checkpointing(model)
+    elif method == "invertnet":
+        model = invertnet.transform_to_momentumnet(
+            model,
+            sub_layers=["model.layers"],
+            keep_first_layer=False,
+            gamma=GAMMA,
+            use_backprop=False,
+        )
+    ids = torch.randint(0, vocab, (batch_size, seq), device=device)
+    return _Logits(model).to(device=device, dtype=dtype), Batch((ids,))
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -255,31 +549,66 @@ WORKLOADS: dict[str, Workload] = {
         Workload(
             "additive-conv",
             "RevNet-style stack of AdditiveCoupling(conv-bn-relu, conv-bn-relu), "
-            f"{CONV_CHANNELS} channels, {CONV_SIZE}x{CONV_SIZE}",
-            8,
+            "{channels} channels, {spatial}x{spatial}, batch {batch_size}",
             _additive_conv,
+            _CONV_SIZES,
+            methods=(*CORE_METHODS, "revlib", "memcnn"),
+            same_function={
+                "checkpoint": "plain",
+                "invertnet": "plain",
+                "revlib": "plain",
+                "memcnn": "plain",
+            },
         ),
         Workload(
             "affine-conv",
             "stack of AffineCoupling(conv-bn-relu-conv1x1 near identity, AffineAdapterNaive), "
-            f"{CONV_CHANNELS} channels, {CONV_SIZE}x{CONV_SIZE}",
-            8,
+            "{channels} channels, {spatial}x{spatial}, batch {batch_size}",
             _affine_conv,
+            _CONV_SIZES,
+            methods=(*CORE_METHODS, "memcnn"),
+            same_function={"checkpoint": "plain", "invertnet": "plain", "memcnn": "plain"},
         ),
         Workload(
             "momentum-mlp",
-            f"MomentumNet of MLP blocks (linear-tanh-linear, width {MLP_WIDTH}), gamma {GAMMA}",
-            128,
+            "MomentumNet of MLP blocks (linear-tanh-linear, width {width}), gamma "
+            f"{GAMMA}, batch {{batch_size}}",
             _momentum_mlp,
+            _MLP_SIZES,
+            methods=(*CORE_METHODS, "momentumnet"),
+            # momentumnet 0.10 computes in float32 whatever the dtype: the same
+            # function up to float32 rounding.
+            same_function={"checkpoint": "plain", "invertnet": "plain", "momentumnet": "plain"},
             requires=("MomentumNet",),
         ),
         Workload(
             "transformer",
             "nn.TransformerEncoder (causal mask) converted with transform_to_momentumnet, "
-            f"d_model {TRANSFORMER_DIM}, {TRANSFORMER_HEADS} heads, sequence {TRANSFORMER_SEQ}",
-            8,
+            "d_model {d_model}, {heads} heads, ff {ff}, sequence {seq}, batch {batch_size}; "
+            "original: before conversion",
             _transformer_encoder,
+            _TRANSFORMER_SIZES,
+            methods=("original", "original-checkpoint", *CORE_METHODS),
+            same_function={
+                "checkpoint": "plain",
+                "invertnet": "plain",
+                "original-checkpoint": "original",
+            },
             requires=("MomentumNet", "transform_to_momentumnet"),
+        ),
+        Workload(
+            "llama",
+            "LlamaForCausalLM from a random config, hidden {hidden}, {heads} heads, sequence "
+            "{seq}, batch {batch_size}; plain: the original, checkpoint: "
+            "gradient_checkpointing_enable, invertnet: every layer converted (model.layers, "
+            f"gamma {GAMMA}, use_backprop=False)",
+            _llama,
+            _LLAMA_SIZES,
+            # The converted model is a Momentum ResNet: another function than the original's.
+            same_function={"checkpoint": "plain"},
+            requires=("MomentumNet", "transform_to_momentumnet"),
+            packages=("transformers",),
+            install="pip install transformers",
         ),
     )
 }
@@ -293,6 +622,7 @@ def build(
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     seed: int = 0,
+    size: str = "cpu",
 ) -> tuple[nn.Module, Batch]:
     """Build ``workload`` at ``depth`` for ``method``, in training mode.
 
@@ -303,20 +633,32 @@ def build(
     depth : int
         Number of blocks (at least 1).
     method : str
-        One of :data:`METHODS`.
+        One of the workload's :attr:`Workload.methods`.
     batch_size : int, optional
-        Defaults to the workload's own.
+        Defaults to the workload's own at ``size``.
     dtype : torch.dtype
         Parameter and input dtype.
     device : torch.device or str
         Where the model and batch live.
     seed : int
         Seed for weights and inputs, so that every method gets the same ones.
+    size : str
+        One of :data:`SIZES`: the network's width and the default batch size.
 
     Returns
     -------
     model, batch
         The network and one batch to train it on.
+
+    Raises
+    ------
+    ValueError
+        For an unknown workload, size or method, a method the workload does not
+        have, or a depth below 1.
+    RuntimeError
+        If the workload needs something this installation lacks.
+    ImportError
+        If a peer method's package cannot be imported.
 
     Examples
     --------
@@ -326,23 +668,29 @@ def build(
     """
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; known: {', '.join(WORKLOADS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; known: {', '.join(SIZES)}")
+    spec = WORKLOADS[workload]
+    if method not in spec.methods:
+        raise ValueError(
+            f"unknown method {method!r} for workload {workload!r}; "
+            f"its methods: {', '.join(spec.methods)}"
+        )
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
         raise ValueError(f"depth must be an int >= 1, got {depth!r}")
-    spec = WORKLOADS[workload]
     missing = spec.missing()
     if missing:
         raise RuntimeError(
-            f"workload {workload!r} needs invertnet.{', invertnet.'.join(missing)}, "
-            "which this installation does not provide"
+            f"workload {workload!r} needs {', '.join(missing)}, which this installation "
+            f"does not provide{f' ({spec.install})' if spec.install else ''}"
         )
     torch.manual_seed(seed)
     model, batch = spec.builder(
         depth,
         method,
-        spec.default_batch_size if batch_size is None else batch_size,
+        spec.default_batch_size(size) if batch_size is None else batch_size,
         dtype,
         torch.device(device),
+        spec.sizes[size],
     )
     return model.train(), batch
