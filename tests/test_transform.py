@@ -83,13 +83,22 @@ def test_resnet18_gamma_zero_reproduces_training_gradients() -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def _batchnorm_eval(model: nn.Module) -> nn.Module:
+    model.train()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    return model
+
+
 @pytest.mark.parametrize("name", ["resnet18", "resnet50"])
 def test_resnet_modes_agree_at_gamma_09(name: str) -> None:
-    # Eval: with batch 2 at 32x32, training-mode BatchNorm in layer4 normalises two
-    # values per channel, which turns rounding differences into sign flips.
-    model = _resnet(name).eval()
-    light = transform_to_momentumnet(model, gamma=0.9, use_backprop=False)
-    plain = transform_to_momentumnet(model, gamma=0.9, use_backprop=True)
+    # BatchNorm in eval: with batch 2 at 32x32, training-mode BatchNorm in layer4
+    # normalises two values per channel, which turns rounding differences into sign
+    # flips. The networks themselves train (in eval mode both modes run plainly).
+    model = _resnet(name)
+    light = _batchnorm_eval(transform_to_momentumnet(model, gamma=0.9, use_backprop=False))
+    plain = _batchnorm_eval(transform_to_momentumnet(model, gamma=0.9, use_backprop=True))
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     y_plain, y_light = plain(x), light(x)
     assert (y_plain - y_light).norm() <= 1e-5 * y_plain.norm()
@@ -202,6 +211,50 @@ def test_transformer_layers_stay_indexable() -> None:
     assert list(layers) == [layers]  # a loop over the layers runs the stage once
     src, tgt, masks = _inputs(batch_first=True)
     assert converted(src, tgt, **masks).shape == tgt.shape
+
+
+class _SlicingStack(nn.Module):
+    """Runs its layers as Hugging Face decoders do: ``for layer in self.layers[:n]``."""
+
+    def __init__(self, depth: int) -> None:
+        super().__init__()
+        self.depth = depth
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.Tanh()) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers[: self.depth]:
+            x = layer(x)
+        return x
+
+
+def test_a_slice_over_every_layer_runs_the_momentum_stage() -> None:
+    torch.manual_seed(0)
+    model = _SlicingStack(3)
+    converted = transform_to_momentumnet(
+        model, sub_layers="layers", keep_first_layer=False, gamma=0.9, is_residual=True
+    )
+    layers = converted.layers
+    assert layers[:3] is layers and layers[0:3:1] is layers and layers[:10] is layers
+    x = torch.randn(2, 4)
+    stage = MomentumNet(list(model.layers), gamma=0.9, is_residual=True)
+    torch.testing.assert_close(converted(x), stage(x))
+    # Not the original layers run one after the other.
+    assert (converted(x) - model(x)).abs().max() > 1e-3
+
+
+def test_a_slice_over_some_layers_is_refused() -> None:
+    converted = transform_to_momentumnet(_SlicingStack(3), sub_layers="layers")
+    with pytest.raises(ValueError, match=r"slice \[None:2:None\] takes part of a momentum stage"):
+        converted.layers[:2]
+
+
+def test_layers_of_different_types_are_refused() -> None:
+    model = _SlicingStack(3)
+    model.config = type("Config", (), {"layer_types": ["sliding", "full", "full"]})()
+    with pytest.raises(ValueError, match=r"layers of 'layers' are of different types"):
+        transform_to_momentumnet(model, sub_layers="layers")
+    model.config.layer_types = ["full"] * 3
+    transform_to_momentumnet(model, sub_layers="layers")
 
 
 # -- bad input ------------------------------------------------------------------------

@@ -27,8 +27,20 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from invertnet._rng import RNGTape, call_recorded
-from invertnet.momentum.arguments import Slot, grad_slots, slot_tensors, with_tensors
-from invertnet.momentum.exact import BitStore, ExactMomentum, FixedPoint, MomentumState
+from invertnet.momentum.arguments import (
+    ArgumentRecord,
+    Slot,
+    grad_slots,
+    slot_tensors,
+    with_tensors,
+)
+from invertnet.momentum.exact import (
+    BitStore,
+    ExactMomentum,
+    FixedPoint,
+    MomentumState,
+    RangeCheck,
+)
 from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 
 if TYPE_CHECKING:
@@ -50,6 +62,8 @@ class _Run:
     core: ExactMomentum
     tape: RNGTape
     autocast: list[AutocastState]
+    # Forward only: the magnitudes the steps reached, checked once at the end.
+    checks: RangeCheck
     # The state, and the layer whose input it holds; None once it is not needed.
     state: MomentumState | None = None
     layer: int = 0
@@ -64,6 +78,9 @@ class _Run:
     arg_leaves: tuple[torch.Tensor, ...] = ()
     leaf_args: tuple[Any, ...] = ()
     leaf_kwargs: dict[str, Any] = field(default_factory=dict)
+    # The state of args and kwargs at the start of the call, which every replay
+    # must find again (see invertnet.momentum.arguments.ArgumentRecord).
+    record: ArgumentRecord | None = None
 
     @contextlib.contextmanager
     def recomputing(self, module: torch.nn.Module) -> Iterator[None]:
@@ -77,15 +94,32 @@ class _Run:
             yield
 
     def state_at(self, layer: int) -> MomentumState:
-        """The state, checked to hold the input of ``layer`` (backward order)."""
-        if self.state is None or self.layer != layer:
-            raise RuntimeError(
-                "MomentumNet(use_backprop=False): backward reached layer "
-                f"{layer - 1} while the reconstructed state is at layer {self.layer}; the "
-                "layers of one call must be back-propagated together, from the output "
-                "(a partial or interleaved backward through the same call is not supported)"
-            )
-        return self.state
+        """The state, checked to hold the input of ``layer`` (backward order).
+
+        ``layer`` is that of the node asking, or 0 for the one that converted the
+        input (and ran ``init_function``), which needs the state of layer 0.
+        """
+        if self.state is not None and self.layer == layer:
+            return self.state
+        asking = (
+            "the network's input (the node before functions[0])"
+            if layer == 0
+            else f"functions[{layer - 1}]"
+        )
+        held = (
+            "holds no reconstructed state (the backward that reconstructed it has ended)"
+            if self.state is None
+            else f"holds the reconstructed input of functions[{self.layer}]"
+            if self.layer < len(self.net.functions)
+            else "holds the final state, that of the output"
+        )
+        raise RuntimeError(
+            f"MomentumNet(use_backprop=False): backward reached {asking}, but this call "
+            f"{held}. The layers of one call must be back-propagated together, from the "
+            "output to the input: a partial or interleaved backward through the same call "
+            "is not supported. Back-propagate from the network's output (once, or with "
+            "retain_graph=True for more), or use use_backprop=True"
+        )
 
 
 def _trainable(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
@@ -113,44 +147,61 @@ def run_without_activations(
         core=ExactMomentum(net._gamma, fixed),
         tape=RNGTape([x]),
         autocast=AutocastState.capture([x]),
+        checks=RangeCheck(fixed),
     )
     grad_args = slot_tensors(args, kwargs, run.grad_slots)
     init = net.init_function
     link = _Start.apply(run, x, *(_trainable(init) if init is not None else ()))
-    for t, f in enumerate(net.functions):
-        link = _Layer.apply(run, t, link, *grad_args, *_trainable(f))
+    run.record = ArgumentRecord(args, kwargs)
+    try:
+        for t, f in enumerate(net.functions):
+            link = _Layer.apply(run, t, link, *grad_args, *_trainable(f))
+    except Exception as error:
+        # A function that fails on an input out of range: name what left the range.
+        try:
+            run.checks.check()
+        except OverflowError as overflow:
+            raise overflow from error
+        raise
+    run.record.check(args, kwargs, "while the functions ran in the forward pass")
     return link
 
 
-def _unowned_leaves(
-    net: MomentumNet, key: int | str, y: torch.Tensor, wanted: tuple[torch.Tensor, ...]
-) -> list[torch.Tensor]:
+# The type of the node that accumulates a leaf's gradient.
+_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).view(1).grad_fn.next_functions[0][0])
+
+
+def _unowned_leaves(y: torch.Tensor, wanted: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
     """The leaves that ``y`` reaches besides ``wanted`` and that require grad.
 
     Such tensors are used by a function without being its parameters or call
     arguments: a parameter of another module, captured in a closure, for example.
     The node of a layer does not list them among its inputs (it cannot know them
-    in forward), so :func:`_vjp` gives them their gradients separately. Walking
-    the graph costs time, so each layer is walked at its first backward, and
-    again only if that walk found some.
+    in forward), so :func:`_vjp` gives them their gradients separately.
+
+    The graph is walked at every backward: which tensors it reaches, and which
+    of them require grad, may change between calls (a module frozen, then
+    unfrozen; a closure over a tensor computed without grad, then with it), so
+    a remembered answer could withhold a gradient. The walk is a pass over the
+    graph's nodes in Python, about a microsecond per node, with no look at a
+    tensor's values.
     """
-    found_before = net._unowned_leaves.get(key)
-    if found_before is False or not y.requires_grad:
+    root = y.grad_fn
+    if root is None:
         return []
     known = {id(w) for w in wanted}
-    stack, seen, leaves = [y.grad_fn], set(), {}
+    stack, seen, leaves = [root], {root}, {}
     while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # a leaf's AccumulateGrad
-            if id(variable) not in known:
-                leaves[id(variable)] = variable
-            continue
-        stack.extend(next_node for next_node, _ in node.next_functions)
-    net._unowned_leaves[key] = bool(leaves)
+        for node, _ in stack.pop().next_functions:
+            if node is None or node in seen:
+                continue
+            seen.add(node)
+            if type(node) is _ACCUMULATE_GRAD:
+                variable = node.variable
+                if id(variable) not in known:
+                    leaves[id(variable)] = variable
+            else:
+                stack.append(node)
     return list(leaves.values())
 
 
@@ -184,13 +235,13 @@ class _Start(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, run: _Run, x: torch.Tensor, *init_params: torch.Tensor) -> torch.Tensor:
         net, fixed = run.net, run.fixed
-        position = fixed.to_fixed(x, "the input x")
+        position = fixed.to_fixed(x, "the input x", run.checks)
         if net.init_function is not None:
             # init_function sees x as the functions do: rounded to fixed point.
             x_0 = (position * fixed.unit).to(x.dtype)
             with run.tape.recording():
                 v_0 = call_recorded("init", net.call_init, x_0)
-            velocity = fixed.to_fixed(v_0, "the initial velocity init_function(x)")
+            velocity = fixed.to_fixed(v_0, "the initial velocity init_function(x)", run.checks)
         else:
             velocity = torch.zeros_like(position)
         run.state = run.core.start(position, velocity)
@@ -216,7 +267,7 @@ class _Start(torch.autograd.Function):
             with run.recomputing(init):
                 v_0 = call_recorded("init", run.net.call_init, x_0)
                 wanted = (x_0, *ctx.init_params)
-                unowned = _unowned_leaves(run.net, "init", v_0, wanted)
+                unowned = _unowned_leaves(v_0, wanted)
                 found = _vjp(v_0, wanted, grad_v.to(v_0.dtype), unowned)
             if found[0] is not None:
                 grad_x.add_(found[0])
@@ -239,18 +290,18 @@ class _Layer(torch.autograd.Function):
         x_t = run.inputs
         with run.tape.recording():
             y = call_recorded(t, net.call_function, t, x_t, run.args, run.kwargs)
-        what = f"(1 - gamma) * f_{t}(x_{t})"
-        run.inputs = core.advance(state, y, net.is_residual, what, t)
+        run.inputs = core.advance(state, y, net.is_residual, t, run.checks)
         run.layer = t + 1
         ctx.run, ctx.t = run, t
         ctx.params = tensors[len(run.grad_slots) :]
         if t < len(net.functions) - 1:
             return link.new_empty(0)
+        # Once per forward pass, before it returns: one transfer from the device.
+        run.checks.check()
         # The last layer keeps the final state for backward; the shared object lets
         # it go, so that saved-tensor hooks (offloading, accounting) see all of it.
         ctx.save_for_backward(state.position, state.velocity, *state.store.tensors())
         ctx.layout = state.store.layout()
-        ctx.split_at = set(state.split_at)
         run.state = None
         output, run.inputs = run.inputs, None
         return output
@@ -276,7 +327,7 @@ class _Layer(torch.autograd.Function):
             if grad_y.dtype != y.dtype:  # f changed the dtype (autocast): round once
                 grad_y = (grad_v_total * core.mix).to(y.dtype)
             wanted = (x_t, *run.arg_leaves, *ctx.params)
-            unowned = _unowned_leaves(net, t, y, wanted)
+            unowned = _unowned_leaves(y, wanted)
             found = _vjp(y, wanted, grad_y, unowned)
         core.retreat_velocity(state, y, net.is_residual)
         run.layer = t
@@ -298,12 +349,14 @@ def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     store = BitStore.from_tensors(store_tensors, ctx.layout)
     # Copies: undoing the steps writes over the state, and a backward with
     # retain_graph=True must find the saved tensors intact for the next one.
-    run.state = MomentumState(position.clone(), velocity.clone(), store, split_at=ctx.split_at)
+    run.state = MomentumState(position.clone(), velocity.clone(), store)
     run.layer = len(run.net.functions)
     # In the state's layout, which the fused loops need (the gradient of a sum is
     # an expanded tensor, for one).
     run.grad_x = torch.empty_like(position).copy_(grad_output)
     run.grad_v_total = run.grad_x.clone()
+    assert run.record is not None
+    run.record.check(run.args, run.kwargs, "between the forward pass and backward")
     tensors = slot_tensors(run.args, run.kwargs, run.grad_slots)
     run.arg_leaves = tuple(t.detach().requires_grad_(True) for t in tensors)
     run.leaf_args, run.leaf_kwargs = with_tensors(

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from invertnet.momentum.arguments import grad_slots
+from invertnet.momentum.caches import without_kv_caches
 from invertnet.momentum.gamma import Gamma
 
 __all__ = ["MomentumNet"]
@@ -74,9 +75,11 @@ class MomentumNet(nn.Module):
     init_function : torch.nn.Module, optional
         Required when ``init_speed`` is True; maps ``x`` to a tensor of its shape.
     use_backprop : bool
-        True: ordinary autograd, which keeps every layer's activations. False: keep
-        only the final state and a compact record of the bits lost to ``gamma``, and
-        reconstruct the rest in backward (see Notes).
+        True: ordinary autograd, which keeps every layer's activations. False: in
+        training mode with grad enabled, keep only the final state and a compact
+        record of the bits lost to ``gamma``, and reconstruct the rest in backward
+        (see Notes). In eval mode, or without grad, both modes run the plain
+        iteration (it is what :func:`torch.export.export` and ONNX export trace).
     is_residual : bool
         True: the functions are residual branches, used as :math:`f_t(x)`. False:
         they are whole residual blocks (``x + branch(x)``), used as
@@ -97,6 +100,16 @@ class MomentumNet(nn.Module):
     mode) or in 64-bit fixed point (``use_backprop=False``), so they differ only by
     the rounding of the inputs given to the functions. The exact mode is described
     in :mod:`invertnet.momentum.exact`.
+
+    With ``use_backprop=False`` every function is called a second time in
+    backward, with the same extra arguments, and must find them as it left them
+    in forward. A function that changes an argument (appends to a list, sets an
+    attribute, writes into a tensor in place), or a caller that changes one
+    before backward, makes that call raise :class:`RuntimeError` naming the
+    argument. Key/value caches of Hugging Face models (``transformers``
+    ``Cache`` objects) are handled instead: the training pass runs the functions
+    without them, as ``transformers`` does under gradient checkpointing (see
+    :mod:`invertnet.momentum.caches`).
 
     Examples
     --------
@@ -153,10 +166,6 @@ class MomentumNet(nn.Module):
         self.init_speed = bool(init_speed)
         self.use_backprop = bool(use_backprop)
         self.is_residual = bool(is_residual)
-        # Per layer (or "init"), whether its recomputation in backward reaches leaves
-        # that require grad besides its own parameters and the call's arguments
-        # (see invertnet.momentum.backward._unowned_leaves).
-        self._unowned_leaves: dict[int | str, bool] = {}
 
     # -- public properties ---------------------------------------------------
     @property
@@ -224,11 +233,14 @@ class MomentumNet(nn.Module):
         if not self.use_backprop and self._needs_graph(x, args, kwargs):
             from invertnet.momentum.backward import run_without_activations
 
+            args, kwargs = without_kv_caches(args, kwargs)
             return run_without_activations(self, x, args, kwargs)
         return self._forward_plain(x, args, kwargs)
 
     def _needs_graph(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
-        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+        # Inference (eval mode, or no grad) needs no exact reversal: the plain
+        # iteration runs, which torch.export and ONNX export can trace.
+        if not self.training or not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
             return False
         # The same search that finds the argument tensors to differentiate, so that
         # whatever makes a graph necessary also gets its gradient.

@@ -42,8 +42,25 @@ class MomentumLayers(nn.Module):
         return head + list(self.momentum.functions)
 
     def __getitem__(self, index: int | slice) -> Any:
-        """The original layer(s) at ``index`` (the first layer kept, then the functions)."""
-        return self._layers()[index]
+        """The original layer at ``index`` (the first layer kept, then the functions).
+
+        A slice that covers every layer (``layers[:n]``, as Hugging Face decoders
+        write their loop) returns the stage itself, so that the loop over it runs
+        the whole stage; a slice that covers only some raises, since part of a
+        momentum stage cannot run on its own.
+        """
+        layers = self._layers()
+        if not isinstance(index, slice):
+            return layers[index]
+        if range(*index.indices(len(layers))) == range(len(layers)):
+            return self
+        raise ValueError(
+            f"MomentumLayers: the slice [{index.start}:{index.stop}:{index.step}] takes "
+            f"part of a momentum stage of {len(layers)} layers. The converted layers run as "
+            "one Momentum ResNet, so a loop over some of them would run the original layers "
+            "instead; index single layers to inspect them (layers[0]), or convert a model "
+            "that runs all of its layers"
+        )
 
     def __len__(self) -> int:
         """The number of original layers."""
@@ -99,6 +116,22 @@ def _convert(
     if isinstance(layers, nn.ModuleList):
         return MomentumLayers(first, momentum)
     return nn.Sequential(first, momentum) if first is not None else momentum
+
+
+def _check_layer_types(model: nn.Module, path: str, layers: nn.Module) -> None:
+    """Refuse a stage whose layers a Hugging Face model gives different masks."""
+    layer_types = getattr(getattr(model, "config", None), "layer_types", None)
+    if not isinstance(layer_types, (list, tuple)) or len(layer_types) != len(layers):
+        return
+    if len(set(layer_types)) > 1:
+        raise ValueError(
+            f"transform_to_momentumnet: the layers of {path!r} are of different types "
+            f"(config.layer_types: {sorted(set(layer_types))}), and the model gives each "
+            "type its own attention mask, picked by the layer's index in its loop. A "
+            "momentum stage runs all of its layers with one set of arguments, so some "
+            "layers would attend with another type's mask; convert a model whose layers "
+            "share one type (for example without sliding-window layers)"
+        )
 
 
 def transform_to_momentumnet(
@@ -181,6 +214,8 @@ def transform_to_momentumnet(
     converted = copy.deepcopy(model)
     # Resolve every path before changing anything, so a bad path leaves no half-done copy.
     targets = [(path, *_resolve(converted, path)) for path in paths]
+    for path, _, _, layers in targets:
+        _check_layer_types(converted, path, layers)
     replacements = [
         (parent, name, _convert(path, layers, keep_first_layer, momentum_args))
         for path, parent, name, layers in targets
