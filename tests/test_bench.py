@@ -7,6 +7,7 @@ bytes, which are deterministic.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import subprocess
@@ -22,8 +23,9 @@ import invertnet
 from invertnet.bench import cli as bench_cli
 from invertnet.bench import main
 from invertnet.bench import measure as bench_measure
-from invertnet.bench._worker import measure_config_line
+from invertnet.bench import report as bench_report
 from invertnet.bench import workloads as bench_workloads
+from invertnet.bench._worker import measure_config_line
 from invertnet.bench.measure import Config, Result, combine_rounds, with_times
 from invertnet.bench.report import COLUMNS, SCHEMA, format_table, render_rst
 from invertnet.bench.workloads import CORE_METHODS, METHOD_INFO, SIZES, WORKLOADS, build
@@ -499,3 +501,331 @@ def test_paired_timing_tool_rejects_zero_pairs(capsys: pytest.CaptureFixture[str
         tool.main(["--pairs", "0"])
     assert exit_.value.code == 2
     assert "--pairs and --depths must be positive integers" in capsys.readouterr().err
+
+
+# -- kept inputs and memory growth: flagged, never shown as flat ----------------
+class _HoldInputs(torch.nn.Module):
+    """Keeps a view of every input it sees: the wrapper after it cannot free them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.held.append(x.view(-1))  # shares the storage: freeing it would corrupt this
+        return x
+
+
+def _holding_additive_conv(
+    depth: int, method: str, batch_size: int, dtype: torch.dtype, device: torch.device, sizes: Any
+) -> tuple[torch.nn.Module, Any]:
+    model, batch = bench_workloads._additive_conv(depth, method, batch_size, dtype, device, sizes)
+    if method == "invertnet":  # every block's input is also held elsewhere
+        blocks = [m for block in model for m in (_HoldInputs(), block)]
+        model = torch.nn.Sequential(*blocks)
+    return model, batch
+
+
+@pytest.fixture
+def holding_workload(monkeypatch: pytest.MonkeyPatch) -> str:
+    spec = replace(WORKLOADS["additive-conv"], name="holding", builder=_holding_additive_conv)
+    monkeypatch.setitem(WORKLOADS, "holding", spec)
+    return "holding"
+
+
+def test_worker_counts_inputs_kept_from_the_first_step(holding_workload: str) -> None:
+    config = Config(holding_workload, 3, "invertnet", batch_size=2, repeats=0, warmup=0)
+    result = bench_measure.measure_here(config)
+    assert result.error is None
+    # One warning per wrapper, each at its first training step (the untimed first one).
+    assert result.kept_inputs == 3
+    assert any(w.startswith("InputKeptWarning: ") for w in result.warnings)
+    clean = bench_measure.measure_here(replace(config, workload="additive-conv"))
+    assert clean.kept_inputs == 0
+
+
+def test_interleaved_timing_attributes_kept_inputs_to_their_method(holding_workload: str) -> None:
+    base = Config(holding_workload, 2, "plain", batch_size=2, repeats=1, warmup=0)
+    plain, light = bench_measure.time_interleaved([base, replace(base, method="invertnet")])
+    assert plain.kept_inputs == 0 and light.kept_inputs == 2
+    assert not any("InputKeptWarning" in w for w in plain.warnings)
+
+
+def _result(workload: str, depth: int, method: str, mb: float, kept: int = 0) -> Result:
+    config = Config(workload, depth, method)
+    return Result(config=config, step_times_s=[0.01], peak_bytes=int(mb * 2**20), kept_inputs=kept)
+
+
+def _document(results: list[Result], device: str = "cpu") -> dict:
+    machine = {"device": device, "device_name": "test", "cpu_count": 2, "python": "3", "torch": "2"}
+    settings = {"command": "invertnet bench", "repeats": 1, "dtype": "float32"}
+    return bench_report.to_document(results, settings, machine)
+
+
+def test_kept_inputs_are_flagged_in_summary_json_table_and_rst() -> None:
+    # Memory that looks flat, but inputs were kept: the report must say so.
+    results = [
+        _result("additive-conv", 8, "plain", 10),
+        _result("additive-conv", 8, "invertnet", 2),
+        _result("additive-conv", 128, "plain", 160),
+        _result("additive-conv", 128, "invertnet", 2, kept=128),
+    ]
+    document = _document(results)
+    (alert,) = document["alerts"]
+    assert alert["kind"] == "kept-inputs" and alert["method"] == "invertnet"
+    assert alert["depths"] == [128] and alert["kept_inputs"] == 128
+    summary = bench_report.format_summary(document)
+    assert "WARNING: additive-conv invertnet: inputs were KEPT" in summary
+    rows = {(r["config"]["depth"], r["config"]["method"]): r for r in document["results"]}
+    assert rows[(128, "invertnet")]["notes"] == ["KEPT INPUTS (128)"]
+    assert rows[(8, "invertnet")]["notes"] == [] and rows[(128, "plain")]["notes"] == []
+    table = bench_report.format_table(document)
+    assert "KEPT INPUTS (128)" in table
+    rst = render_rst(document)
+    assert "| note" in rst and "KEPT INPUTS (128)" in rst and "* WARNING:" in rst
+    assert json.loads(json.dumps(document))["alerts"] == document["alerts"]
+
+
+def test_memory_growing_with_depth_is_flagged_only_for_memory_saving_methods() -> None:
+    results = [
+        _result("additive-conv", 8, "plain", 10),
+        _result("additive-conv", 8, "checkpoint", 5),
+        _result("additive-conv", 8, "invertnet", 2),
+        _result("additive-conv", 8, "revlib", 2),
+        _result("additive-conv", 128, "plain", 160),
+        _result("additive-conv", 128, "checkpoint", 40),  # grows: expected of checkpoint
+        _result("additive-conv", 128, "invertnet", 40),  # grows like checkpoint: flagged
+        _result("additive-conv", 128, "revlib", 5),  # +3 MB: within the CPU noise slack
+    ]
+    document = _document(results)
+    (alert,) = document["alerts"]
+    assert (alert["kind"], alert["method"], alert["depths"]) == (
+        "memory-grows",
+        "invertnet",
+        [8, 128],
+    )
+    assert alert["growth"] == pytest.approx(20.0)
+    assert "activation memory GROWS with depth" in bench_report.format_summary(document)
+    notes = {(r["config"]["depth"], r["config"]["method"]): r["notes"] for r in document["results"]}
+    assert notes[(128, "invertnet")] == ["MEMORY GROWS 20.00x"]
+    # Without plain rows the slack is the noise floor alone; on CUDA the allocator
+    # counts exactly, and the same 3 MB is growth there.
+    no_plain = [r for r in results if r.config.method != "plain"]
+    assert [a["method"] for a in _document(no_plain)["alerts"]] == ["invertnet"]
+    cuda = _document(no_plain, device="cuda:0")
+    assert [a["method"] for a in cuda["alerts"]] == ["invertnet", "revlib"]
+
+
+def test_growth_slack_follows_plain_autograds_growth() -> None:
+    # Plain adds 1000 MB from depth 8 to 128: 30 MB more for invertnet is 3% of that,
+    # the allocator's noise at this scale, not a per-block activation kept.
+    results = [
+        _result("transformer", 8, "plain", 100),
+        _result("transformer", 8, "invertnet", 20),
+        _result("transformer", 128, "plain", 1100),
+        _result("transformer", 128, "invertnet", 50),
+    ]
+    assert _document(results, device="cuda:0")["alerts"] == []
+    results[-1] = _result("transformer", 128, "invertnet", 200)  # 18% of plain's growth
+    assert [a["kind"] for a in _document(results, device="cuda:0")["alerts"]] == ["memory-grows"]
+
+
+def test_a_clean_run_renders_no_note_column() -> None:
+    results = [_result("additive-conv", d, m, 2) for d in (8, 128) for m in ("plain", "invertnet")]
+    document = _document(results)
+    assert document["alerts"] == []
+    assert "| note" not in render_rst(document)
+    assert "WARNING" not in bench_report.format_summary(document)
+
+
+# -- sizes, autocast, peers ----------------------------------------------------
+def test_sizes_build_the_networks_of_the_issues() -> None:
+    large, batch = build("additive-conv", 1, "plain", size="cpu-large")
+    assert tuple(batch.args[0].shape) == (16, 64, 32, 32)
+    assert WORKLOADS["additive-conv"].default_depths("cpu-large") == (8, 32, 128)
+    gpu = {name: spec.sizes["gpu"] for name, spec in WORKLOADS.items()}
+    assert (gpu["additive-conv"]["channels"], gpu["additive-conv"]["batch_size"]) == (128, 128)
+    assert {k: gpu["transformer"][k] for k in ("d_model", "heads", "ff", "seq", "batch_size")} == {
+        "d_model": 512,
+        "heads": 8,
+        "ff": 2048,
+        "seq": 512,
+        "batch_size": 32,
+    }
+    assert gpu["transformer"]["depths"] == (12, 48)
+    assert (gpu["momentum-mlp"]["width"], gpu["momentum-mlp"]["batch_size"]) == (1024, 4096)
+    for spec in WORKLOADS.values():
+        assert set(spec.sizes) == set(SIZES)
+        for size in SIZES:
+            assert "{" not in spec.describe(size)
+    with pytest.raises(ValueError, match="unknown size 'huge'; known: cpu, cpu-large, gpu"):
+        build("additive-conv", 1, "plain", size="huge")
+
+
+def test_a_method_the_workload_lacks_is_a_clear_error() -> None:
+    with pytest.raises(ValueError, match="unknown method 'revlib' for workload 'momentum-mlp'"):
+        build("momentum-mlp", 1, "revlib")
+
+
+def test_gpu_size_defaults_to_fp32_and_bf16_autocast(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(bench_cli, "Runner", _RecordingRunner)
+    _RecordingRunner.calls = []
+    out = tmp_path / "b.json"
+    argv = ["--size", "gpu", "--workloads", "transformer", "--methods", "plain", "original"]
+    assert main([*argv, "--timing", "separate", "--no-progress", "--json", str(out)]) == 0
+    configs = _RecordingRunner.calls
+    assert {(c.size, c.autocast, c.depth) for c in configs} == {
+        ("gpu", a, d) for a in (None, "bf16") for d in (12, 48)
+    }
+    document = json.loads(out.read_text())
+    assert document["settings"]["autocast"] == ["off", "bf16"]
+    labels = {
+        r["config"]["workload"] + "/" + str(r["config"]["autocast"]) for r in document["results"]
+    }
+    assert labels == {"transformer/None", "transformer/bf16"}
+    table = format_table(document)
+    assert "transformer+bf16" in table
+    # Ratios compare within one autocast mode: plain is 1.00x in both.
+    for row in document["results"]:
+        if row["config"]["method"] == "plain":
+            assert row["time_ratio"] == pytest.approx(1.0)
+    assert "d_model 512" in document["workloads"]["transformer"]
+
+
+def test_bad_size_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    err = _run_bad(["--size", "huge"], capsys)
+    assert "invalid choice: 'huge'" in err and "cpu-large" in err
+
+
+def test_train_step_under_bf16_autocast_on_cpu() -> None:
+    model, batch = build("transformer", 1, "original", batch_size=2)
+    seen: list[torch.dtype] = []
+    model.layers[0].linear1.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    bench_measure.train_step(model, batch, autocast="bf16")
+    assert seen == [torch.bfloat16]
+    assert model.layers[0].linear1.weight.grad is not None
+
+
+class _FakeEvent:
+    clock = 0.0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.at: float | None = None
+
+    def record(self) -> None:
+        type(self).clock += 12.5  # milliseconds pass on the "device"
+        self.at = type(self).clock
+
+    def synchronize(self) -> None:
+        assert self.at is not None
+
+    def elapsed_time(self, end: _FakeEvent) -> float:
+        assert self.at is not None and end.at is not None
+        return end.at - self.at
+
+
+def test_step_timer_uses_cuda_events_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[torch.device] = []
+    monkeypatch.setattr(torch.cuda, "Event", _FakeEvent)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synced.append(device))
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    ran: list[int] = []
+    seconds = bench_measure.StepTimer("cuda:0")(lambda: ran.append(1))
+    assert ran == [1] and seconds == pytest.approx(0.0125)
+    assert synced == [torch.device("cuda:0")]  # earlier work is not counted
+    assert bench_measure.StepTimer("cpu")(lambda: None) < 1.0
+
+
+def test_missing_peers_are_notes_not_errors(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    real = bench_workloads.method_available
+
+    def without_revlib(method: str) -> str | None:
+        return (
+            "revlib is not installed (pip install revlib)" if method == "revlib" else real(method)
+        )
+
+    monkeypatch.setattr(bench_cli, "method_available", without_revlib)
+    monkeypatch.setattr(bench_cli, "Runner", _RecordingRunner)
+    _RecordingRunner.calls = []
+    out = tmp_path / "b.json"
+    argv = ["--workloads", "additive-conv", "--depths", "1", "--methods", "plain", "revlib"]
+    assert main([*argv, "--timing", "separate", "--no-progress", "--json", str(out)]) == 0
+    assert [c.method for c in _RecordingRunner.calls] == ["plain"]
+    document = json.loads(out.read_text())
+    assert document["notes"] == [
+        "revlib not measured on additive-conv: revlib is not installed (pip install revlib)"
+    ]
+    assert "note: revlib not measured on additive-conv" in format_table(document)
+
+
+class _FailingPeerRunner(_RecordingRunner):
+    def run(self, config: Config) -> Result:
+        if config.method == "memcnn":
+            return Result(config=config, error="AttributeError: memcnn cannot run here")
+        return super().run(config)
+
+
+def test_a_peer_that_cannot_run_is_a_note_and_not_a_failed_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench_cli, "method_available", lambda method: None)
+    monkeypatch.setattr(bench_cli, "Runner", _FailingPeerRunner)
+    out = tmp_path / "b.json"
+    argv = ["--workloads", "additive-conv", "--depths", "1", "--methods", "plain", "memcnn"]
+    assert main([*argv, "--timing", "separate", "--no-progress", "--json", str(out)]) == 0
+    document = json.loads(out.read_text())
+    assert document["notes"] == [
+        "memcnn could not run on additive-conv (see the failure above); "
+        "a peer's failure is not the benchmark's"
+    ]
+    assert "failed: additive-conv depth 1 memcnn: AttributeError" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("workload", "method"),
+    [
+        (w, m)
+        for w, spec in WORKLOADS.items()
+        for m in spec.methods
+        if METHOD_INFO[m].package is not None
+    ],
+)
+def test_peers_train_in_the_worker(workload: str, method: str) -> None:
+    if bench_workloads.method_available(method):
+        pytest.skip(bench_workloads.method_available(method) or "")
+    config = Config(workload, 2, method, batch_size=2, repeats=1, warmup=0)
+    result = bench_measure.measure_here(config)
+    assert result.error is None, result.error
+    assert len(result.step_times_s) == 1 and result.peak_bytes is not None
+    assert result.kept_inputs == 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None, reason="needs transformers")
+@pytest.mark.parametrize("method", CORE_METHODS)
+def test_llama_workload_trains(method: str) -> None:
+    model, batch = build("llama", 2, method, batch_size=2)
+    assert batch.args[0].dtype == torch.long
+    bench_measure.train_step(model, batch)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+    if method == "invertnet":
+        assert any(isinstance(m, invertnet.MomentumNet) for m in model.modules())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bench_on_cuda_gpu_size_fp32_and_bf16(tmp_path: Path) -> None:
+    out = tmp_path / "cuda.json"
+    argv = ["--device", "cuda", "--size", "gpu", "--quick", "--no-progress", "--json", str(out)]
+    argv += ["--workloads", "additive-conv", "momentum-mlp", "transformer"]
+    assert main(argv) == 0
+    document = json.loads(out.read_text())
+    assert "max_memory_allocated" in document["memory_method"]
+    assert document["settings"]["autocast"] == ["off", "bf16"]
+    assert not [a for a in document["alerts"] if a["kind"] == "kept-inputs"]
+    for row in document["results"]:
+        assert row["error"] is None and row["peak_bytes"] > 0
