@@ -30,6 +30,7 @@ __all__ = [
     "holder_counts",
     "input_kind",
     "is_output_of",
+    "call_without_subclass",
     "queue_end_of_backward",
     "sole_holder_counts",
     "storage_key",
@@ -134,3 +135,13 @@ def assert_on_device(condition: torch.Tensor, message: str) -> None:
     it raises :class:`RuntimeError` at once.
     """
     torch._assert_async(condition, message)
+
+
+def call_without_subclass(func: Callable[..., Any], args: tuple, kwargs: dict | None) -> Any:
+    """Call the torch function ``func`` as if its tensor arguments were plain tensors.
+
+    For a ``__torch_function__`` override that lets some calls through unchanged:
+    unlike ``super().__torch_function__``, results are not turned into the subclass.
+    """
+    with torch._C.DisableTorchFunctionSubclass():
+        return func(*args, **(kwargs or {}))

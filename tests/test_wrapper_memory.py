@@ -197,17 +197,36 @@ def test_residual_skip_without_keep_input_raises_never_wrong_values(shape) -> No
     x = torch.randn(*shape, requires_grad=True)
     y = wrapper(x)
     assert x.numel() == 0
-    with pytest.raises(RuntimeError, match="size of tensor"):
+    with pytest.raises(RuntimeError, match=r"residual skip .* pass keep_input=True"):
         x + y  # noqa: B018
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match=r"InvertibleModuleWrapper\(AdditiveCoupling\)"):
         y + x  # noqa: B018
+    with pytest.raises(RuntimeError, match="keep_input=True"):
+        x.sum()  # would silently be 0 on the zero-element tensor
+    # What the tensor is can still be asked; its values come back in backward.
+    assert x.dtype == torch.float32 and x.requires_grad and x.untyped_storage().nbytes() == 0
+    y.sum().backward()
+    assert type(x) is torch.Tensor and x.shape == shape
+    torch.testing.assert_close(x + 0, x)
 
 
-def test_in_place_change_of_a_freed_input_is_caught_in_backward() -> None:
+def test_in_place_change_of_a_freed_input_is_refused_at_once() -> None:
     wrapper = InvertibleModuleWrapper(_additive())
     x = torch.randn(3, 8, requires_grad=True)
     y = wrapper(x)
-    with torch.no_grad():
-        x.add_(1.0)  # on a zero-element tensor: allowed, but bumps its version
+    with torch.no_grad(), pytest.raises(RuntimeError, match="add_: .*keep_input=True"):
+        x.add_(1.0)
+    y.sum().backward()
+    assert x.grad is not None
+
+
+def test_in_place_change_that_bypasses_the_guard_is_caught_in_backward() -> None:
+    wrapper = InvertibleModuleWrapper(_additive())
+    x = torch.randn(3, 8, requires_grad=True)
+    y = wrapper(x)
+    # Code that turns __torch_function__ off (as a C++ extension would) gets through
+    # to the zero-element tensor, but its write bumps the version counter.
+    with torch.no_grad(), torch._C.DisableTorchFunctionSubclass():
+        x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place.*keep_input=True"):
         y.sum().backward()

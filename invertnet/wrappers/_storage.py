@@ -17,13 +17,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import resolve_name
 
-from invertnet._torch_private import holder_counts, input_kind, sole_holder_counts, version
+from invertnet._torch_private import (
+    call_without_subclass,
+    holder_counts,
+    input_kind,
+    sole_holder_counts,
+    version,
+)
 
-__all__ = ["FreedInput", "InputKeptWarning", "why_not_freeable", "free", "FREED_ATTR"]
+__all__ = [
+    "FREED_ATTR",
+    "FreedInput",
+    "FreedTensor",
+    "InputKeptWarning",
+    "free",
+    "freed_tensor_error",
+    "why_not_freeable",
+]
 
 
 class InputKeptWarning(UserWarning):
@@ -37,6 +53,8 @@ class InputKeptWarning(UserWarning):
 
 #: Attribute set on a freed input tensor, naming who freed it.
 FREED_ATTR = "_invertnet_freed_by"
+# The wrapper argument that would have kept the tensor, for the error message.
+_KEEP_FLAG_ATTR = "_invertnet_keep_flag"
 
 
 def why_not_freeable(
@@ -92,16 +110,31 @@ class FreedInput:
 
     def restore(self, values: torch.Tensor) -> None:
         """Reallocate the storage, restore the shape and copy ``values`` in."""
-        x = self.tensor
+        x = self.reallocate()
+        with torch.no_grad():
+            x.copy_(values)
+        # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
+        self.version = version(x)
+
+    def reallocate(self) -> torch.Tensor:
+        """Give the tensor its memory and shape back (its values are undefined until
+        written) and make it usable again; return it."""
+        x = self.unmark()
         with torch.no_grad():
             storage = x.untyped_storage()
             storage.resize_(self.nbytes)
             _set_view(x, storage, self.size, self.stride)
-            x.copy_(values)
-        # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
-        self.version = version(x)
-        if hasattr(x, FREED_ATTR):
-            delattr(x, FREED_ATTR)
+        return x
+
+    def unmark(self) -> torch.Tensor:
+        """Make the tensor an ordinary tensor again (see :class:`FreedTensor`)."""
+        x = self.tensor
+        if type(x) is FreedTensor:
+            x.__class__ = torch.Tensor
+        for attr in (FREED_ATTR, _KEEP_FLAG_ATTR):
+            if hasattr(x, attr):
+                delattr(x, attr)
+        return x
 
     @property
     def mutated(self) -> bool:
@@ -141,8 +174,12 @@ def _set_view(
     x.data = torch.empty(0, dtype=x.dtype, device=x.device).set_(storage, 0, size, stride)
 
 
-def free(x: torch.Tensor, owner: str) -> FreedInput:
-    """Release ``x``'s memory, keeping its storage object for a later restore."""
+def free(x: torch.Tensor, owner: str, keep_flag: str = "keep_input") -> FreedInput:
+    """Release ``x``'s memory, keeping its storage object for a later restore.
+
+    ``owner`` and ``keep_flag`` (the argument that would have kept ``x``) name the
+    fix in the error raised if ``x`` is used before it is restored.
+    """
     record_size, record_stride = x.size(), x.stride()
     nbytes = x.untyped_storage().nbytes()
     with torch.no_grad():
@@ -150,4 +187,78 @@ def free(x: torch.Tensor, owner: str) -> FreedInput:
         storage.resize_(0)
         _set_view(x, storage, freed_shape(record_size), None)
     setattr(x, FREED_ATTR, owner)
-    return FreedInput(x, record_size, record_stride, nbytes, version(x))
+    setattr(x, _KEEP_FLAG_ATTR, keep_flag)
+    freed = FreedInput(x, record_size, record_stride, nbytes, version(x))
+    if type(x) is torch.Tensor:  # a subclass keeps its class, and its shape guard alone
+        x.__class__ = FreedTensor
+    return freed
+
+
+def freed_tensor_error(x: torch.Tensor, what: str) -> RuntimeError:
+    """The error for using ``x``, freed by a wrapper, before backward restored it."""
+    owner = getattr(x, FREED_ATTR, "an InvertibleModuleWrapper")
+    flag = getattr(x, _KEEP_FLAG_ATTR, "keep_input")
+    return RuntimeError(
+        f"{what}: this tensor was the input of {owner}, which freed it after its forward "
+        f"pass to save memory ({flag}=False); it is restored only by backward and cannot "
+        "be used before. If you use a block's input after the call, as in a residual skip "
+        f"x + block(x), pass {flag}=True to that wrapper"
+    )
+
+
+#: What may be asked of a freed tensor: what it is, not what it holds.
+_INTROSPECTION = frozenset(
+    f"torch.Tensor.{name}"
+    for name in (
+        "shape.__get__",
+        "ndim.__get__",
+        "dtype.__get__",
+        "device.__get__",
+        "layout.__get__",
+        "requires_grad.__get__",
+        "is_leaf.__get__",
+        "grad_fn.__get__",
+        "grad.__get__",
+        "_version.__get__",
+        "_base.__get__",
+        "is_cuda.__get__",
+        "size",
+        "dim",
+        "numel",
+        "stride",
+        "storage_offset",
+        "element_size",
+        "is_floating_point",
+        "untyped_storage",
+        "data_ptr",
+        "__repr__",
+    )
+)
+
+
+_AUTOGRAD_ENTRY_POINTS = (torch.autograd.grad, torch.autograd.backward, torch.Tensor.backward)
+
+
+class FreedTensor(torch.Tensor):
+    """The class a freed input has until backward restores it.
+
+    Any operation that would read or write its values raises an error that names the
+    wrapper and ``keep_input`` (a residual skip ``x + wrapper(x)`` otherwise failed
+    on a shape mismatch, or an empty reduction silently gave 0); what the tensor is
+    (shape, dtype, device, storage) can still be asked. The wrapper's backward makes
+    it an ordinary tensor again before restoring it.
+    """
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        name = resolve_name(func) or getattr(func, "__name__", repr(func))
+        # Autograd may be pointed at it (backward(inputs=[x]), autograd.grad): that
+        # names its place in the graph and reads nothing.
+        if name in _INTROSPECTION or func in _AUTOGRAD_ENTRY_POINTS:
+            return call_without_subclass(func, args, kwargs)
+        freed = next(
+            (a for a in (*args, *(kwargs or {}).values()) if isinstance(a, FreedTensor)), None
+        )
+        raise freed_tensor_error(freed if freed is not None else args[0], name)

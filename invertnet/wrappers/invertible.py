@@ -109,7 +109,9 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
         if reason is None:
             if call.debug is not None:
                 call.originals[i] = x.detach().clone()
-            call.freed[i] = free(x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})")
+            call.freed[i] = free(
+                x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})", call.keep_flag
+            )
         else:
             wrapper._warn_kept(i, reason)
 
@@ -157,6 +159,8 @@ class _InvertibleFunction(torch.autograd.Function):
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
         name = type(call.wrapper.module).__name__
+        for freed in call.freed.values():
+            freed.unmark()  # ordinary tensors again, for the checks and the restore below
         if call.passes_left <= 0:
             raise RuntimeError(
                 f"InvertibleModuleWrapper({name}): backward was run more times than "
