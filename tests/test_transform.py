@@ -6,7 +6,6 @@ from typing import Any
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from invertnet import MomentumNet, transform_to_momentumnet
@@ -20,6 +19,7 @@ TRANSFORMER_LAYERS = ["encoder.layers", "decoder.layers"]
 
 
 def _resnet(name: str) -> nn.Module:
+    torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     return getattr(torchvision.models, name)(weights=None)
 
