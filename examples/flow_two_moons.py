@@ -22,7 +22,9 @@ from torch import nn
 from invertnet import ActNorm, AffineCoupling, Flow, Permutation
 
 
-def make_moons(n: int, noise: float = 0.1, generator: torch.Generator | None = None) -> torch.Tensor:
+def make_moons(
+    n: int, noise: float = 0.1, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``n`` points on two interleaved half circles, with Gaussian noise of std ``noise``."""
     upper = n // 2
     angle = math.pi * torch.rand(n, generator=generator)
