@@ -43,9 +43,13 @@ def _as_tuple(y: Any) -> tuple[torch.Tensor, ...]:
     return tuple(y) if isinstance(y, (tuple, list)) else (y,)
 
 
-def _allclose(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float) -> bool:
+def _allclose(
+    a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float
+) -> bool:
     return len(a) == len(b) and all(
-        isinstance(x, torch.Tensor) and x.shape == y.shape and torch.allclose(x, y, atol=atol)
+        isinstance(x, torch.Tensor)
+        and x.shape == y.shape
+        and torch.allclose(x, y, atol=atol)
         for x, y in zip(a, b)
     )
 
@@ -134,7 +138,8 @@ def is_invertible_module(
     -----
     UserWarning
         If inputs (as rebuilt by ``inverse``) share a tensor, outputs share a tensor,
-        or an output is an input; sharing the memory of one tensor (views) counts. Also
+        an output of ``forward`` is one of its inputs, or an output of ``inverse`` is
+        one of its inputs; sharing the memory of one tensor (views) counts. Also
         when the module raises during a round trip (the result is then ``False``).
 
     Examples
@@ -164,10 +169,15 @@ def is_invertible_module(
         try:
             ys = _as_tuple(module_in(*xs))
             xs_back = _as_tuple(module_in.inverse(*ys))
+            inverse_returns_its_input = bool(
+                set(_storage_ptrs(ys)) & set(_storage_ptrs(xs_back))
+            )
             if not _allclose(xs_back, xs, atol):
                 return False
             ys = _as_tuple(module_in(*xs))
-            if not _allclose(_as_tuple(module_in(*_as_tuple(module_in.inverse(*ys)))), ys, atol):
+            if not _allclose(
+                _as_tuple(module_in(*_as_tuple(module_in.inverse(*ys)))), ys, atol
+            ):
                 return False
         except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as error:
             warnings.warn(
@@ -185,6 +195,14 @@ def is_invertible_module(
             warnings.warn(
                 "is_invertible_module: an output is one of the inputs (or shares its memory); "
                 "an InvertibleModuleWrapper would free it while it is still needed",
+                UserWarning,
+                stacklevel=2,
+            )
+        if inverse_returns_its_input:
+            warnings.warn(
+                "is_invertible_module: an output of inverse is one of its inputs (or shares "
+                "its memory); an InvertibleModuleWrapper's inverse direction would free it "
+                "while it is still needed",
                 UserWarning,
                 stacklevel=2,
             )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 
 import pytest
@@ -37,10 +38,28 @@ class _Scale(nn.Module):
 class _PassThrough(nn.Module):
     """Returns its second input unchanged: an output that is an input."""
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return a + b, b
 
-    def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(
+        self, y1: torch.Tensor, y2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return y1 - y2, y2
+
+
+class _InversePassThrough(nn.Module):
+    """Copies in forward, but its inverse returns its second input unchanged."""
+
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return a + b, b.clone()
+
+    def inverse(
+        self, y1: torch.Tensor, y2: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return y1 - y2, y2
 
 
@@ -154,10 +173,14 @@ def test_random_seed_and_dtype_select_the_inputs() -> None:
     runs = []
     for seed, dtype in ((1, torch.float32), (1, torch.float32), (2, torch.float64)):
         module = _Recorder()
-        assert is_invertible_module(module, (3,), test_input_dtype=dtype, random_seed=seed)
+        assert is_invertible_module(
+            module, (3,), test_input_dtype=dtype, random_seed=seed
+        )
         runs.append(module.seen[0])
     assert torch.equal(runs[0], runs[1])
-    assert runs[2].dtype == torch.float64 and not torch.allclose(runs[0].double(), runs[2])
+    assert runs[2].dtype == torch.float64 and not torch.allclose(
+        runs[0].double(), runs[2]
+    )
     assert all(((r >= 0) & (r < 1)).all() for r in runs)
 
 
@@ -170,14 +193,24 @@ def test_module_raising_in_round_trip_is_not_invertible_with_a_warning() -> None
     "module, shape, match",
     [
         (_PassThrough(), ((2, 3), (2, 3)), "an output is one of the inputs"),
+        (
+            _InversePassThrough(),
+            ((2, 3), (2, 3)),
+            "an output of inverse is one of its inputs",
+        ),
         (_ChunkedOutputs(), (2, 4), "some outputs share"),
         (_ChunkedInputs(), ((2, 2), (2, 2)), "some inputs share"),
     ],
-    ids=["output-is-input", "outputs-share", "inputs-share"],
+    ids=["output-is-input", "inverse-output-is-input", "outputs-share", "inputs-share"],
 )
 def test_sharing_warnings(module: nn.Module, shape, match: str) -> None:
-    with pytest.warns(UserWarning, match=match):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert is_invertible_module(module, shape) is True
+    messages = [str(w.message) for w in caught]
+    # Each module triggers its own warning and no other.
+    assert len(messages) == (2 if isinstance(module, _PassThrough) else 1), messages
+    assert any(re.search(match, m) for m in messages), messages
 
 
 @pytest.mark.parametrize(
@@ -192,7 +225,9 @@ class _Noisy(AdditiveCoupling):
     """A coupling with BatchNorm and dropout, to check nothing leaks out of the checker."""
 
     def __init__(self) -> None:
-        super().__init__(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.0)))
+        super().__init__(
+            nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.0))
+        )
 
 
 @pytest.mark.parametrize("training", [True, False])

@@ -230,3 +230,56 @@ def test_in_place_change_that_bypasses_the_guard_is_caught_in_backward() -> None
         x.add_(1.0)
     with pytest.raises(RuntimeError, match="modified in place.*keep_input=True"):
         y.sum().backward()
+
+
+def _bn_block() -> AdditiveCoupling:
+    return AdditiveCoupling(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Tanh()))
+
+
+def test_eval_mode_runs_directly_with_exact_gradients(no_warnings) -> None:
+    torch.manual_seed(0)
+    wrapped, plain = wrapped_pair(_bn_block())
+    wrapped.eval()
+    plain.eval()
+    x = torch.randn(6, 8, requires_grad=True)
+    leaf = x.detach().clone().requires_grad_()
+    y = wrapped(leaf)
+    assert leaf.shape == (6, 8)  # nothing freed in eval mode, grad enabled or not
+    assert y.grad_fn is not None and "Invertible" not in type(y.grad_fn).__name__
+    y.sum().backward()
+    got = run_and_grads(wrapped, [x])
+    want = run_and_grads(plain, [x])
+    for g, w in zip(got, want):
+        assert_all_close(g, w, 1e-6, 1e-7)
+
+
+def test_wrappers_alone_in_training_mode_save_memory_with_frozen_batchnorm(no_warnings) -> None:
+    torch.manual_seed(0)
+    wrapped, plain = wrapped_pair(_bn_block())
+    wrapped.eval()
+    plain.eval()
+    wrapped.training = True  # the wrapper frees; its BatchNorm stays in eval mode
+    assert not wrapped.module.Fm[1].training
+    x = torch.randn(6, 8, requires_grad=True)
+    stats = wrapped.module.Fm[1].running_mean.clone()
+    leaf = x.detach().clone().requires_grad_()
+    y = wrapped(leaf)
+    assert _nbytes(leaf) == 0  # freed
+    y.sum().backward()
+    assert leaf.grad is not None
+    got = run_and_grads(wrapped, [x], lambda t: wrapped(t))
+    want = run_and_grads(plain, [x])
+    for g, w in zip(got, want):
+        assert_all_close(g, w, 1e-5, 1e-6)
+    torch.testing.assert_close(wrapped.module.Fm[1].running_mean, stats)
+
+
+def test_eval_mode_input_is_not_freed_but_training_mode_input_is() -> None:
+    wrapper = InvertibleModuleWrapper(_additive())
+    x = torch.randn(3, 8, requires_grad=True)
+    wrapper.eval()
+    wrapper(x)
+    assert _nbytes(x) == 3 * 8 * 4
+    wrapper.train()
+    wrapper(x)
+    assert _nbytes(x) == 0
