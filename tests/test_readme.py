@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.rst").read_text()
 
@@ -35,3 +37,20 @@ def test_quickstart_runs_as_written() -> None:
     x = namespace["x"]
     # The quickstart's backward pass restored the freed input.
     assert tuple(x.shape) == (4, 16, 8, 8)
+
+
+def test_setup_installs_what_the_benchmark_needs() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    first = _setup_commands()[0]
+    assert first.startswith('pip install ".[bench]"') and first.endswith("invertnet bench")
+    extras = project["optional-dependencies"]
+    # The benchmark shows a progress bar unless told not to; --plot needs matplotlib.
+    assert {_name(r) for r in extras["bench"]} >= {"tqdm", "matplotlib"}
+    # The core needs torch alone; the test extra pulls in every other extra.
+    assert [_name(r) for r in project["dependencies"]] == ["torch"]
+    assert any(r.startswith("invertnet[") and "all" in r for r in extras["test"])
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[\s<>=!~\[;]", requirement, maxsplit=1)[0]

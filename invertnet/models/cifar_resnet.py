@@ -27,24 +27,36 @@ resnet152  3, 8, 36, 3 bottl.   58,156,618
 
 from __future__ import annotations
 
+from types import ModuleType
+from typing import Any
+
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from invertnet._optional import require
 
 __all__ = ["RESNET_LAYOUTS", "cifar_resnet", "momentum_resnet", "STAGES"]
 
-#: Block type and blocks per stage of each depth (He et al., 2016).
-RESNET_LAYOUTS: dict[int, tuple[type[nn.Module], tuple[int, int, int, int]]] = {
-    18: (BasicBlock, (2, 2, 2, 2)),
-    34: (BasicBlock, (3, 4, 6, 3)),
-    101: (Bottleneck, (3, 4, 23, 3)),
-    152: (Bottleneck, (3, 8, 36, 3)),
+#: Block type (torchvision's ``BasicBlock`` or ``Bottleneck``, by name: torchvision
+#: is imported only when a ResNet is built) and blocks per stage of each depth
+#: (He et al., 2016).
+RESNET_LAYOUTS: dict[int, tuple[str, tuple[int, int, int, int]]] = {
+    18: ("BasicBlock", (2, 2, 2, 2)),
+    34: ("BasicBlock", (3, 4, 6, 3)),
+    101: ("Bottleneck", (3, 4, 23, 3)),
+    152: ("Bottleneck", (3, 8, 36, 3)),
 }
+
+
+def _resnet_module() -> ModuleType:
+    """torchvision's ResNet module, or an ImportError naming the ``models`` extra."""
+    return require("torchvision.models.resnet", "models", "the torchvision ResNets")
+
 
 #: Names of the stages of a torchvision ResNet.
 STAGES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def _check_depth(depth: int) -> tuple[type[nn.Module], tuple[int, int, int, int]]:
+def _check_depth(depth: int) -> tuple[str, tuple[int, int, int, int]]:
     try:
         return RESNET_LAYOUTS[depth]
     except KeyError:
@@ -53,7 +65,7 @@ def _check_depth(depth: int) -> tuple[type[nn.Module], tuple[int, int, int, int]
         ) from None
 
 
-def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> ResNet:
+def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> Any:
     """Build a torchvision ResNet with a 3x3, stride-1 stem and no max pool.
 
     Parameters
@@ -78,7 +90,8 @@ def cifar_resnet(depth: int, num_classes: int = 10, in_channels: int = 3) -> Res
     torch.Size([2, 10])
     """
     block, layout = _check_depth(depth)
-    net = ResNet(block, list(layout), num_classes=num_classes)
+    resnet = _resnet_module()
+    net = resnet.ResNet(getattr(resnet, block), list(layout), num_classes=num_classes)
     net.conv1 = nn.Conv2d(in_channels, 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.maxpool = nn.Identity()
@@ -89,7 +102,8 @@ def _residual_branch(block: nn.Module) -> nn.Sequential:
     """The residual branch of a torchvision block, sharing its modules."""
     if block.downsample is not None:
         raise ValueError("a block with a projection shortcut has no plain residual branch")
-    if isinstance(block, Bottleneck):
+    resnet = _resnet_module()
+    if isinstance(block, resnet.Bottleneck):
         return nn.Sequential(
             block.conv1,
             block.bn1,
@@ -100,7 +114,7 @@ def _residual_branch(block: nn.Module) -> nn.Sequential:
             block.conv3,
             block.bn3,
         )
-    if isinstance(block, BasicBlock):
+    if isinstance(block, resnet.BasicBlock):
         return nn.Sequential(block.conv1, block.bn1, nn.ReLU(inplace=True), block.conv2, block.bn2)
     raise TypeError(f"expected a torchvision BasicBlock or Bottleneck, got {type(block).__name__}")
 
@@ -111,7 +125,7 @@ def momentum_resnet(
     gamma: float = 0.9,
     use_backprop: bool = False,
     in_channels: int = 3,
-) -> ResNet:
+) -> Any:
     """Build the Momentum ResNet counterpart of :func:`cifar_resnet`.
 
     Parameters

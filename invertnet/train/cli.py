@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -232,13 +233,18 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     )
 
 
+def _mib(value: float) -> str:
+    """A memory figure, or ``unavailable`` where the platform gave none (NaN)."""
+    return "unavailable" if math.isnan(value) else f"{value:.1f} MiB"
+
+
 def _report(summary: Summary, config: RunConfig) -> str:
     return "\n".join(
         [
             f"finished {config.model} on {config.dataset}: {summary.epochs} epochs, "
             f"{summary.steps} steps",
             f"  final test accuracy: {summary.test_acc:.2f}% (loss {summary.test_loss:.4f})",
-            f"  peak memory:         {summary.peak_memory_mb:.1f} MiB ({summary.memory_kind})",
+            f"  peak memory:         {_mib(summary.peak_memory_mb)} ({summary.memory_kind})",
             f"  wall time:           {summary.wall_time_s:.1f} s this invocation, "
             f"{summary.train_time_s:.1f} s training in total",
             f"  results:             {config.results_dir}",

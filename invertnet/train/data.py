@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
+from invertnet._optional import require
 from invertnet.train.errors import TrainingError
 
 __all__ = [
@@ -90,7 +91,7 @@ _CIFAR_URLS = {
 
 
 def _cifar_transforms(name: str) -> tuple[Callable, Callable]:
-    from torchvision import transforms
+    transforms = require("torchvision.transforms", "train", "loading CIFAR")
 
     mean, std = _CIFAR_STATS[name]
     normalize = [transforms.ToTensor(), transforms.Normalize(mean, std)]
@@ -103,7 +104,7 @@ def _cifar_transforms(name: str) -> tuple[Callable, Callable]:
 
 
 def _load_cifar(name: str, data_dir: Path, download: bool) -> LoadedData:
-    from torchvision import datasets
+    datasets = require("torchvision.datasets", "train", "loading CIFAR")
 
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     train_tf, test_tf = _cifar_transforms(name)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -13,8 +12,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
+from invertnet._optional import require
 from invertnet.models import get_model, model_entry
 from invertnet.train.checkpoint import FORMAT, check_identity, load_checkpoint, save_atomically
 from invertnet.train.config import RunConfig
@@ -69,6 +68,10 @@ def peak_memory_mb(device: torch.device) -> tuple[float, str]:
                     return int(line.split()[1]) / 1024, "process peak resident set"
     except OSError:
         pass
+    try:  # POSIX only: not on Windows
+        import resource
+    except ImportError:
+        return float("nan"), "unavailable (no /proc/self/status or resource module)"
     # ru_maxrss is in KiB on Linux, bytes on macOS.
     scale = 2**20 if sys.platform == "darwin" else 2**10
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, "process peak resident set"
@@ -220,6 +223,7 @@ class _Run:
         steps = min(self.steps_per_epoch, self.total_steps - self.step)
         loss_sum, correct, seen = 0.0, 0, 0
         start = time.perf_counter()
+        tqdm = require("tqdm", "train", "invertnet train's progress bar").tqdm
         bar = tqdm(
             total=steps,
             desc=f"epoch {self.epoch + 1}/{self.num_epochs}",
