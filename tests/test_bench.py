@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -829,3 +830,32 @@ def test_bench_on_cuda_gpu_size_fp32_and_bf16(tmp_path: Path) -> None:
     assert not [a for a in document["alerts"] if a["kind"] == "kept-inputs"]
     for row in document["results"]:
         assert row["error"] is None and row["peak_bytes"] > 0
+
+
+def test_gpu_check_script_uses_real_options_and_stops_clearly_without_cuda(
+    tmp_path: Path,
+) -> None:
+    script = ROOT / "tools" / "gpu_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], check=False).returncode == 0
+    # The options it passes to the benchmark exist.
+    args = bench_cli.build_parser().parse_args(
+        ["--device", "cuda", "--repeats", "5", "--no-progress", "--json", "a.json"]
+        + ["--rst", "a.rst", "--plot", "a.png"]
+    )
+    assert args.device == "cuda" and args.rst == Path("a.rst")
+    text = script.read_text()
+    assert "--no-deps --no-build-isolation" in text and "-k cuda" in text
+    assert "bench_cuda.json" in text and "${OUT:-docs/_static}" in text
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the script would run the whole check")
+    proc = subprocess.run(
+        ["bash", str(script)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable},
+    )
+    assert proc.returncode == 2
+    assert "torch.cuda.is_available() is False" in proc.stderr
+    assert "PyTorch with CUDA is needed" in proc.stdout
+    assert list(tmp_path.iterdir()) == []  # nothing half-written

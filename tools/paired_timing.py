@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from invertnet.bench.measure import train_step  # noqa: E402
-from invertnet.bench.workloads import METHODS, WORKLOADS, build  # noqa: E402
+from invertnet.bench.workloads import METHODS, SIZES, WORKLOADS, build  # noqa: E402
 
 
 def paired_ratios(
@@ -39,9 +39,10 @@ def paired_ratios(
     pairs: int,
     batch_size: int | None = None,
     warmup: int = 2,
+    size: str = "cpu",
 ) -> list[float]:
     """Step time of ``methods[1]`` over that of ``methods[0]``, for each of ``pairs`` pairs."""
-    models = {m: build(workload, depth, m, batch_size=batch_size) for m in methods}
+    models = {m: build(workload, depth, m, batch_size=batch_size, size=size) for m in methods}
     for model, batch in models.values():
         for _ in range(warmup):
             train_step(model, batch)
@@ -74,8 +75,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=list(METHODS),
         default=["checkpoint", "invertnet"],
         metavar=("BASE", "OTHER"),
-        help="the ratio is OTHER / BASE (default: checkpoint invertnet)",
+        help="the ratio is OTHER / BASE (default: checkpoint invertnet); peers such as "
+        "revlib where the workload has them",
     )
+    parser.add_argument("--size", choices=SIZES, default="cpu", help="as invertnet bench's")
     parser.add_argument("--pairs", type=int, default=15, help="timed pairs of steps")
     parser.add_argument("--batch-size", type=int, help="default: each workload's own")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the ratios as JSON")
@@ -86,7 +89,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for workload in args.workloads:
         for depth in args.depths:
-            ratios = paired_ratios(workload, depth, (base, other), args.pairs, args.batch_size)
+            ratios = paired_ratios(
+                workload, depth, (base, other), args.pairs, args.batch_size, size=args.size
+            )
             row = {"workload": workload, "depth": depth, "ratios": ratios, **_summary(ratios)}
             rows.append(row)
             sys.stdout.write(
@@ -100,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "methods": [base, other],
+            "size": args.size,
             "rows": rows,
         }
         args.json.write_text(json.dumps(document, indent=2) + "\n")
