@@ -13,8 +13,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Scripts that are not figure makers: the quickstart (tested below) and the DDP
 # example, which torchrun launches (tests/test_ddp.py covers the same training);
-# the flow example makes a figure but has its own test below, which checks its result.
-NOT_FIGURES = {"quickstart.py", "ddp_revnet.py", "flow_two_moons.py"}
+# the flow example makes a figure but has its own test below, which checks its result,
+# and so does the Llama fine-tuning example, which needs the hf extra.
+NOT_FIGURES = {"quickstart.py", "ddp_revnet.py", "flow_two_moons.py", "finetune_tiny_llama.py"}
 EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.py") if p.name not in NOT_FIGURES)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -82,3 +83,24 @@ def test_flow_two_moons_beats_the_best_gaussian(tmp_path: Path) -> None:
     assert found is not None, result.stdout
     flow_nll, gaussian_nll = float(found[1]), float(found[2])
     assert gaussian_nll - flow_nll >= 0.4, result.stdout
+
+
+def test_finetune_tiny_llama_trains_and_prints_memory(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "figure.png"
+    env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "finetune_tiny_llama.py"), "--quick"]
+        + ["--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loss fell from" in result.stdout
+    for method in ("original", "original, checkpointed", "momentum, use_backprop=False"):
+        assert f"saved for backward, {method}" in result.stdout
+    assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
