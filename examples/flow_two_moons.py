@@ -103,7 +103,7 @@ def plot(flow: Flow, data: torch.Tensor, title: str, out: str) -> None:
     axes[2].scatter(*samples.T, s=2, alpha=0.5, color="C1")
     axes[2].set(title="samples from the flow")
     for ax in axes:
-        ax.set(xlim=(-1.5, 2.5), ylim=(-1.0, 1.5), aspect="equal")
+        ax.set(xlim=(-1.5, 2.5), ylim=(-1.0, 1.5), aspect="equal", xticks=[-1, 0, 1, 2])
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
