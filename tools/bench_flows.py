@@ -20,9 +20,12 @@ set to ``None`` before it; no optimizer, the same for every method).
 Time: for each depth one fresh process builds every method, warms each up, then
 runs ``--repeats`` rounds of one step per method, the methods' order rotating from
 round to round, so that a slow spell of a shared machine hits them all alike; the
-median per method is reported. Memory: a fresh process per method and depth reads
-the peak resident set of one step above the resident set before it (after a
-warm-up step has allocated the gradients), with the helpers of
+median per method is reported. Steps are timed by the CPU time of the process
+(``--clock cpu``, the default), which a shared machine's other processes do not
+inflate as they do wall time; with ``--threads 1`` it is the step's compute time.
+Memory: a fresh process per method and depth reads the peak resident set of one
+step above the resident set before it (after a warm-up step has allocated the
+gradients), with the helpers of
 :mod:`invertnet.bench.memory`, and counts the bytes the forward pass saves for
 backward (:class:`invertnet.bench.memory.SavedBytes`) as a cross-check.
 
@@ -53,6 +56,9 @@ import invertnet
 from invertnet.bench.memory import SavedBytes, probe_for
 
 METHODS = ("invertnet-keep", "invertnet", "freia", "normflows")
+# "cpu" (the default) is the CPU time of the process: on a shared machine, time spent
+# waiting for a core while another process runs is not counted, as wall time is.
+CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 PEERS = ("freia", "normflows")
 _LIBRARY = {"freia": "FrEIA", "normflows": "normflows"}
 
@@ -210,11 +216,12 @@ def worker_timing(args: argparse.Namespace) -> list[dict[str, Any]]:
             train_step(model, x)
     times: dict[str, list[float]] = {m: [] for m in models}
     order = list(models)
+    clock = CLOCKS[args.clock]
     for r in range(args.repeats):
         for method in order[r % len(order) :] + order[: r % len(order)]:
-            start = time.perf_counter()
+            start = clock()
             train_step(models[method], x)
-            times[method].append(time.perf_counter() - start)
+            times[method].append(clock() - start)
     return [
         {"method": m, "depth": depth, "median_s": statistics.median(t), "times_s": t}
         for m, t in times.items()
@@ -243,6 +250,8 @@ def run_worker(kind: str, args: argparse.Namespace, methods: list[str], depth: i
         str(args.warmup),
         "--seed",
         str(args.seed),
+        "--clock",
+        args.clock,
     ]
     if args.threads is not None:
         command += ["--threads", str(args.threads)]
@@ -262,8 +271,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> str:
         f"{args.threads or torch.get_num_threads()} threads, {platform.machine()}"
     )
     method = (
-        "time: median of interleaved steps (forward + backward); memory: peak RSS of a step "
-        "above the RSS before it, fresh process each"
+        f"time: median {args.clock} time of interleaved steps (forward + backward); memory: "
+        "peak RSS of a step above the RSS before it, fresh process each"
     )
     columns = (
         f"{'depth':>5}  {'method':<15} {'step time':>10} {'vs best peer':>13} "
@@ -299,6 +308,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per method")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="cpu",
+        help="time steps by the process's CPU time (default; robust on a shared machine, "
+        "best with --threads 1) or by wall time",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-memory", action="store_true", help="measure time only")
     parser.add_argument("--json", help="also write the figures to this JSON file")
