@@ -178,3 +178,20 @@ def test_require_error_names_package_and_extra(monkeypatch: pytest.MonkeyPatch) 
         _optional.require("matplotlib.figure", "plot", "the plot")
     assert info.value.name == "matplotlib"
     assert str(info.value).startswith("the plot needs matplotlib, which is not installed")
+
+
+def test_bench_without_its_extra_stops_before_measuring() -> None:
+    proc = _run_without_optional(
+        """
+        from invertnet.bench import main
+        assert main(["--workloads", "additive-conv", "--quick"]) == 2
+        assert main(["--workloads", "additive-conv", "--no-progress", "--plot", "x.png"]) == 2
+        print("ok")
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("invertnet bench:")]
+    assert len(errors) == 2
+    assert "needs tqdm" in errors[0] and 'pip install "invertnet[bench]"' in errors[0]
+    assert "needs matplotlib" in errors[1] and 'pip install "invertnet[plot]"' in errors[1]

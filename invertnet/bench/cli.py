@@ -380,6 +380,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         workloads, skipped = _choose_workloads(parser, args.workloads)
     except SystemExit as exit_:
         return int(exit_.code or 0)
+    try:  # before minutes of measuring, not after
+        if not args.no_progress:
+            require("tqdm", "bench", "invertnet bench's progress bar (or pass --no-progress)")
+        if args.plot:
+            require("matplotlib", "plot", "invertnet bench --plot")
+    except ImportError as exc:
+        _write(f"invertnet bench: {exc}", sys.stderr)
+        return 2
     size = args.size or ("gpu" if device.startswith("cuda") else "cpu")
     modes = args.autocast or ([AUTOCAST_OFF, "bf16"] if size == "gpu" else [AUTOCAST_OFF])
     autocasts = [None if m == AUTOCAST_OFF else m for m in dict.fromkeys(modes)]
@@ -458,9 +466,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         _write("\n" + summary)
     for name, reason in skipped.items():
         _write(f"skipped {name}: {reason}")
-    messages = sorted({w for r in results for w in r.warnings})
-    for message in messages:
-        _write(f"warning in a measured run: {message}", sys.stderr)
+    where: dict[str, set[str]] = {}
+    for r in results:
+        for message in r.warnings:
+            where.setdefault(message, set()).add(r.config.method)
+    for message, methods_seen in sorted(where.items()):
+        _write(
+            f"warning in a measured run ({', '.join(sorted(methods_seen))}): {message}", sys.stderr
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(document, indent=2) + "\n")
