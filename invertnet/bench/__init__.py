@@ -4,9 +4,11 @@
 Run ``invertnet bench`` (or ``python -m invertnet.bench``); ``--help`` lists the
 options. Each workload (an additive-coupling conv stack, an affine-coupling conv
 stack, a MomentumNet of MLP blocks, a Transformer encoder converted with
-:func:`invertnet.transform_to_momentumnet`) is built at several depths and trained
-three ways on the same weights: plain autograd, checkpointing every block, and
-invertnet (see :mod:`invertnet.bench.workloads`).
+:func:`invertnet.transform_to_momentumnet`, and a Llama model where ``transformers``
+is installed) is built at several depths, at a size (``--size cpu``, ``cpu-large``
+or ``gpu``), and trained several ways on the same weights: plain autograd,
+checkpointing every block, invertnet, and the peers that are installed (RevLib,
+memcnn, momentumnet); see :mod:`invertnet.bench.workloads`.
 
 How it measures
 ---------------
@@ -24,7 +26,11 @@ How it measures
   allocation of 128 KiB or more on its own (``mallopt``), so freed tensors leave
   the resident set at once. The timed steps run with glibc's usual thresholds.
 * Memory on CUDA: ``torch.cuda.max_memory_allocated`` after
-  ``torch.cuda.reset_peak_memory_stats``, minus ``memory_allocated`` before.
+  ``torch.cuda.reset_peak_memory_stats``, minus ``memory_allocated`` before; time
+  on CUDA from CUDA events around each step.
+* Warnings are recorded from the model's construction on; a memory-saving method
+  that keeps inputs (:class:`invertnet.InputKeptWarning`) or whose memory grows with
+  depth is flagged in the report (:func:`invertnet.bench.report.find_alerts`).
 * Cross-check: the bytes autograd saves for backward in one forward pass, counted with
   :func:`torch.autograd.graph.saved_tensors_hooks` (distinct storages, parameters
   excluded). For plain autograd it should be close to the measured peak.
