@@ -243,3 +243,15 @@ def test_a_filled_cache_is_refused_in_training() -> None:
     )
     with pytest.raises(ValueError, match=r"kwargs\['\w+'\] is a key/value cache"):
         model(input_ids=inputs["input_ids"][:, :1], **{keyword: cache})
+
+
+def test_collected_layer_outputs_are_warned_about_in_training() -> None:
+    torch.manual_seed(0)
+    family = FAMILIES["llama"]
+    model = _convert(family.build(), family, 0.9, False).train()
+    inputs = _inputs(family, padded=False)
+    with pytest.warns(UserWarning, match="collects its layers' outputs"):
+        out = model(**inputs, output_hidden_states=True, use_cache=False)
+    assert not out.hidden_states[1].requires_grad  # what the warning says
+    with torch.no_grad():  # nothing to warn about without training
+        model(**inputs, output_hidden_states=True)

@@ -15,12 +15,13 @@ without grad, where the layers run once, cache included.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from typing import Any
 
 from invertnet.momentum.arguments import Slot, describe_slot
 
-__all__ = ["is_kv_cache", "without_kv_caches"]
+__all__ = ["capturing_layer_outputs", "is_kv_cache", "warn_if_capturing", "without_kv_caches"]
 
 #: Keyword arguments that switch caching on in ``transformers`` layers.
 _USE_CACHE = "use_cache"
@@ -117,3 +118,32 @@ def without_kv_caches(
         stacklevel=4,
     )
     return new_args, new_kwargs
+
+
+def capturing_layer_outputs() -> bool:
+    """Whether a ``transformers`` model is collecting its layers' outputs right now.
+
+    ``output_hidden_states=True`` and ``output_attentions=True`` make
+    ``transformers`` 5 record what hooked sub-modules return while the model
+    runs. False when ``transformers`` is not imported or records nothing.
+    """
+    module = sys.modules.get("transformers.utils.output_capturing")
+    collector = getattr(module, "_active_collector", None)
+    get = getattr(collector, "get", None)
+    collected = get() if callable(get) else None
+    # A dict of lists, one per kind of output requested (empty when none is).
+    return isinstance(collected, dict) and any(not str(key).startswith("_") for key in collected)
+
+
+def warn_if_capturing() -> None:
+    """Warn that layer outputs captured in the memory-saving pass carry no gradient."""
+    if capturing_layer_outputs():
+        warnings.warn(
+            "MomentumNet(use_backprop=False): the model collects its layers' outputs "
+            "(output_hidden_states or output_attentions); in training without stored "
+            "activations the layers run without grad in the forward pass, so what is "
+            "collected carries no gradient, and a loss built on it would not train the "
+            "layers through it. Use use_backprop=True to train on per-layer outputs",
+            UserWarning,
+            stacklevel=4,
+        )

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from invertnet.momentum.arguments import grad_slots
-from invertnet.momentum.caches import without_kv_caches
+from invertnet.momentum.caches import warn_if_capturing, without_kv_caches
 from invertnet.momentum.gamma import Gamma
 
 __all__ = ["MomentumNet"]
@@ -234,6 +234,7 @@ class MomentumNet(nn.Module):
             from invertnet.momentum.backward import run_without_activations
 
             args, kwargs = without_kv_caches(args, kwargs)
+            warn_if_capturing()
             return run_without_activations(self, x, args, kwargs)
         return self._forward_plain(x, args, kwargs)
 
