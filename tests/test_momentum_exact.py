@@ -17,6 +17,7 @@ from invertnet.momentum.exact import (
     BitStore,
     ExactMomentum,
     FixedPoint,
+    RangeCheck,
     _floor_divmod,
 )
 from invertnet.momentum.gamma import MAX_DENOMINATOR, Gamma
@@ -41,9 +42,9 @@ def _run_core(gamma: float, dtype: torch.dtype, depth: int, scale: float, seed: 
         noise = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
         f = (noise - state.position).to(dtype)
         history.append((state.position.clone(), state.velocity.clone()))
-        update, bound = core.update(state, f, residual=True, what="u")
+        update = core.update(state, f, residual=True)
         updates.append(update.clone())
-        core.step(state, update, bound, t)
+        core.step(state, update, t)
     return core, state, history, updates
 
 
@@ -91,37 +92,33 @@ def test_velocity_product_is_within_one_unit_of_gamma_v(gamma: float) -> None:
     fixed = FixedPoint(torch.float64)
     core = ExactMomentum(Gamma.from_value(gamma, "test"), fixed)
     gen = torch.Generator().manual_seed(0)
-    # Large velocities take the split product, small ones the direct one.
-    for magnitude, split in [(2.0**49, True), (2.0**20, False)]:
+    # Velocities up to the limit: n v alone would pass it, the split product not.
+    for magnitude in (2.0**49, 2.0**20):
         v = torch.randint(-(2**40), 2**40, (1000,), generator=gen).double() * (magnitude / 2**40)
         state = core.start(torch.zeros_like(v), v.round())
         zero = torch.zeros_like(v)
         for t in range(21):  # let the store fill with random digits
             expected = state.velocity * gamma
             state.position.zero_()  # only the velocity is of interest here
-            state.position_bound = 0.0
-            if split:  # keep the bound high: the velocity decays
-                state.velocity_bound = 2.0**50
-            core.step(state, zero.clone(), 1.0, t)
-        assert (20 in state.split_at) is split
+            core.step(state, zero.clone(), t)
         # float64 rounds gamma * v (|v| < 2**50) by at most 1/8 unit.
         assert (state.velocity - expected).abs().max() < 1.125
 
 
-def test_split_and_direct_products_agree_bit_for_bit() -> None:
-    core, state, history, updates = _run_core(0.9, torch.float64, depth=30, scale=10.0)
-    assert not state.split_at
+def test_products_of_velocities_near_the_limit_are_undone_exactly() -> None:
+    # n v passes 2**53 for these velocities (n = 1929): only the split form is exact.
+    core = ExactMomentum(Gamma.from_value(0.123456, "test"), FixedPoint(torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randint(-(2**49), 2**49, (5000,), generator=gen).double()
+    state = core.start(torch.zeros_like(v), v.clone())
+    history, updates = [], []
+    for t in range(8):
+        history.append((state.position.clone(), state.velocity.clone()))
+        update = torch.randint(-(2**45), 2**45, (5000,), generator=gen).double()
+        updates.append(update.clone())
+        core.step(state, update, t)
     _undo(core, state, history, updates)
-    # The same steps with the velocity bound forced high take the split form.
-    again = core.start(history[0][0] * core.fixed.scale, history[0][1].clone())
-    for t, update in enumerate(updates):
-        again.velocity_bound = 2.0**50
-        core.step(again, update.clone(), 1.0, t)
-        if t + 1 < len(history):
-            assert torch.equal(again.position, history[t + 1][0])
-            assert torch.equal(again.velocity, history[t + 1][1])
-    assert again.split_at == set(range(30))
-    _undo(core, again, history, updates)
+    assert torch.equal(state.velocity, v)
 
 
 def test_gamma_zero_stores_the_velocity_whole() -> None:
@@ -220,22 +217,23 @@ def test_non_finite_function_output_raises_overflow(bad: float) -> None:
     fixed = FixedPoint(torch.float32)
     core = ExactMomentum(Gamma.from_value(0.9, "test"), fixed)
     state = core.start(torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
-    with pytest.raises(OverflowError, match=r"f_3 reaches magnitude (nan|inf)"):
-        core.update(state, torch.tensor([0.0, bad, 1.0, 2.0]), residual=True, what="f_3")
+    y = torch.tensor([0.0, bad, 1.0, 2.0])
+    with pytest.raises(OverflowError, match=r"f_3\(x_3\) reaches magnitude (nan|inf)"):
+        core.advance(state, y, residual=True, layer=3)
 
 
-def test_loose_bounds_are_checked_against_the_state_before_failing() -> None:
-    # x_{t+1} = x_t + f(x_t) = -x_t: the position never grows, but the host bound,
-    # which adds up worst cases, passes the limit after a few dozen layers.
+def test_a_state_that_stays_in_range_is_not_flagged() -> None:
+    # x_{t+1} = x_t + f(x_t) = -x_t: the position never grows, though the sum of
+    # its steps' magnitudes would pass the limit after a few dozen layers.
     fixed = FixedPoint(torch.float32)
     core = ExactMomentum(Gamma.from_value(0.0, "test"), fixed)
     x = torch.full((5,), 1e4)
     state = core.start(fixed.to_fixed(x, "x"), torch.zeros(5, dtype=torch.float64))
+    checks = RangeCheck(fixed)
     for t in range(200):
-        update, bound = core.update(state, -2 * state.position.float(), residual=True, what="f")
-        core.step(state, update, bound, t)
+        core.advance(state, -2 * state.position.float(), True, t, checks)
+    checks.check()
     assert torch.equal(state.position.abs(), x.double())
-    assert state.position_bound < LIMIT
 
 
 def test_scale_bits_keep_1e4_with_headroom() -> None:

@@ -16,6 +16,8 @@
 #include <Python.h>
 
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 /* MSVC's C compiler knows restrict only in its C11 mode; __restrict always. */
 #if defined(_MSC_VER) && !defined(__clang__)
@@ -55,25 +57,83 @@ static inline double floor_quotient(double a, divisor b) {
     return round_half_even(b.offset + a * b.inverse);
 }
 
+/* The magnitude of a as a 64-bit integer: the bits of |a|, which order as the
+ * magnitudes do, with NaN above infinity. Integer maxima vectorise, and keep NaN,
+ * where floating-point ones need -ffast-math. */
+static inline int64_t magnitude_bits(double a) {
+    int64_t bits;
+    memcpy(&bits, &a, sizeof bits);
+    return bits & INT64_MAX;
+}
+
+static inline double bits_to_double(int64_t bits) {
+    double a;
+    memcpy(&a, &bits, sizeof a);
+    return a;
+}
+
+static inline int64_t max_bits(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* The loop of a forward step, with the function's step f (F: y, or y - x) and the
+ * product n v + r computed directly (SPLIT 0: exact while d |v| < 2**50) or split
+ * (SPLIT 1: v = a d + b with 0 <= b < d, so that n v + r = a n d + (b n + r) and
+ * every intermediate is exact for any velocity in range). Both give the same bits.
+ * F and SPLIT are constants: each combination is its own loop, vectorised. */
+#define STEP_LOOP(T, F, SPLIT)                                                             \
+    for (Py_ssize_t i = 0; i < size; i++) {                                                \
+        const double f = F;                                                                \
+        const double update = round_half_even(f * mix_units);                              \
+        const double a = SPLIT ? floor_quotient(v[i], by_d) : 0.0;                         \
+        const double b = SPLIT ? v[i] - a * d : v[i];                                      \
+        const double head = floor_quotient(z[i], by_n);                                    \
+        const double p = (z[i] - head * n) + n * b;                                        \
+        const double high = floor_quotient(p, by_d);                                       \
+        z[i] = (p - high * d) + d * head;                                                  \
+        v[i] = (SPLIT ? high + n * a : high) + update;                                     \
+        x[i] += v[i] * unit;                                                               \
+        x_out[i] = (T)x[i];                                                                \
+        peak_update = max_bits(peak_update, magnitude_bits(update));                       \
+        peak_x = max_bits(peak_x, magnitude_bits(x[i]));                                   \
+        peak_v = max_bits(peak_v, magnitude_bits(v[i]));                                   \
+    }
+
+/* The loop that undoes a step's velocity and store: the inverse of STEP_LOOP, with
+ * w = v - update: d w + s directly (SPLIT 0), or with w = e n + f, 0 <= f < n, as
+ * e d n + (f d + s) (SPLIT 1). */
+#define UNSTEP_LOOP(F, SPLIT)                                                              \
+    for (Py_ssize_t i = 0; i < size; i++) {                                                \
+        const double f = F;                                                                \
+        const double w = v[i] - round_half_even(f * mix_units);                            \
+        const double e = SPLIT ? floor_quotient(w, by_n) : 0.0;                            \
+        const double rest = SPLIT ? w - e * n : w;                                         \
+        const double head = floor_quotient(z[i], by_d);                                    \
+        const double p = (z[i] - head * d) + d * rest;                                     \
+        const double high = floor_quotient(p, by_n);                                       \
+        z[i] = (p - high * n) + n * head;                                                  \
+        v[i] = SPLIT ? high + d * e : high;                                                \
+    }
+
 /* One set of loops per dtype T of the functions' inputs and outputs. */
 #define DEFINE_LOOPS(T, SUFFIX)                                                            \
-    /* Forward step: v <- gamma v + update, x <- x + v, store digits, x as T. */           \
+    /* Forward step: v <- gamma v + update, x <- x + v, store digits, x as T. The         \
+     * largest magnitudes of the update, the position and the velocity go to peaks. */    \
     VECTOR_CLONES static void step_##SUFFIX(                                               \
         double *restrict z, double *restrict v, double *restrict x, const T *restrict y,   \
         T *restrict x_out, Py_ssize_t size, double n, double d, double mix_units,          \
-        double unit, int residual) {                                                       \
+        double unit, int residual, int split, int64_t peaks[3]) {                          \
         const divisor by_n = divisor_of(n), by_d = divisor_of(d);                          \
-        for (Py_ssize_t i = 0; i < size; i++) {                                            \
-            const double f = residual ? (double)y[i] : (double)y[i] - x[i];                \
-            const double update = round_half_even(f * mix_units);                          \
-            const double head = floor_quotient(z[i], by_n);                                \
-            const double p = (z[i] - head * n) + n * v[i];                                 \
-            const double velocity = floor_quotient(p, by_d);                               \
-            z[i] = (p - velocity * d) + d * head;                                          \
-            v[i] = velocity + update;                                                      \
-            x[i] += v[i] * unit;                                                           \
-            x_out[i] = (T)x[i];                                                            \
-        }                                                                                  \
+        int64_t peak_update = 0, peak_x = 0, peak_v = 0;                                   \
+        if (residual && split)                                                             \
+            STEP_LOOP(T, (double)y[i], 1)                                                  \
+        else if (residual)                                                                 \
+            STEP_LOOP(T, (double)y[i], 0)                                                  \
+        else if (split)                                                                    \
+            STEP_LOOP(T, (double)y[i] - x[i], 1)                                           \
+        else                                                                               \
+            STEP_LOOP(T, (double)y[i] - x[i], 0)                                           \
+        peaks[0] = peak_update;                                                            \
+        peaks[1] = peak_x;                                                                 \
+        peaks[2] = peak_v;                                                                 \
     }                                                                                      \
                                                                                            \
     /* Backward, before the function: x <- x - v, x as T, grad_y = (1 - gamma) g_v. */    \
@@ -91,17 +151,16 @@ static inline double floor_quotient(double a, divisor b) {
     VECTOR_CLONES static void unstep_velocity_##SUFFIX(                                    \
         double *restrict z, double *restrict v, const double *restrict x,                  \
         const T *restrict y, Py_ssize_t size, double n, double d, double mix_units,        \
-        int residual) {                                                                    \
+        int residual, int split) {                                                         \
         const divisor by_n = divisor_of(n), by_d = divisor_of(d);                          \
-        for (Py_ssize_t i = 0; i < size; i++) {                                            \
-            const double f = residual ? (double)y[i] : (double)y[i] - x[i];                \
-            const double velocity = v[i] - round_half_even(f * mix_units);                 \
-            const double head = floor_quotient(z[i], by_d);                                \
-            const double p = (z[i] - head * d) + d * velocity;                             \
-            const double previous = floor_quotient(p, by_n);                               \
-            z[i] = (p - previous * n) + n * head;                                          \
-            v[i] = previous;                                                               \
-        }                                                                                  \
+        if (residual && split)                                                             \
+            UNSTEP_LOOP((double)y[i], 1)                                                   \
+        else if (residual)                                                                 \
+            UNSTEP_LOOP((double)y[i], 0)                                                   \
+        else if (split)                                                                    \
+            UNSTEP_LOOP((double)y[i] - x[i], 1)                                            \
+        else                                                                               \
+            UNSTEP_LOOP((double)y[i] - x[i], 0)                                            \
     }                                                                                      \
                                                                                            \
     /* Backward, after the vjp: g_x += found; g_v <- g_x + gamma g_v. */                  \
@@ -128,19 +187,23 @@ static PyObject *step(PyObject *self, PyObject *args) {
     unsigned long long z, v, x, y, x_out;
     Py_ssize_t size;
     double n, d, mix_units, unit;
-    int residual, is_double;
-    if (!PyArg_ParseTuple(args, "KKKKKnddddpp", &z, &v, &x, &y, &x_out, &size, &n, &d,
-                          &mix_units, &unit, &residual, &is_double))
+    int residual, split, is_double;
+    int64_t peaks[3] = {0, 0, 0};
+    if (!PyArg_ParseTuple(args, "KKKKKnddddppp", &z, &v, &x, &y, &x_out, &size, &n, &d,
+                          &mix_units, &unit, &residual, &split, &is_double))
         return NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (is_double)
         step_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
-                 mix_units, unit, residual);
+                 mix_units, unit, residual, split, peaks);
     else
         step_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
-                 mix_units, unit, residual);
+                 mix_units, unit, residual, split, peaks);
     Py_END_ALLOW_THREADS;
-    Py_RETURN_NONE;
+    /* The largest magnitudes of the update (units), the position (its value) and the
+     * velocity (units); NaN where one was NaN. */
+    return Py_BuildValue("(ddd)", bits_to_double(peaks[0]), bits_to_double(peaks[1]),
+                         bits_to_double(peaks[2]));
 }
 
 static PyObject *unstep_position(PyObject *self, PyObject *args) {
@@ -168,17 +231,17 @@ static PyObject *unstep_velocity(PyObject *self, PyObject *args) {
     unsigned long long z, v, x, y;
     Py_ssize_t size;
     double n, d, mix_units;
-    int residual, is_double;
-    if (!PyArg_ParseTuple(args, "KKKKndddpp", &z, &v, &x, &y, &size, &n, &d, &mix_units,
-                          &residual, &is_double))
+    int residual, split, is_double;
+    if (!PyArg_ParseTuple(args, "KKKKndddppp", &z, &v, &x, &y, &size, &n, &d, &mix_units,
+                          &residual, &split, &is_double))
         return NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (is_double)
         unstep_velocity_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
-                            mix_units, residual);
+                            mix_units, residual, split);
     else
         unstep_velocity_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
-                            mix_units, residual);
+                            mix_units, residual, split);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
@@ -205,11 +268,12 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
 
 static PyMethodDef kernel_methods[] = {
     {"step", step, METH_VARARGS,
-     "step(z, v, x, y, x_out, size, n, d, mix_units, unit, residual, is_double)"},
+     "step(z, v, x, y, x_out, size, n, d, mix_units, unit, residual, split, is_double) -> "
+     "(largest update, position, velocity)"},
     {"unstep_position", unstep_position, METH_VARARGS,
      "unstep_position(v, x, grad_v, x_out, grad_y, size, unit, mix, is_double)"},
     {"unstep_velocity", unstep_velocity, METH_VARARGS,
-     "unstep_velocity(z, v, x, y, size, n, d, mix_units, residual, is_double)"},
+     "unstep_velocity(z, v, x, y, size, n, d, mix_units, residual, split, is_double)"},
     {"accumulate", accumulate, METH_VARARGS,
      "accumulate(grad_x, grad_v, found, size, keep, mix, residual, is_double); found may be 0"},
     {NULL, NULL, 0, NULL},

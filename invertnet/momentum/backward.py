@@ -244,7 +244,8 @@ class _Start(torch.autograd.Function):
             velocity = fixed.to_fixed(v_0, "the initial velocity init_function(x)", run.checks)
         else:
             velocity = torch.zeros_like(position)
-        run.state = run.core.start(position, velocity)
+        known = None if net.init_function is not None else 0.0
+        run.state = run.core.start(position, velocity, velocity_peak=known)
         run.inputs = run.core.inputs(run.state)
         run.layer = 0
         ctx.run = run
@@ -302,6 +303,7 @@ class _Layer(torch.autograd.Function):
         # it go, so that saved-tensor hooks (offloading, accounting) see all of it.
         ctx.save_for_backward(state.position, state.velocity, *state.store.tensors())
         ctx.layout = state.store.layout()
+        ctx.direct_at = set(state.direct_at)
         run.state = None
         output, run.inputs = run.inputs, None
         return output
@@ -349,7 +351,7 @@ def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     store = BitStore.from_tensors(store_tensors, ctx.layout)
     # Copies: undoing the steps writes over the state, and a backward with
     # retain_graph=True must find the saved tensors intact for the next one.
-    run.state = MomentumState(position.clone(), velocity.clone(), store)
+    run.state = MomentumState(position.clone(), velocity.clone(), store, direct_at=ctx.direct_at)
     run.layer = len(run.net.functions)
     # In the state's layout, which the fused loops need (the gradient of a sum is
     # an expanded tensor, for one).

@@ -37,16 +37,20 @@ so every step can be undone bit for bit:
   :data:`CHUNK_BITS` bits of every element are moved to a new ``int32`` chunk.
   How large a head can be follows from ``n``, ``d`` and the number of steps alone,
   so the chunks are cut on a fixed schedule, with no look at the data.
-* **Range checks cost no pass over the state.** The largest magnitudes of position
-  and velocity are bounded on the host from one maximum per layer, that of the
-  function's output; the state itself is measured only when such a bound nears
-  :data:`LIMIT`.
+* **No host synchronisation per layer.** Whether the state stays in range is not
+  known before a step: the product ``n v + r`` is computed in a split form that
+  is exact for every velocity in range, and each step records the largest
+  magnitudes of its update, position and velocity where they are computed (on
+  the device, or returned by the CPU loops). :class:`RangeCheck` reads them once,
+  at the end of the forward pass, and raises :class:`OverflowError` for the first
+  that left the range, before the pass returns.
 
-On the CPU, :class:`ExactMomentum`'s fused methods (:meth:`~ExactMomentum.advance`,
+:class:`ExactMomentum`'s fused methods (:meth:`~ExactMomentum.advance`,
 :meth:`~ExactMomentum.retreat_position`, :meth:`~ExactMomentum.retreat_velocity`,
-:meth:`~ExactMomentum.backpropagate`) run each phase of a step as one C loop
-(:mod:`invertnet.momentum.kernels`) where it applies, with the same results; the
-tensor operations here are the reference and serve everywhere else.
+:meth:`~ExactMomentum.backpropagate`) run each phase of a step as one C loop on
+the CPU, or one Triton kernel on CUDA (:mod:`invertnet.momentum.kernels`), where
+it applies, with the same states; the tensor operations here are the reference
+and serve everywhere else.
 
 Memory per element of ``x``: position, velocity and store head, 8 bytes each,
 plus 4 bytes per 31 bits accumulated in chunks, about
@@ -71,12 +75,16 @@ the functions' inner activations).
 The supported range is :math:`|x|, |v|, |(1-\gamma) f| < 2^{50 - s}`
 (:attr:`FixedPoint.max_abs`: about :math:`2.6 \cdot 10^5` for float32 and float64,
 :math:`10^9` for float16 and bfloat16); beyond it, or for non-finite values, the
-forward pass raises :class:`OverflowError` before anything is lost.
+forward pass raises :class:`OverflowError` when it ends, before it returns
+anything. The functions of the layers after the first value out of range have
+then run on inputs out of range (their BatchNorm running statistics, for one,
+have seen them).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +101,7 @@ __all__ = [
     "ExactMomentum",
     "FixedPoint",
     "MomentumState",
+    "RangeCheck",
 ]
 
 #: Fractional bits of the fixed-point state, per dtype of ``x``. With 32, the
@@ -174,17 +183,24 @@ class FixedPoint:
         """The largest magnitude (exclusive) of a value that can be represented."""
         return LIMIT * self.unit
 
-    def to_fixed(self, y: torch.Tensor, what: str) -> torch.Tensor:
+    def to_fixed(
+        self, y: torch.Tensor, what: str, checks: RangeCheck | None = None
+    ) -> torch.Tensor:
         """Round ``y`` to a whole number of units (a float64 tensor of units).
+
+        Its range is recorded in ``checks``, or without it checked at once.
 
         Raises
         ------
         OverflowError
-            If ``y`` is not finite or its magnitude reaches :attr:`max_abs`.
+            Without ``checks``, if ``y`` is not finite or its magnitude reaches
+            :attr:`max_abs`.
         """
-        units = y.to(torch.float64) * self.scale
-        self.check(max_abs_of(units), what)
-        return units.round_()
+        now = RangeCheck(self) if checks is None else checks
+        now.measure(what, y, self.scale)
+        if checks is None:
+            now.check()
+        return y.detach().to(torch.float64, copy=True).mul_(self.scale).round_()
 
     def check(self, largest: float, what: str) -> None:
         """Raise :class:`OverflowError` if ``largest`` (in units) is out of range."""
@@ -198,13 +214,87 @@ class FixedPoint:
             )
 
 
-def max_abs_of(t: torch.Tensor) -> float:
-    """The largest magnitude in ``t`` (NaN if it holds a NaN; 0 if it is empty)."""
-    if t.numel() == 0:
-        return 0.0
-    # aminmax is one fast pass; vector_norm(ord=inf) is many times slower on CPU.
-    low, high = torch.aminmax(t)
-    return max(-float(low), float(high))
+def _largest(values: list[float]) -> float:
+    """The largest magnitude among ``values``: NaN if one is NaN, 0 if there are none."""
+    if any(math.isnan(v) for v in values):
+        return math.nan
+    return max((abs(v) for v in values), default=0.0)
+
+
+@dataclass
+class _Record:
+    what: str
+    # Units per recorded value (the position is recorded as its value).
+    scale: float
+    # Known on the host (from the CPU loops), or tensors whose largest magnitude
+    # is the one to check, read at the end.
+    known: float | None = None
+    tensors: tuple[torch.Tensor, ...] = ()
+
+
+class RangeCheck:
+    """The magnitudes a forward pass must keep below :data:`LIMIT`, checked once.
+
+    Each step records the largest magnitudes of what it computes as it computes
+    them: as 0-dimensional tensors where they stay on the device, as numbers where
+    a CPU loop returns them. :meth:`check` reads the tensors in one transfer and
+    raises for the first record, in the order recorded, that is out of range.
+
+    Parameters
+    ----------
+    fixed : FixedPoint
+        The fixed-point format, for the error message.
+    """
+
+    def __init__(self, fixed: FixedPoint) -> None:
+        self.fixed = fixed
+        self._records: list[_Record] = []
+        self._slots: torch.Tensor | None = None
+        self._slots_used = 0
+
+    def measure(self, what: str, t: torch.Tensor, scale: float = 1.0) -> None:
+        """Record the largest magnitude of ``t`` times ``scale`` (one pass, on its device)."""
+        if t.numel():
+            self._records.append(_Record(what, scale, tensors=tuple(torch.aminmax(t.detach()))))
+
+    def known(self, what: str, largest: float, scale: float = 1.0) -> None:
+        """Record a largest magnitude known on the host."""
+        self._records.append(_Record(what, scale, known=largest))
+
+    def slots(self, count: int, device: torch.device) -> torch.Tensor:
+        """``count`` zeros of float64 on ``device``, for a kernel to write magnitudes into.
+
+        They come from a buffer allocated for many layers at once, not one per layer.
+        """
+        buffer = self._slots
+        if buffer is None or buffer.device != device or self._slots_used + count > len(buffer):
+            buffer = self._slots = torch.zeros(
+                max(64 * count, count), dtype=torch.float64, device=device
+            )
+            self._slots_used = 0
+        start, self._slots_used = self._slots_used, self._slots_used + count
+        return buffer[start : start + count]
+
+    def written(self, what: str, slot: torch.Tensor, scale: float = 1.0) -> None:
+        """Record the magnitude a kernel wrote into ``slot`` (one element of :meth:`slots`)."""
+        self._records.append(_Record(what, scale, tensors=(slot,)))
+
+    def check(self) -> None:
+        """Raise :class:`OverflowError` for the first record out of range; then forget them all.
+
+        Reads the device's records with one transfer (none if every record is
+        known on the host).
+        """
+        records, self._records = self._records, []
+        self._slots, self._slots_used = None, 0
+        tensors = [t for record in records for t in record.tensors]
+        values = iter(torch.stack(tensors).tolist() if tensors else [])
+        for record in records:
+            if record.known is not None:
+                largest = record.known
+            else:
+                largest = _largest([next(values) for _ in record.tensors])
+            self.fixed.check(largest * record.scale, record.what)
 
 
 @dataclass
@@ -219,7 +309,8 @@ class BitStore:
     head : torch.Tensor
         ``float64`` whole numbers in ``[0, head_bound]``.
     head_bound : int
-        An upper bound on the head, known on the host without looking at it.
+        An upper bound on the head, known on the host without looking at it: it
+        follows from the digits' bases and the number of steps alone.
     chunks : list of torch.Tensor
         ``int32`` chunks of :data:`CHUNK_BITS` bits each, oldest first.
     chunk_at : list of int
@@ -320,17 +411,17 @@ class MomentumState:
     The velocity is held in units; the position as its value, a multiple of one
     unit, so that the functions' inputs take one conversion. Both are float64.
 
-    ``position_bound`` and ``velocity_bound`` bound the magnitudes on the host.
-    ``split_at`` lists the steps whose velocity was too large for the one-line
-    product ``n * v`` to be exact, and which used the split form instead.
+    ``velocity_peak`` is the largest magnitude of the velocity where the host
+    knows it without reading a tensor (the CPU loops return it), else None.
+    ``direct_at`` lists the steps that computed ``n v + r`` in one product, which
+    that magnitude showed to be exact; the others took the split form.
     """
 
     position: torch.Tensor
     velocity: torch.Tensor
     store: BitStore
-    position_bound: float = 0.0
-    velocity_bound: float = 0.0
-    split_at: set[int] = field(default_factory=set)
+    velocity_peak: float | None = None
+    direct_at: set[int] = field(default_factory=set)
 
 
 class ExactMomentum:
@@ -353,106 +444,109 @@ class ExactMomentum:
         # (1 - gamma) in units per unit of f, as the plain mode multiplies by it.
         self.mix_units = gamma.complement * fixed.scale
 
-    def start(self, position: torch.Tensor, velocity: torch.Tensor) -> MomentumState:
+    def start(
+        self,
+        position: torch.Tensor,
+        velocity: torch.Tensor,
+        velocity_peak: float | None = None,
+    ) -> MomentumState:
         """The state from ``x_0`` and ``v_0`` in units (see :meth:`FixedPoint.to_fixed`).
 
-        The tensors become the state's: steps write over them.
+        The tensors become the state's: steps write over them. ``velocity_peak``
+        is the largest magnitude of ``v_0`` where it is known (0 for zeros).
         """
-        return MomentumState(
-            position.mul_(self.fixed.unit),
-            velocity,
-            BitStore.empty_like(position),
-            position_bound=max_abs_of(position) * self.fixed.scale,
-            velocity_bound=max_abs_of(velocity),
-        )
+        store = BitStore.empty_like(position)
+        return MomentumState(position.mul_(self.fixed.unit), velocity, store, velocity_peak)
 
     def inputs(self, state: MomentumState) -> torch.Tensor:
         """The position as the functions see it: its value in their dtype (a new tensor)."""
         return state.position.to(self.fixed.dtype, copy=True)
 
-    def update(
-        self,
-        state: MomentumState,
-        y: torch.Tensor,
-        residual: bool,
-        what: str | None = None,
-    ) -> tuple[torch.Tensor, float]:
+    def update(self, state: MomentumState, y: torch.Tensor, residual: bool) -> torch.Tensor:
         """``(1 - gamma) * f`` in units, from a function's output ``y``.
 
         With ``residual=False`` the functions are whole blocks and the step is
-        ``y - x``. With ``what`` (forward), the update's range is checked and the
-        error names ``what``; the bound on its magnitude is returned with it.
+        ``y - x``.
         """
         step = y.detach().to(torch.float64, copy=True)
         if not residual:
             step.sub_(state.position)
-        update = step.mul_(self.mix_units).round_()
-        if what is None:
-            return update, 0.0
-        return update, self._checked_bound(update, self.update_bound(state, y, residual), what)
+        return step.mul_(self.mix_units).round_()
 
-    def _checked_bound(self, update: torch.Tensor, bound: float | None, what: str) -> float:
-        """``bound``, or if it is None the update's measured bound, checked in range."""
-        if bound is not None:
-            return bound
-        largest = max_abs_of(update)
-        self.fixed.check(largest, what)
-        return largest + 1
+    @staticmethod
+    def names(layer: int) -> tuple[str, str, str]:
+        """How the error names the update, position and velocity that a step makes."""
+        return (
+            f"(1 - gamma) * f_{layer}(x_{layer})",
+            f"the position x_{layer + 1}",
+            f"the velocity v_{layer + 1}",
+        )
 
-    def update_bound(self, state: MomentumState, y: torch.Tensor, residual: bool) -> float | None:
-        """A bound below :data:`LIMIT` on the update's magnitude, from ``y`` alone, or None.
+    def _fused(self) -> bool:
+        """Whether a step is one the kernels do: ``0 < n < d`` (0 and 1 are rare)."""
+        return 0 < self.n < self.d
 
-        One maximum per layer, over the function's own output, is cheaper than a
-        pass over the update in float64 units. None means that this bound does
-        not prove the update in range (or that ``y`` is not finite): the update
-        itself must be measured.
+    def _direct_product(self, state: MomentumState) -> bool:
+        """Whether the next step may compute ``n v + r`` in one product: ``d |v|`` in range.
+
+        Only where the velocity's magnitude is known on the host; otherwise the
+        split form, exact for every velocity in range, serves.
         """
-        largest = max_abs_of(y) * abs(self.mix_units)
-        if not residual:
-            largest += state.position_bound * self.fixed.unit * abs(self.mix_units)
-        return largest + 1 if largest + 1 < LIMIT else None
+        peak = state.velocity_peak
+        return peak is not None and self.d * (peak + 2) < LIMIT
 
     def advance(
-        self, state: MomentumState, y: torch.Tensor, residual: bool, what: str, layer: int
+        self,
+        state: MomentumState,
+        y: torch.Tensor,
+        residual: bool,
+        layer: int,
+        checks: RangeCheck | None = None,
     ) -> torch.Tensor:
         """:meth:`update`, :meth:`step` and :meth:`inputs` in one, fused where it can be.
 
         Returns the new position as the functions see it. The state is the same,
         bit for bit, whichever way the step is computed (:mod:`~invertnet.momentum.kernels`).
+        The magnitudes reached are recorded in ``checks``, or without it checked at once.
         """
-        bound = self.update_bound(state, y, residual)
-        dtype = self.fixed.dtype
-        if (
-            bound is not None
-            and self._direct_product(state)
-            and kernels.usable(dtype, (state.store.head, state.velocity, state.position), (y,))
+        now = RangeCheck(self.fixed) if checks is None else checks
+        if self._fused() and kernels.usable(
+            self.fixed.dtype, (state.store.head, state.velocity, state.position), (y,)
         ):
+            direct = self._direct_product(state)
             state.store.begin_step(self.n, self.d)
-            out = torch.empty_like(state.position, dtype=dtype)
-            kernels.step(
+            if direct:
+                state.direct_at.add(state.store.steps - 1)
+            out = torch.empty_like(state.position, dtype=self.fixed.dtype)
+            state.velocity_peak = kernels.step(
                 state.store.head, state.velocity, state.position, y.detach(), out,
-                self.n, self.d, self.mix_units, self.fixed.unit, residual,
+                self.n, self.d, self.mix_units, self.fixed.unit, residual, not direct,
+                now, self.names(layer), self.fixed.scale,
             )  # fmt: skip
-            self._after_step(state, bound, layer)
-            return out
-        update, _ = self.update(state, y, residual)
-        self.step(state, update, self._checked_bound(update, bound, what), layer)
-        return self.inputs(state)
+            result = out
+        else:
+            self.step(state, self.update(state, y, residual), layer, now)
+            result = self.inputs(state)
+        if checks is None:
+            now.check()
+        return result
 
-    def _direct_product(self, state: MomentumState) -> bool:
-        """Whether the next step computes ``n v + r`` in one product (not the split form)."""
-        return 0 < self.n < self.d and self.d * (state.velocity_bound + 2) < LIMIT
-
-    def _undoes_direct_product(self, state: MomentumState) -> bool:
-        """Whether the step to undo next computed ``n v + r`` in one product."""
-        return 0 < self.n < self.d and state.store.steps - 1 not in state.split_at
-
-    def step(self, state: MomentumState, update: torch.Tensor, bound: float, layer: int) -> None:
+    def step(
+        self,
+        state: MomentumState,
+        update: torch.Tensor,
+        layer: int,
+        checks: RangeCheck | None = None,
+    ) -> None:
         """``v <- gamma v + update``, ``x <- x + v``, with ``update`` from :meth:`update`.
 
-        Raises :class:`OverflowError` if the new state leaves the supported range;
-        the step itself is exact, so nothing is lost.
+        The magnitudes of the update and of the new state are recorded in
+        ``checks``, or without it checked at once (raising :class:`OverflowError`);
+        the step itself is exact while they are in range, so nothing is lost.
         """
+        now = RangeCheck(self.fixed) if checks is None else checks
+        update_name, position_name, velocity_name = self.names(layer)
+        now.measure(update_name, update)
         state.store.begin_step(self.n, self.d)
         n, d, store = self.n, self.d, state.store
         v = state.velocity
@@ -461,37 +555,20 @@ class ExactMomentum:
             v = update
         elif n == d:
             v = v.add_(update)
-        elif self._direct_product(state):
-            # p = n v + r, with |p| < LIMIT: one product, one division.
-            p = store.draw(n).add_(v, alpha=n)
-            v, digit = _floor_divmod(p, d)
-            store.push(digit, d)
-            v = v.add_(update)
         else:
-            # v = a d + b with 0 <= b < d, so that p = a n d + (b n + r) and every
-            # intermediate stays below |v| in magnitude.
-            state.split_at.add(store.steps - 1)
+            # v = a d + b with 0 <= b < d, so that n v + r = a n d + (b n + r): every
+            # intermediate stays below |v| in magnitude, whatever v is in range.
             a, b = _floor_divmod(v, d)
             high, digit = _floor_divmod(store.draw(n).add_(b, alpha=n), d)
             store.push(digit, d)
             v = high.add_(a, alpha=n).add_(update)
         state.velocity = v
+        state.velocity_peak = None
         state.position.add_(v, alpha=self.fixed.unit)
-        self._after_step(state, bound, layer)
-
-    def _after_step(self, state: MomentumState, bound: float, layer: int) -> None:
-        state.velocity_bound = self.keep * state.velocity_bound + 1 + bound
-        state.position_bound += state.velocity_bound
-        self._check_bounds(state, layer + 1)
-
-    def _check_bounds(self, state: MomentumState, layer: int) -> None:
-        if state.position_bound < LIMIT and state.velocity_bound < LIMIT:
-            return
-        # The bounds are loose (they add up worst cases): measure before failing.
-        state.position_bound = max_abs_of(state.position) * self.fixed.scale
-        state.velocity_bound = max_abs_of(state.velocity)
-        self.fixed.check(state.position_bound, f"the position x_{layer}")
-        self.fixed.check(state.velocity_bound, f"the velocity v_{layer}")
+        now.measure(position_name, state.position, self.fixed.scale)
+        now.measure(velocity_name, v)
+        if checks is None:
+            now.check()
 
     def unstep_position(self, state: MomentumState) -> None:
         """First half of the inverse: ``x <- x - v``."""
@@ -505,12 +582,8 @@ class ExactMomentum:
             v = store.unkeep()
         elif n == d:
             pass
-        elif self._undoes_direct_product(state):
-            # p = d v + s, then v = p // n and r = p mod n go back.
-            v, r = _floor_divmod(store.pop(d).add_(v, alpha=d), n)
-            store.undraw(r, n)
         else:
-            # v = e n + f with 0 <= f < n, so that p = e d n + (f d + s).
+            # v = e n + f with 0 <= f < n, so that d v + s = e d n + (f d + s).
             e, f = _floor_divmod(v, n)
             high, r = _floor_divmod(store.pop(d).add_(f, alpha=d), n)
             store.undraw(r, n)
@@ -546,17 +619,17 @@ class ExactMomentum:
         :meth:`retreat_position` restored.
         """
         store = state.store
-        if self._undoes_direct_product(state) and kernels.usable(
+        if self._fused() and kernels.usable(
             self.fixed.dtype, (store.head, state.velocity, state.position), (y,)
         ):
+            split = store.steps - 1 not in state.direct_at
             kernels.unstep_velocity(
                 store.head, state.velocity, state.position, y.detach(),
-                self.n, self.d, self.mix_units, residual,
+                self.n, self.d, self.mix_units, residual, split,
             )  # fmt: skip
             store.end_unstep()
             return
-        update, _ = self.update(state, y, residual)
-        self.unstep_velocity(state, update)
+        self.unstep_velocity(state, self.update(state, y, residual))
 
     def backpropagate(
         self,
