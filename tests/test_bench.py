@@ -859,3 +859,13 @@ def test_gpu_check_script_uses_real_options_and_stops_clearly_without_cuda(
     assert "torch.cuda.is_available() is False" in proc.stderr
     assert "PyTorch with CUDA is needed" in proc.stdout
     assert list(tmp_path.iterdir()) == []  # nothing half-written
+
+
+def test_worker_server_refuses_to_fork_after_cuda_was_initialised(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from invertnet.bench import _worker
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with pytest.raises(RuntimeError, match="initialised CUDA before forking"):
+        _worker.main(["--serve"])

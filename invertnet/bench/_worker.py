@@ -29,6 +29,8 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+
 from invertnet.bench.measure import Config, Result, measure_here, time_interleaved
 
 __all__ = ["failed_job", "main", "measure_config_line"]
@@ -103,6 +105,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     importlib.import_module("torch._dynamo")
     if threading.active_count() != 1:  # forking a threaded process is unsafe
         raise RuntimeError("the benchmark server must not start threads before forking")
+    if torch.cuda.is_initialized():  # a forked child cannot use CUDA then
+        raise RuntimeError(
+            "the benchmark server initialised CUDA before forking; its children could not "
+            "use the GPU (something imported at start-up touched CUDA)"
+        )
     try:
         for line in sys.stdin:
             if line.strip():
