@@ -105,11 +105,11 @@ class MomentumNet(nn.Module):
     backward, with the same extra arguments, and must find them as it left them
     in forward. A function that changes an argument (appends to a list, sets an
     attribute, writes into a tensor in place), or a caller that changes one
-    before backward, makes that call raise :class:`RuntimeError` naming the
-    argument. Key/value caches of Hugging Face models (``transformers``
-    ``Cache`` objects) are handled instead: the training pass runs the functions
-    without them, as ``transformers`` does under gradient checkpointing (see
-    :mod:`invertnet.momentum.caches`).
+    before backward, makes the forward pass (or backward) raise
+    :class:`RuntimeError` naming the argument. Key/value caches of Hugging Face
+    models (``transformers`` ``Cache`` objects) are handled instead: the
+    training pass runs the functions without them, as ``transformers`` does
+    under gradient checkpointing (see :mod:`invertnet.momentum.caches`).
 
     Examples
     --------
