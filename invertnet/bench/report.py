@@ -427,6 +427,15 @@ def _steps(settings: dict[str, Any]) -> str:
     return f"{steps} ({', '.join(details)})" if details else steps
 
 
+def _size_words(settings: dict[str, Any]) -> str:
+    """``, size gpu, autocast off and bf16`` where the run recorded them (schema 2)."""
+    words = f", size {settings['size']}" if "size" in settings else ""
+    modes = [m for m in settings.get("autocast", []) if m != "off"]
+    if modes:
+        words += ", also under " + " and ".join(f"{m} autocast (rows +{m})" for m in modes)
+    return words
+
+
 def render_rst(document: dict[str, Any], command: str | None = None) -> str:
     """The README's benchmark block: a line on machine and command, and a grid table.
 
@@ -444,7 +453,7 @@ def render_rst(document: dict[str, Any], command: str | None = None) -> str:
     intro = (
         f"Measured with ``{command}`` on {machine['device_name']} "
         f"({machine['cpu_count']} cores, OMP_NUM_THREADS={threads}; device {machine['device']}, "
-        f"{settings.get('dtype', 'float32')}), Python {machine['python']}, "
+        f"{settings.get('dtype', 'float32')}{_size_words(settings)}), Python {machine['python']}, "
         f"PyTorch {machine['torch']}. Medians of {_steps(settings)}; memory is "
         "the peak above the model and its gradients."
     )
