@@ -14,6 +14,8 @@ from invertnet import (
     available_couplings,
     create_coupling,
 )
+from invertnet.couplings.additive import Add
+from invertnet.couplings.base import Step
 from tests._core_helpers import ScaleShiftNet
 
 torch.manual_seed(0)
@@ -202,3 +204,36 @@ def test_memcnn_implementation_arguments_warn_and_are_ignored() -> None:
         block = AdditiveCoupling(nn.Tanh(), implementation_fwd=0)
     x = torch.randn(2, 4)
     torch.testing.assert_close(block(x), AdditiveCoupling(nn.Tanh())(x))
+
+
+class _AddTwice(Add):
+    """Overrides apply and invert only: it must not inherit Add's in-place versions."""
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a + 2 * m
+
+    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a_new - 2 * m
+
+
+class _TwiceCoupling(AdditiveCoupling):
+    def steps(self) -> tuple[Step, ...]:
+        return (Step(0, 1, "Fm", _AddTwice()), Step(1, 0, "Gm", _AddTwice()))
+
+
+def test_buffered_forward_and_inverse_compute_what_grad_mode_computes() -> None:
+    # Without grad (a wrapper's forward) the halves are written into one buffer;
+    # the rules applied must be the module's own, overridden ones included.
+    torch.manual_seed(0)
+    for block in (
+        AdditiveCoupling(nn.Linear(3, 3)),
+        AffineCoupling(nn.Linear(3, 3), adapter=AffineAdapterNaive),
+        _TwiceCoupling(nn.Linear(3, 3)),
+    ):
+        x = torch.randn(4, 6)
+        with torch.enable_grad():
+            y_graph, x_graph = block(x), block.inverse(block(x))
+        with torch.no_grad():
+            y, x_back = block(x), block.inverse(block(x))
+        assert torch.equal(y, y_graph.detach()) and torch.equal(x_back, x_graph.detach())
+        torch.testing.assert_close(x_back, x)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from invertnet import (
     AdditiveCoupling,
@@ -122,3 +123,42 @@ def test_cuda_step_never_waits_for_the_device() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert x.grad is not None
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every operator run (forward and backward) with its output's size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        numel = out.numel() if isinstance(out, torch.Tensor) else 0
+        self.ops.append((str(func.overloadpacket), numel))
+        return out
+
+
+@pytest.mark.parametrize("kind, half_copies", [("additive", 0), ("affine", 4)])
+def test_a_step_copies_and_concatenates_no_activation(kind: str, half_copies: int) -> None:
+    # The output is built in one buffer, the input reconstructed straight into its
+    # freed memory and the input gradient accumulated in one buffer: no torch.cat of
+    # halves, no restore copy. What remains is the arithmetic and a sum per block;
+    # the affine rule's gradient of the scaled half (grad * s) is a new tensor,
+    # copied into the gradient buffer: one half-sized copy per block.
+    net = _chain(kind, 4)
+    x = torch.randn(32, 8, requires_grad=True)
+    with _RecordOps() as recorded:
+        net(x).sum().backward()
+    half = x.numel() // 2
+    copies = [
+        (op, n)
+        for op, n in recorded.ops
+        if op in ("aten.cat", "aten.copy_", "aten.clone", "aten._to_copy", "aten.stack")
+        and n >= half
+    ]
+    assert copies == [("aten.copy_", half)] * half_copies
+    assert x.grad is not None and x.shape == (32, 8)
+    # One reduction per reconstructed input, one for the last block's output: the
+    # finite check; the others are the Linear layers' bias gradients.
+    assert sum(1 for op, n in recorded.ops if op == "aten.sum" and n == 1) == 4 + 1 + 1

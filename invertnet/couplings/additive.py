@@ -24,6 +24,12 @@ class Add(Combine):
     def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return a_new - m
 
+    def apply_into(self, a: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.add(a, m, out=out)
+
+    def invert_into(self, a_new: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return torch.sub(a_new, m, out=out)
+
     def vjp(
         self, a: torch.Tensor, m: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -28,6 +28,15 @@ class ScaleShift(Combine):
         s, t = m
         return (a_new - t) / s
 
+    # The same two roundings as apply and invert, into the buffer.
+    def apply_into(self, a: torch.Tensor, m: ScaleAndShift, out: torch.Tensor) -> torch.Tensor:
+        s, t = m
+        return torch.mul(a, s, out=out).add_(t)
+
+    def invert_into(self, a_new: torch.Tensor, m: ScaleAndShift, out: torch.Tensor) -> torch.Tensor:
+        s, t = m
+        return torch.sub(a_new, t, out=out).div_(s)
+
     def vjp(
         self, a: torch.Tensor, m: ScaleAndShift, grad: torch.Tensor
     ) -> tuple[torch.Tensor, ScaleAndShift]:

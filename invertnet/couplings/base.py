@@ -13,6 +13,7 @@ back-propagate through it. That is what makes backward cost one extra forward
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -38,6 +39,20 @@ class Combine:
 
     def invert(self, a_new: torch.Tensor, m: ModuleOutput) -> torch.Tensor:
         raise NotImplementedError
+
+    def apply_into(self, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor) -> torch.Tensor:
+        """Write :meth:`apply` into ``out`` (of ``a``'s shape and dtype) and return it.
+
+        The engine calls it, when no graph is recorded, to build a coupling's output
+        in place instead of concatenating its halves. Override it to compute straight
+        into ``out``, rounding exactly as :meth:`apply` does; ``out`` never overlaps
+        ``a`` or ``m``.
+        """
+        return out.copy_(self.apply(a, m))
+
+    def invert_into(self, a_new: torch.Tensor, m: ModuleOutput, out: torch.Tensor) -> torch.Tensor:
+        """Write :meth:`invert` into ``out``, as :meth:`apply_into` does for :meth:`apply`."""
+        return out.copy_(self.invert(a_new, m))
 
     def vjp(
         self, a: torch.Tensor, m: ModuleOutput, grad: torch.Tensor
@@ -72,6 +87,54 @@ def _detach(m: ModuleOutput) -> ModuleOutput:
 
 def _as_tuple(m: ModuleOutput) -> tuple[torch.Tensor, ...]:
     return (m,) if isinstance(m, torch.Tensor) else tuple(m)
+
+
+def _fresh_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A leaf over ``t``'s memory with a version counter of its own.
+
+    The fused backward writes a reconstructed part into the input's memory while a
+    sub-module's graph holds another part of that memory, saved for backward. The
+    regions are disjoint, but a ``detach()`` alias would share the whole tensor's
+    version counter, and autograd would then refuse the saved part as modified.
+    """
+    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
+    return alias.requires_grad_(True)
+
+
+@functools.cache
+def _defines_together(combine_type: type, rule: str, rule_into: str) -> bool:
+    """Whether the class that gives ``combine_type`` its ``rule`` (``apply``) also gives
+    it ``rule_into``: a subclass that overrides ``apply`` alone must not inherit a
+    parent's ``apply_into``, which computes the parent's rule."""
+
+    def owner(name: str) -> type:
+        return next(k for k in combine_type.__mro__ if name in vars(k))
+
+    return owner(rule) is owner(rule_into)
+
+
+def _apply_into(combine: Combine, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor):
+    if _defines_together(type(combine), "apply", "apply_into"):
+        return combine.apply_into(a, m, out)
+    return Combine.apply_into(combine, a, m, out)
+
+
+def _invert_into(combine: Combine, a_new: torch.Tensor, m: ModuleOutput, out: torch.Tensor):
+    if _defines_together(type(combine), "invert", "invert_into"):
+        return combine.invert_into(a_new, m, out)
+    return Combine.invert_into(combine, a_new, m, out)
+
+
+def _writes_into(a: torch.Tensor, m: ModuleOutput, out: torch.Tensor | None) -> bool:
+    """Whether a combine of ``a`` and ``m`` can be written into ``out`` unchanged: the
+    same dtype throughout, so that no promotion is lost."""
+    return (
+        out is not None
+        and a.dtype == out.dtype
+        and all(t.dtype == out.dtype and t.shape == out.shape for t in _as_tuple(m))
+    )
 
 
 class CouplingBase(nn.Module):
@@ -130,6 +193,58 @@ class CouplingBase(nn.Module):
             return tuple(parts)
         return torch.cat(parts, dim=self.split_dim)
 
+    def _out_parts(
+        self, out: Sequence[torch.Tensor | None] | None, n_inputs: int
+    ) -> list[torch.Tensor | None]:
+        """The halves of the buffers a result is to be written into (``None``: none)."""
+        if out is None:
+            return [None, None]
+        if n_inputs == 2:
+            return list(out)
+        (whole,) = out
+        return [None, None] if whole is None else list(torch.chunk(whole, 2, dim=self.split_dim))
+
+    def _merge_into(
+        self,
+        parts: list[torch.Tensor],
+        out_parts: list[torch.Tensor | None],
+        out: Sequence[torch.Tensor | None] | None,
+        n_inputs: int,
+    ) -> ModuleOutput:
+        """Merge ``parts``, into ``out`` where every part was or can be written there;
+        a concatenation otherwise (as :meth:`_merge`), which promotes mixed dtypes."""
+        if out is None:
+            return self._merge(parts, n_inputs)
+        if n_inputs == 2:
+            return tuple(
+                p if o is None or p is o or p.dtype != o.dtype else o.copy_(p)
+                for p, o in zip(parts, out_parts)
+            )
+        if out[0] is None or any(p.dtype != o.dtype for p, o in zip(parts, out_parts)):
+            return self._merge(parts, n_inputs)
+        for p, o in zip(parts, out_parts):
+            if p is not o:
+                o.copy_(p)
+        return out[0]
+
+    @staticmethod
+    def _last_writers(steps: Sequence[Step], reverse: bool) -> dict[int, int]:
+        """For each part, the position of the step that writes it last (in the order
+        the steps run: reversed for the inverse)."""
+        order = list(enumerate(steps))
+        if reverse:
+            order.reverse()
+        return {step.target: i for i, step in order}
+
+    def _output_buffers(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
+        """Buffers to build the result in, when no graph is recorded (as in a wrapper's
+        forward): the halves are then written in place, not concatenated."""
+        # Under torch.compile the compiler fuses the concatenation itself (and Dynamo
+        # cannot trace out= into a strided half).
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return None
+        return tuple(torch.empty_like(x) for x in xs)
+
     # -- evaluation ----------------------------------------------------------
     def _evaluate(self, step: Step, source: torch.Tensor, target: torch.Tensor) -> ModuleOutput:
         if step.module is None:
@@ -152,23 +267,42 @@ class CouplingBase(nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> ModuleOutput:
         parts = self._split(xs)
-        for step in self.steps():
-            m = self._evaluate(step, parts[step.source], parts[step.target])
-            parts[step.target] = step.combine.apply(parts[step.target], m)
-        return self._merge(parts, len(xs))
+        steps = self.steps()
+        out = self._output_buffers(xs)
+        out_parts = self._out_parts(out, len(xs))
+        last = self._last_writers(steps, reverse=False)
+        for i, step in enumerate(steps):
+            t = step.target
+            m = self._evaluate(step, parts[step.source], parts[t])
+            into = out_parts[t] if last[t] == i else None
+            if _writes_into(parts[t], m, into):
+                parts[t] = _apply_into(step.combine, parts[t], m, into)
+            else:
+                parts[t] = step.combine.apply(parts[t], m)
+        return self._merge_into(parts, out_parts, out, len(xs))
 
     def inverse(self, *ys: torch.Tensor) -> ModuleOutput:
         parts = self._split(ys)
-        for step in reversed(self.steps()):
-            m = self._evaluate(step, parts[step.source], parts[step.target])
-            parts[step.target] = step.combine.invert(parts[step.target], m)
-        return self._merge(parts, len(ys))
+        steps = self.steps()
+        out = self._output_buffers(ys)
+        out_parts = self._out_parts(out, len(ys))
+        last = self._last_writers(steps, reverse=True)
+        for i in reversed(range(len(steps))):
+            step, t = steps[i], steps[i].target
+            m = self._evaluate(step, parts[step.source], parts[t])
+            into = out_parts[t] if last[t] == i else None
+            if _writes_into(parts[t], m, into):
+                parts[t] = _invert_into(step.combine, parts[t], m, into)
+            else:
+                parts[t] = step.combine.invert(parts[t], m)
+        return self._merge_into(parts, out_parts, out, len(ys))
 
     def inverse_and_vjp(
         self,
         outputs: tuple[torch.Tensor, ...],
         grad_outputs: tuple[torch.Tensor, ...],
         params: tuple[torch.Tensor, ...],
+        out: Sequence[torch.Tensor | None] | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
         """Reconstruct the inputs and back-propagate through the forward in one pass.
 
@@ -183,6 +317,11 @@ class CouplingBase(nn.Module):
             Gradients of the loss with respect to ``outputs``.
         params : tuple of torch.Tensor
             Parameters whose gradients are wanted.
+        out : sequence of torch.Tensor or None, optional
+            One tensor per input, of its shape and dtype (or ``None``), to write the
+            reconstructed inputs into: a wrapper passes the freed inputs' own memory,
+            which saves a concatenation and a copy per block. Where the dtypes do not
+            allow it, the inputs are returned in new tensors instead.
 
         Returns
         -------
@@ -190,22 +329,36 @@ class CouplingBase(nn.Module):
             The reconstructed inputs, the gradients with respect to them, and one
             gradient (or ``None`` where unused) per entry of ``params``.
         """
+        n = len(outputs)
+        steps = self.steps()
         parts = [p.detach() for p in self._split(outputs)]
         grads = list(self._split(grad_outputs))
+        out_parts = self._out_parts(out, n)
+        # A single input's gradient is accumulated straight into the halves of one
+        # buffer, not concatenated from them (two inputs get theirs as they are).
+        grad_whole = (torch.empty_like(outputs[0]),) if n == 1 else None
+        grad_buffers = self._out_parts(grad_whole, n)
+        last = self._last_writers(steps, reverse=True)
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        for step in reversed(self.steps()):
+        for i in reversed(range(len(steps))):
+            step = steps[i]
             t, s = step.target, step.source
+            into = out_parts[t] if last[t] == i else None
             if step.module is None:
                 m: ModuleOutput = parts[s]
-                a = step.combine.invert(parts[t], m)
+                a = self._invert(step, parts[t], m, into)
                 d_a, d_m = step.combine.vjp(a, m, grads[t])
-                grads[s] = grads[s] + d_m
+                grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
             else:
                 with torch.enable_grad():
-                    source = parts[s].detach().requires_grad_(True)
+                    source = (
+                        _fresh_leaf(parts[s])
+                        if out is not None
+                        else parts[s].detach().requires_grad_(True)
+                    )
                     m_graph = self._evaluate(step, source, parts[t])
                 m = _detach(m_graph)
-                a = step.combine.invert(parts[t], m)
+                a = self._invert(step, parts[t], m, into)
                 d_a, d_m = step.combine.vjp(a, m, grads[t])
                 outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
                 needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
@@ -217,13 +370,30 @@ class CouplingBase(nn.Module):
                         allow_unused=True,
                     )
                     if found[0] is not None:
-                        grads[s] = grads[s] + found[0]
-                    for i, g in enumerate(found[1:]):
+                        grads[s] = _accumulate(grads[s], found[0], grad_buffers[s])
+                    for k, g in enumerate(found[1:]):
                         if g is not None:
-                            grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+                            grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
             parts[t] = a
             grads[t] = d_a
-        n = len(outputs)
-        inputs = _as_tuple(self._merge(parts, n))
-        grad_inputs = _as_tuple(self._merge(grads, n))
+        inputs = _as_tuple(self._merge_into(parts, out_parts, out, n))
+        grad_inputs = _as_tuple(self._merge_into(grads, grad_buffers, grad_whole, n))
         return inputs, grad_inputs, grad_params
+
+    @staticmethod
+    def _invert(
+        step: Step, a_new: torch.Tensor, m: ModuleOutput, into: torch.Tensor | None
+    ) -> torch.Tensor:
+        if _writes_into(a_new, m, into):
+            return _invert_into(step.combine, a_new, m, into)
+        return step.combine.invert(a_new, m)
+
+
+def _accumulate(
+    grad: torch.Tensor, extra: torch.Tensor, buffer: torch.Tensor | None
+) -> torch.Tensor:
+    """``grad + extra``, written into ``buffer`` (``grad`` may already be it) where the
+    dtypes agree."""
+    if buffer is None or not (grad.dtype == extra.dtype == buffer.dtype):
+        return grad + extra
+    return torch.add(grad, extra, out=buffer)

@@ -107,12 +107,14 @@ def check_finite_when_backward_ends(
     for o in outputs:
         if o.is_floating_point():
             known = None if found is None else found.pop(storage_key(o), None)
-            outputs_totals.append((_total(o) if known is None else known).double())
+            outputs_totals.append(_total(o) if known is None else known)
+    if len(outputs_totals) > 1:
+        outputs_totals = [torch.stack([t.double() for t in outputs_totals]).sum()]
     record = _Record(
         name=name,
         index=index,
         total=total,
-        outputs_total=torch.stack(outputs_totals).sum() if outputs_totals else None,
+        outputs_total=outputs_totals[0] if outputs_totals else None,
         numel=reconstructed.numel(),
         reconstructed=weakref.ref(reconstructed),
     )

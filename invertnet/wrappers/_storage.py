@@ -109,10 +109,13 @@ class FreedInput:
     version: int
 
     def restore(self, values: torch.Tensor) -> None:
-        """Reallocate the storage, restore the shape and copy ``values`` in."""
-        x = self.reallocate()
-        with torch.no_grad():
-            x.copy_(values)
+        """Reallocate the storage, restore the shape and copy ``values`` in (nothing to
+        copy where ``values`` is the tensor itself, written after :meth:`reallocate`)."""
+        x = self.tensor
+        if values is not x:
+            x = self.reallocate()
+            with torch.no_grad():
+                x.copy_(values)
         # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
         self.version = version(x)
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 import sys
 import warnings
@@ -216,7 +218,17 @@ def _recompute_and_differentiate(
 ) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
     params = call.params
     if call.freed and call.fused is not None:
-        inputs, grad_inputs, grad_params = call.fused(call.outputs, grad_outputs, params)
+        if _accepts_out(call.fused):
+            # Reconstruct straight into the freed inputs' own memory.
+            out = tuple(
+                call.freed[i].reallocate() if i in call.freed else None
+                for i in range(call.num_inputs)
+            )
+            inputs, grad_inputs, grad_params = call.fused(
+                call.outputs, grad_outputs, params, out=out
+            )
+        else:
+            inputs, grad_inputs, grad_params = call.fused(call.outputs, grad_outputs, params)
         grads = tuple(
             g.to(x.dtype) if need and g is not None else None
             for g, x, need in zip(grad_inputs, call.inputs, needs)
@@ -245,6 +257,17 @@ def _recompute_and_differentiate(
     found_iter = iter(found) if found else iter([None] * len(wanted))
     grad_inputs = tuple(next(found_iter) if leaf.requires_grad else None for leaf in leaves)
     return tuple(leaf.detach() for leaf in leaves), grad_inputs + tuple(found_iter)
+
+
+@functools.lru_cache(maxsize=256)
+def _takes_out(function: Callable[..., Any]) -> bool:
+    return "out" in inspect.signature(function).parameters
+
+
+def _accepts_out(fused: FusedBackward) -> bool:
+    """Whether a module's ``inverse_and_vjp`` takes ``out=``, the buffers to write the
+    reconstructed inputs into (the coupling engine's does; older ones may not)."""
+    return _takes_out(getattr(fused, "__func__", fused))
 
 
 # The invertnet and torch package folders.
