@@ -869,3 +869,11 @@ def test_worker_server_refuses_to_fork_after_cuda_was_initialised(
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     with pytest.raises(RuntimeError, match="initialised CUDA before forking"):
         _worker.main(["--serve"])
+
+
+def test_methods_that_run_on_none_of_the_workloads_are_a_clear_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    err = _run_bad(["--workloads", "momentum-mlp", "--methods", "revlib"], capsys)
+    assert "none of the methods asked for runs on these workloads" in err
+    assert "momentum-mlp has plain, checkpoint, invertnet, momentumnet" in err
