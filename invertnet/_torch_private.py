@@ -31,6 +31,7 @@ __all__ = [
     "input_kind",
     "is_output_of",
     "call_without_subclass",
+    "current_backward_pass",
     "queue_end_of_backward",
     "sole_holder_counts",
     "storage_key",
@@ -145,3 +146,10 @@ def call_without_subclass(func: Callable[..., Any], args: tuple, kwargs: dict | 
     """
     with torch._C.DisableTorchFunctionSubclass():
         return func(*args, **(kwargs or {}))
+
+
+def current_backward_pass() -> int | None:
+    """An identifier of the backward pass running on this thread (unique in the
+    process; a nested pass has its own), or ``None`` outside backward."""
+    task = torch._C._current_graph_task_id()
+    return None if task < 0 else task

@@ -120,3 +120,14 @@ def test_assert_on_device_raises_on_the_cpu_when_false() -> None:
     private.assert_on_device(torch.tensor(True), "never shown")
     with pytest.raises(RuntimeError):
         private.assert_on_device(torch.tensor(False), "the condition failed")
+
+
+def test_current_backward_pass_is_none_outside_and_new_for_each_pass() -> None:
+    seen: list[int | None] = []
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: seen.append(private.current_backward_pass()))
+    y.sum().backward(retain_graph=True)
+    y.sum().backward()
+    assert private.current_backward_pass() is None
+    assert None not in seen and len(set(seen)) == 2

@@ -162,3 +162,21 @@ def test_a_step_copies_and_concatenates_no_activation(kind: str, half_copies: in
     # One reduction per reconstructed input, one for the last block's output: the
     # finite check; the others are the Linear layers' bias gradients.
     assert sum(1 for op, n in recorded.ops if op == "aten.sum" and n == 1) == 4 + 1 + 1
+
+
+def test_a_backward_pass_that_fails_does_not_disable_the_checks_of_later_ones() -> None:
+    # The failing pass never reaches its end, where its checks would run; the next
+    # pass must still get checks of its own.
+    first, second = InvertibleModuleWrapper(_Scale(2.0)), InvertibleModuleWrapper(_Scale(2.0))
+    h = first(torch.randn(4, 6, requires_grad=True))
+    y = second(h)
+
+    def fail(grad: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a failure elsewhere in the graph")
+
+    h.register_hook(fail)  # runs after `second` queued its checks, before `first`
+    with pytest.raises(ValueError, match="failure elsewhere"):
+        y.sum().backward()
+    bad = nn.Sequential(InvertibleModuleWrapper(_Scale(3.0)), InvertibleModuleWrapper(_Scale(0.0)))
+    with pytest.raises(ReconstructionError):
+        bad(torch.randn(4, 6, requires_grad=True)).sum().backward()

@@ -25,7 +25,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from invertnet._torch_private import assert_on_device, queue_end_of_backward, storage_key
+from invertnet._torch_private import (
+    assert_on_device,
+    current_backward_pass,
+    queue_end_of_backward,
+    storage_key,
+)
 from invertnet.wrappers.debug import ADVICE, ReconstructionError
 
 __all__ = ["check_finite_when_backward_ends", "nonfinite_error"]
@@ -48,7 +53,11 @@ class _PassChecks:
     totals_by_storage: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-_local = threading.local()
+# The checks of the backward passes now running, by pass. A pass that fails leaves
+# its entry behind (its end is never reached); a few are kept, the oldest dropped.
+_passes: dict[int, _PassChecks] = {}
+_passes_lock = threading.Lock()
+_STALE_PASSES_KEPT = 16
 
 _DEVICE_MESSAGE = (
     "invertnet: an InvertibleModuleWrapper reconstructed an input containing NaN/Inf "
@@ -64,13 +73,21 @@ def _total(t: torch.Tensor) -> torch.Tensor:
 
 
 def _current_pass() -> _PassChecks | None:
-    """The checks of the backward pass now running, created on first use."""
-    checks = getattr(_local, "checks", None)
-    if checks is None:
+    """The checks of the backward pass now running, created on first use; ``None``
+    outside backward."""
+    task = current_backward_pass()
+    if task is None:
+        return None
+    with _passes_lock:
+        checks = _passes.get(task)
+        if checks is not None:
+            return checks
         checks = _PassChecks()
-        if not queue_end_of_backward(lambda: _finish(checks)):
+        if not queue_end_of_backward(lambda: _finish(task, checks)):
             return None
-        _local.checks = checks
+        while len(_passes) >= _STALE_PASSES_KEPT:
+            del _passes[next(iter(_passes))]
+        _passes[task] = checks
     return checks
 
 
@@ -124,9 +141,10 @@ def check_finite_when_backward_ends(
         checks.records.append(record)
 
 
-def _finish(checks: _PassChecks) -> None:
-    if getattr(_local, "checks", None) is checks:
-        _local.checks = None
+def _finish(task: int, checks: _PassChecks) -> None:
+    with _passes_lock:
+        if _passes.get(task) is checks:
+            del _passes[task]
     _raise_first_fault(checks.records)
 
 

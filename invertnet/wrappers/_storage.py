@@ -209,7 +209,7 @@ def freed_tensor_error(x: torch.Tensor, what: str) -> RuntimeError:
     )
 
 
-#: What may be asked of a freed tensor: what it is, not what it holds.
+#: What may be done with a freed tensor: ask what it is, not what it holds.
 _INTROSPECTION = frozenset(
     f"torch.Tensor.{name}"
     for name in (
@@ -235,6 +235,10 @@ _INTROSPECTION = frozenset(
         "untyped_storage",
         "data_ptr",
         "__repr__",
+        # Hooks on its gradient read nothing either.
+        "register_hook",
+        "register_post_accumulate_grad_hook",
+        "retain_grad",
     )
 )
 
