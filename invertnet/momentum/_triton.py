@@ -13,8 +13,10 @@ the gradient update. They give the states of the tensor operations of
   state to the functions' dtype) are the same single operations as torch's,
   with fused multiply-adds forbidden (``enable_fp_fusion=False`` at launch), so
   that ``f * mix_units`` is rounded before the rounding to a whole number;
-* conversions from float64 to float16 and bfloat16 go through float32, as
-  torch's do.
+* the functions' inputs are float32 or float64 (conversions to 16-bit floats
+  are left to the tensor operations: Triton's interpreter, where the tests
+  prove the kernels, does not round them as CUDA does); their outputs may be
+  of any floating dtype, as under autocast: widening them is exact.
 
 Rounding to a whole number adds and subtracts :math:`1.5 \\cdot 2^{52}` (exact
 half-to-even rounding below :math:`2^{51}`), as the C loops do: libdevice's

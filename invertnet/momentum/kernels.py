@@ -17,11 +17,10 @@ the same order in memory (contiguous, or all ``channels_last``).
 installation); :func:`native_kernels` turns the loops off, to compare or debug.
 
 On CUDA the same phases run as Triton kernels (``invertnet.momentum._triton``),
-for states whose functions compute in ``float16``, ``bfloat16``, ``float32`` or
-``float64`` (the function's output may differ from its input's dtype, as under
-autocast), laid out as the C loops need. Triton is optional: it is imported
-when a CUDA tensor first asks for a kernel, and where it is missing the tensor
-operations serve. :func:`triton_kernels` turns the kernels off.
+for inputs of ``float32`` or ``float64`` whose functions return any floating
+dtype (``bfloat16`` under autocast, for one), laid out as the C loops need.
+Triton is optional: it is imported when a CUDA tensor first asks for a kernel,
+and where it is missing the tensor operations serve. :func:`triton_kernels` turns the kernels off.
 
 Everything else (half precision on the CPU, other layouts, ``gamma`` 0 or 1)
 takes the tensor operations, which remain the reference. No path reads a
@@ -62,8 +61,11 @@ _DTYPES = (torch.float32, torch.float64)
 
 _LAYOUTS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
-# The functions' dtypes the Triton kernels handle (of their inputs and outputs).
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The dtypes the Triton kernels handle: of the functions' inputs (the state's
+# conversions, proven bit for bit in Triton's interpreter, whose conversions to
+# 16-bit floats do not round as CUDA's do), and of their outputs (only read).
+_TRITON_DTYPES = (torch.float32, torch.float64)
+_TRITON_OUTPUT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 _triton_enabled = True
 
@@ -185,7 +187,7 @@ def usable(
     All must be plain tensors on one device, of one shape, whose elements lie in
     the same order in memory, with no gaps: the loops walk them by a single
     index. On the CPU the C loops need ``typed`` to be of ``dtype``; on CUDA the
-    Triton kernels take each of the four floating dtypes.
+    Triton kernels take functions' outputs of each of the four floating dtypes.
     """
     reference = doubles[0]
     device = reference.device.type
@@ -197,7 +199,7 @@ def usable(
     elif device in _TRITON_DEVICES:
         if not _triton_enabled or dtype not in _TRITON_DTYPES:
             return False
-        if any(t.dtype not in _TRITON_DTYPES for t in typed) or _triton_module() is None:
+        if any(t.dtype not in _TRITON_OUTPUT_DTYPES for t in typed) or _triton_module() is None:
             return False
     else:
         return False

@@ -1,0 +1,32 @@
+"""The Triton kernels of MomentumNet(use_backprop=False), proven on the CPU in Triton's interpreter.
+
+The cases are in ``momentum_triton_cases.py``; they run in a process of their
+own, since Triton reads ``TRITON_INTERPRET`` when it is imported, and this
+process may have imported it already.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+
+def test_the_triton_kernels_match_the_tensor_operations_in_the_interpreter() -> None:
+    cases = Path(__file__).with_name("momentum_triton_cases.py")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(cases)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+        cwd=cases.parent.parent,
+    )
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
+    assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2]
