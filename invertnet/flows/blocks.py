@@ -134,8 +134,8 @@ class ActNorm(_FlowBlock):
     >>> norm = ActNorm(3)
     >>> x = 5 + 2 * torch.randn(64, 3, 4, 4)
     >>> y, log_det = norm.forward_and_log_det(x)  # the first batch initialises
-    >>> [round(v, 3) for v in (y.mean().item(), y.std().item())]
-    [0.0, 1.0]
+    >>> abs(y.mean().item()) < 1e-5, round(y.std().item(), 3)
+    (True, 1.0)
     >>> log_det.shape
     torch.Size([64])
     >>> torch.allclose(norm.inverse(y), x, atol=1e-5)
@@ -237,7 +237,11 @@ class ActNorm(_FlowBlock):
 
 
 def _mix(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Apply the channel-mixing matrix ``weight`` at every position of ``x``."""
+    """Apply the channel-mixing matrix ``weight`` at every position of ``x``.
+
+    A convolution rather than a (faster) batched matrix product, whose output would
+    be a reshaped view: a view cannot be freed by the next wrapper.
+    """
     d = x.dim()
     if d == 2:
         return F.linear(x, weight)

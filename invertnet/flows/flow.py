@@ -17,41 +17,104 @@ Tensors = tuple[torch.Tensor, ...]
 _LOG_2PI = math.log(2 * math.pi)
 
 
-class _LogDetStep(nn.Module):
-    """A flow block seen by :class:`~invertnet.InvertibleModuleWrapper`.
+#: The most blocks one wrapper call runs. A group's internal activations are never
+#: stored (its forward runs without a graph), so memory does not depend on this;
+#: fewer, longer calls save the wrapper's per-call work, shorter ones localise a
+#: failed reconstruction (``invertnet.debug_reconstruction``) more finely.
+_GROUP_SIZE = 4
+
+
+def _has_fused_backward(block: nn.Module) -> bool:
+    return callable(getattr(block, "inverse_and_vjp_with_log_det", None))
+
+
+class _LogDetChain(nn.Module):
+    """Consecutive flow blocks seen by :class:`~invertnet.InvertibleModuleWrapper`.
 
     ``forward(x)`` returns ``(y, log_det)``; ``inverse(y, log_det)`` ignores the
     log-determinant. The wrapper frees ``x`` and, in backward, receives the
     gradients of both outputs.
     """
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], first: int, shapes: Sequence[torch.Size]
+    ) -> None:
         super().__init__()
-        self.block = block
+        self.blocks = nn.ModuleList(blocks)
+        self.first = first  # index of blocks[0] in the flow, for error messages
+        self.shapes = shapes  # the flow's sample shapes, before block i at index i
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.block.forward_and_log_det(x)
+        log_det = None
+        for i, block in enumerate(self.blocks, self.first):
+            x, term = block.forward_and_log_det(x)
+            _check_step(i, block, x, term, self.shapes[i + 1])
+            log_det = term if log_det is None else log_det + term
+        return x, log_det
 
     def inverse(self, y: torch.Tensor, log_det: torch.Tensor) -> torch.Tensor:
-        return self.block.inverse(y)
+        for block in reversed(self.blocks):
+            y = block.inverse(y)
+        return y
 
 
-class _FusedLogDetStep(_LogDetStep):
-    """:class:`_LogDetStep` for a block with ``inverse_and_vjp_with_log_det``: the
+class _FusedLogDetChain(_LogDetChain):
+    """:class:`_LogDetChain` of blocks with ``inverse_and_vjp_with_log_det``: the
     wrapper's fused backward then rebuilds the input and back-propagates both
-    gradients in one pass."""
+    gradients block by block, each evaluating its sub-modules once."""
 
     def inverse_and_vjp(
         self, outputs: Tensors, grad_outputs: Tensors, params: Tensors
     ) -> tuple[Tensors, Tensors, list[torch.Tensor | None]]:
         (y, _), (grad_y, grad_log_det) = outputs, grad_outputs
-        return self.block.inverse_and_vjp_with_log_det((y,), (grad_y,), grad_log_det, params)
+        index = {id(p): i for i, p in enumerate(params)}
+        grad_params: list[torch.Tensor | None] = [None] * len(params)
+        for block in reversed(self.blocks):
+            own = tuple(p for p in block.parameters() if id(p) in index)
+            (y,), (grad_y,), found = block.inverse_and_vjp_with_log_det(
+                (y,), (grad_y,), grad_log_det, own
+            )
+            for p, g in zip(own, found):
+                if g is not None:
+                    i = index[id(p)]
+                    grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
+        return (y,), (grad_y,), grad_params
 
 
-def _wrap(block: nn.Module, keep_input: bool) -> InvertibleModuleWrapper:
-    fused = callable(getattr(block, "inverse_and_vjp_with_log_det", None))
-    step = _FusedLogDetStep(block) if fused else _LogDetStep(block)
-    return InvertibleModuleWrapper(step, keep_input=keep_input)
+def _check_step(
+    i: int, block: nn.Module, y: torch.Tensor, log_det: torch.Tensor, expected: torch.Size
+) -> None:
+    if y.shape[1:] != expected:
+        raise ValueError(
+            f"Flow: block {i} ({type(block).__name__}) maps a sample to shape "
+            f"{tuple(y.shape[1:])}, expected {tuple(expected)}; a block that changes the "
+            "shape must define output_shape(event_shape)"
+        )
+    if log_det.shape != y.shape[:1]:
+        raise ValueError(
+            f"Flow: block {i} ({type(block).__name__}) returned a log-determinant of shape "
+            f"{tuple(log_det.shape)}; expected one value per sample, {tuple(y.shape[:1])}"
+        )
+
+
+def _groups(blocks: Sequence[nn.Module]) -> list[tuple[int, int]]:
+    """``(start, stop)`` of the blocks each wrapper runs.
+
+    The first block runs alone: its wrapper keeps the caller's input. Then runs of
+    blocks with a fused backward, up to ``_GROUP_SIZE`` each; a block without one
+    runs alone (inverted, then run forward again, in backward).
+    """
+    groups = [(0, 1)]
+    for i in range(1, len(blocks)):
+        start, stop = groups[-1]
+        joinable = (
+            start > 0
+            and stop - start < _GROUP_SIZE
+            and _has_fused_backward(blocks[i])
+            and _has_fused_backward(blocks[start])
+        )
+        groups[-1:] = [(start, i + 1)] if joinable else [(start, stop), (i, i + 1)]
+    return groups
 
 
 def _as_event_shape(event_shape: object) -> torch.Size:
@@ -210,9 +273,12 @@ class Flow(nn.Module):
         self.keep_input = keep_input
         # The wrappers hold no state of their own; kept out of the module tree so that
         # the state_dict and the parameters are those of the blocks, whatever keep_input.
-        self._wrappers: list[InvertibleModuleWrapper] = [
-            _wrap(block, keep_input=(i == 0)) for i, block in enumerate(blocks)
-        ]
+        self._wrappers: list[InvertibleModuleWrapper] = []
+        for start, stop in _groups(blocks):
+            group = blocks[start:stop]
+            fused = all(_has_fused_backward(b) for b in group)
+            chain = (_FusedLogDetChain if fused else _LogDetChain)(group, start, shapes)
+            self._wrappers.append(InvertibleModuleWrapper(chain, keep_input=start == 0))
 
     def extra_repr(self) -> str:
         return (
@@ -273,27 +339,16 @@ class Flow(nn.Module):
     def _forward(self, x: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         leading = x.shape[: x.dim() - len(self.event_shape)] if isinstance(x, torch.Tensor) else ()
         h = self._flatten(x, self.event_shape, what)
-        saving = self._memory_saving()
         log_det = h.new_zeros(h.shape[0])
-        for i, block in enumerate(self.blocks):
-            if saving:
-                h, term = self._wrappers[i](h)
-            else:
+        if self._memory_saving():
+            for wrapper in self._wrappers:
+                h, term = wrapper(h)
+                log_det = log_det + term
+        else:
+            for i, block in enumerate(self.blocks):
                 h, term = block.forward_and_log_det(h)
-            if h.shape[1:] != self._shapes[i + 1]:
-                raise ValueError(
-                    f"Flow: block {i} ({type(block).__name__}) maps a sample of shape "
-                    f"{tuple(self._shapes[i])} to {tuple(h.shape[1:])}, expected "
-                    f"{tuple(self._shapes[i + 1])}; a block that changes the shape must "
-                    "define output_shape(event_shape)"
-                )
-            if term.shape != log_det.shape:
-                raise ValueError(
-                    f"Flow: block {i} ({type(block).__name__}) returned a log-determinant "
-                    f"of shape {tuple(term.shape)}; expected one value per sample, "
-                    f"{tuple(log_det.shape)}"
-                )
-            log_det = log_det + term
+                _check_step(i, block, h, term, self._shapes[i + 1])
+                log_det = log_det + term
         return h.reshape(leading + self.latent_shape), log_det.reshape(leading)
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
