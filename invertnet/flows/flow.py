@@ -152,11 +152,12 @@ class Flow(nn.Module):
         \log p(x) = \log p_Z(f(x)) + \log|\det \partial f / \partial x|,
 
     with ``f`` the chain of ``blocks`` and each block adding its own log-determinant.
-    In training with ``keep_input=False``, every block runs under
-    :class:`~invertnet.InvertibleModuleWrapper`: the activations between blocks are
-    freed after the forward pass and rebuilt by the blocks' inverses in backward,
-    which back-propagates the gradient of the log-determinant in the same pass. A
-    deep flow then trains with activation memory that does not grow with depth.
+    In training with ``keep_input=False``, the blocks run under
+    :class:`~invertnet.InvertibleModuleWrapper`, a few consecutive blocks per
+    wrapper: the activations between blocks are freed (or, inside a wrapper's run,
+    never stored) and rebuilt by the blocks' inverses in backward, which
+    back-propagates the gradient of the log-determinant in the same pass. A deep
+    flow then trains with activation memory that does not grow with depth.
 
     Parameters
     ----------
