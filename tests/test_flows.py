@@ -540,3 +540,16 @@ def test_flow_is_exported_at_top_level() -> None:
     assert invertnet.Flow is Flow
     for name in ("ActNorm", "InvertibleConv1x1", "Permutation", "Squeeze", "Flow"):
         assert name in invertnet.__all__
+
+
+def test_fused_backward_without_a_log_det_gradient_is_inverse_and_vjp() -> None:
+    block, x = make_block("affine-sigmoid")
+    params = tuple(block.parameters())
+    y = block(x).detach()
+    g = torch.randn_like(y)
+    got = block.inverse_and_vjp_with_log_det((y,), (g,), None, params)
+    want = block.inverse_and_vjp((y,), (g,), params)
+    for a, b in zip(got[:2], want[:2]):
+        torch.testing.assert_close(a, b)
+    for a, b in zip(got[2], want[2]):
+        torch.testing.assert_close(a, b)

@@ -81,7 +81,7 @@ def inverse_and_vjp_with_log_det(
     coupling: CouplingBase,
     outputs: Tensors,
     grad_outputs: Tensors,
-    grad_log_det: torch.Tensor,
+    grad_log_det: torch.Tensor | None,
     params: Tensors,
 ) -> tuple[Tensors, Tensors, list[torch.Tensor | None]]:
     """:meth:`CouplingBase.inverse_and_vjp`, with the gradient of the log-determinant too.
@@ -95,8 +95,9 @@ def inverse_and_vjp_with_log_det(
         The coupling.
     outputs, grad_outputs : tuple of torch.Tensor
         The forward pass's outputs and the loss's gradients with respect to them.
-    grad_log_det : torch.Tensor
-        The loss's gradient with respect to the log-determinant, shape ``(batch,)``.
+    grad_log_det : torch.Tensor or None
+        The loss's gradient with respect to the log-determinant, shape ``(batch,)``;
+        ``None`` for none (then this is :meth:`CouplingBase.inverse_and_vjp`).
     params : tuple of torch.Tensor
         Parameters whose gradients are wanted.
 
@@ -105,7 +106,7 @@ def inverse_and_vjp_with_log_det(
     inputs, grad_inputs, grad_params
         As :meth:`CouplingBase.inverse_and_vjp`.
     """
-    if not _has_log_det_gradient(coupling):
+    if grad_log_det is None or not _has_log_det_gradient(coupling):
         # A log-determinant that does not depend on the input or the parameters
         # (additive: 0; momentum: d log(gamma)) has no gradient to carry.
         return coupling.inverse_and_vjp(outputs, grad_outputs, params)

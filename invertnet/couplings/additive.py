@@ -107,7 +107,7 @@ class AdditiveCoupling(CouplingBase):
         self,
         outputs: tuple[torch.Tensor, ...],
         grad_outputs: tuple[torch.Tensor, ...],
-        grad_log_det: torch.Tensor,
+        grad_log_det: torch.Tensor | None,
         params: tuple[torch.Tensor, ...],
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
         """:meth:`inverse_and_vjp`; the log-determinant is constant, so has no gradient."""

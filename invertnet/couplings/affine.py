@@ -185,7 +185,7 @@ class AffineCoupling(CouplingBase):
         self,
         outputs: tuple[torch.Tensor, ...],
         grad_outputs: tuple[torch.Tensor, ...],
-        grad_log_det: torch.Tensor,
+        grad_log_det: torch.Tensor | None,
         params: tuple[torch.Tensor, ...],
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
         """:meth:`inverse_and_vjp` that also back-propagates ``grad_log_det``, in the same pass."""
