@@ -229,18 +229,3 @@ def test_momentum_net_trains_the_same_with_the_kernels(
     assert torch.equal(out_fast, out_slow)
     for fast, slow in zip(grads_fast, grads_slow):
         torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-9)
-
-
-def test_cpu_tensors_keep_the_c_loops_and_cuda_dispatch_needs_triton(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    doubles = (torch.zeros(4, dtype=torch.float64),)
-    assert kernels._TRITON_DEVICES == ("cuda",)
-    assert kernels.usable(torch.float32, doubles, (torch.zeros(4),)) is kernels.NATIVE
-    # Half precision has no C loop; on the CPU it takes the tensor operations.
-    assert not kernels.usable(torch.bfloat16, doubles, (torch.zeros(4, dtype=torch.bfloat16),))
-    # Where Triton does not load, CUDA tensors take the tensor operations.
-    monkeypatch.setattr(kernels, "_triton", False)
-    monkeypatch.setattr(kernels, "_TRITON_DEVICES", ("cuda", "cpu"))
-    assert not kernels.triton_available()
-    assert not kernels.usable(torch.float32, doubles, (torch.zeros(4),))

@@ -13,6 +13,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from invertnet.momentum import kernels
 
 pytest.importorskip("triton")
 
@@ -30,3 +33,18 @@ def test_the_triton_kernels_match_the_tensor_operations_in_the_interpreter() -> 
     )
     assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-3000:]
     assert " passed" in result.stdout and "skipped" not in result.stdout.split("\n")[-2]
+
+
+def test_cpu_tensors_keep_the_c_loops_and_cuda_dispatch_needs_triton(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    doubles = (torch.zeros(4, dtype=torch.float64),)
+    assert kernels._TRITON_DEVICES == ("cuda",)
+    assert kernels.usable(torch.float32, doubles, (torch.zeros(4),)) is kernels.NATIVE
+    # Half precision has no C loop; on the CPU it takes the tensor operations.
+    assert not kernels.usable(torch.bfloat16, doubles, (torch.zeros(4, dtype=torch.bfloat16),))
+    # Where Triton does not load, CUDA tensors take the tensor operations.
+    monkeypatch.setattr(kernels, "_triton", False)
+    monkeypatch.setattr(kernels, "_TRITON_DEVICES", ("cuda", "cpu"))
+    assert not kernels.triton_available()
+    assert not kernels.usable(torch.float32, doubles, (torch.zeros(4),))
