@@ -21,6 +21,15 @@ pytest.importorskip("triton")
 
 
 def test_the_triton_kernels_match_the_tensor_operations_in_the_interpreter() -> None:
+    import triton
+
+    version = tuple(int(part) for part in triton.__version__.split(".")[:2])
+    if version < (3, 2):
+        # Compiled kernels run such loops on any Triton 3; the interpreter of 3.0
+        # passes scalar arguments as arrays, which Python's range refuses.
+        pytest.skip(
+            f"Triton {triton.__version__}'s interpreter cannot run a loop with a run-time bound"
+        )
     cases = Path(__file__).with_name("momentum_triton_cases.py")
     env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(

@@ -29,11 +29,12 @@ range of blocks, and the forward step adds one atomic maximum per program and
 per magnitude (update, position, velocity) into three float64 slots, as the bit
 patterns of the magnitudes (which order as the values do, NaN above infinity).
 
+No ``from __future__ import annotations`` here: Triton before 3.2 or so finds
+``tl.constexpr`` parameters by their annotations, which that import makes strings.
+
 Importing this module imports Triton; :mod:`invertnet.momentum.kernels` does so
 only when a CUDA tensor first asks for a kernel.
 """
-
-from __future__ import annotations
 
 import functools
 
@@ -47,12 +48,8 @@ __all__ = ["accumulate", "step", "unstep_position", "unstep_velocity"]
 BLOCK = 1024
 _WARPS = 4
 
-_TRITON_TYPES = {
-    torch.float16: tl.float16,
-    torch.bfloat16: tl.bfloat16,
-    torch.float32: tl.float32,
-    torch.float64: tl.float64,
-}
+# The functions' input dtypes served (see invertnet.momentum.kernels).
+_TRITON_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Indices into the constants tensor (see _constants).
 _N, _D, _N_INVERSE, _N_OFFSET, _D_INVERSE, _D_OFFSET, _MIX_UNITS, _UNIT, _MIX, _KEEP = range(10)
@@ -74,15 +71,6 @@ def _floor_quotient(a, inverse, offset):
 def _magnitude_bits(a):
     # |a| as int64 bits: ordered as the magnitudes, NaN above infinity.
     return tl.abs(a).to(tl.int64, bitcast=True)
-
-
-@triton.jit
-def _to_type(a, T: tl.constexpr):
-    # float64 to T as torch converts: through float32 for the 16-bit types.
-    if T in (tl.float16, tl.bfloat16):
-        return a.to(tl.float32).to(T)
-    else:
-        return a.to(T)
 
 
 @triton.jit
@@ -123,7 +111,7 @@ def _step_kernel(
         tl.store(z_ptr + offsets, z, mask=mask)
         tl.store(v_ptr + offsets, v, mask=mask)
         tl.store(x_ptr + offsets, x, mask=mask)
-        tl.store(out_ptr + offsets, _to_type(x, OUT_TYPE), mask=mask)
+        tl.store(out_ptr + offsets, x.to(OUT_TYPE), mask=mask)
         peak_update = tl.maximum(peak_update, tl.where(mask, _magnitude_bits(update), 0))
         peak_x = tl.maximum(peak_x, tl.where(mask, _magnitude_bits(x), 0))
         peak_v = tl.maximum(peak_v, tl.where(mask, _magnitude_bits(v), 0))
@@ -148,8 +136,8 @@ def _unstep_position_kernel(
         grad_v = tl.load(grad_v_ptr + offsets, mask=mask, other=0.0)
         x = x - v * unit
         tl.store(x_ptr + offsets, x, mask=mask)
-        tl.store(out_ptr + offsets, _to_type(x, OUT_TYPE), mask=mask)
-        tl.store(grad_y_ptr + offsets, _to_type(grad_v * mix, OUT_TYPE), mask=mask)
+        tl.store(out_ptr + offsets, x.to(OUT_TYPE), mask=mask)
+        tl.store(grad_y_ptr + offsets, (grad_v * mix).to(OUT_TYPE), mask=mask)
 
 
 @triton.jit
@@ -233,17 +221,17 @@ def _grid(t: torch.Tensor) -> tuple[int, int]:
     return programs, triton.cdiv(blocks, programs) * BLOCK
 
 
-def _on(t: torch.Tensor) -> torch.cuda.device | _NoDevice:
-    """Launch on ``t``'s device (Triton launches on the current one)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NoDevice()
-
-
 class _NoDevice:
     def __enter__(self) -> None:
         return None
 
     def __exit__(self, *exc: object) -> None:
         return None
+
+
+def _on(t: torch.Tensor) -> torch.cuda.device | _NoDevice:
+    """Launch on ``t``'s device (Triton launches on the current one)."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else _NoDevice()
 
 
 def step(
