@@ -46,8 +46,8 @@ class InputKeptWarning(UserWarning):
     """A wrapper kept an input in memory that ``keep_input=False`` asked it to free.
 
     Results are unaffected; only the memory saving is lost. Its own category lets a
-    benchmark or a test turn it into an error (``warnings.simplefilter("error",
-    InputKeptWarning)``) or count it, without touching other warnings.
+    benchmark or a test turn it into an error, or count it, without touching other
+    warnings (see :doc:`/guide/memory`).
     """
 
 
