@@ -116,11 +116,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
-    n_train, steps = (2000, 400) if args.quick else (8000, 3000)
+    n_train, steps, depth, hidden = (2000, 300, 6, 32) if args.quick else (8000, 3000, 8, 64)
     train_data = make_moons(n_train, generator=generator)
     test_data = make_moons(2000, generator=generator)
 
-    flow = make_flow(depth=6 if args.quick else 8, hidden=64)
+    flow = make_flow(depth, hidden)
     train(flow, train_data, steps, batch=256)
     flow.eval()
     with torch.no_grad():
