@@ -321,3 +321,34 @@ def test_a_process_does_not_use_a_pool_inherited_from_its_parent(
     assert child.submit(sum, [1, 2]).result(timeout=10) == 3
     parent.shutdown()
     child.shutdown()
+
+
+def test_the_loops_take_the_one_product_form_only_where_their_velocity_peak_allows() -> None:
+    # The C loops return the largest velocity they wrote; the next step computes
+    # n v + r in one product only if d |v| stays in range, else in the split form.
+    fixed = FixedPoint(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    for gamma, scale, direct in [(Gamma(9, 10), 1.0, True), (Gamma(1929, 15625), 1e4, False)]:
+        core = ExactMomentum(gamma, fixed)
+        x = torch.randn(50, generator=gen, dtype=torch.float64) * scale
+        state = core.start(fixed.to_fixed(x, "x"), torch.zeros_like(x), velocity_peak=0.0)
+        reference = _copy(state)
+        reference.velocity_peak = None  # the tensor operations: always split
+        outputs = [torch.randn(50, generator=gen, dtype=torch.float64) * scale for _ in range(5)]
+        for t, y in enumerate(outputs):
+            with native_kernels(True):
+                core.advance(state, y, True, t)
+            with native_kernels(False):
+                core.advance(reference, y, True, t)
+            _assert_same_state(state, reference, f"after step {t}")
+        assert state.velocity_peak is not None and reference.velocity_peak is None
+        assert state.direct_at == ({0, 1, 2, 3, 4} if direct else {0})
+        for t in reversed(range(5)):
+            with native_kernels(True):
+                core.retreat_position(state, torch.zeros_like(x))
+                core.retreat_velocity(state, outputs[t], True)
+            with native_kernels(False):
+                core.retreat_position(reference, torch.zeros_like(x))
+                core.retreat_velocity(reference, outputs[t], True)
+            _assert_same_state(state, reference, f"after undoing step {t}")
+        assert torch.count_nonzero(state.velocity) == 0
