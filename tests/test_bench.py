@@ -823,6 +823,7 @@ def test_bench_on_cuda_gpu_size_fp32_and_bf16(tmp_path: Path) -> None:
     out = tmp_path / "cuda.json"
     argv = ["--device", "cuda", "--size", "gpu", "--quick", "--no-progress", "--json", str(out)]
     argv += ["--workloads", "additive-conv", "momentum-mlp", "transformer"]
+    argv += ["--methods", *CORE_METHODS, "original", "original-checkpoint"]  # peers: their own
     assert main(argv) == 0
     document = json.loads(out.read_text())
     assert "max_memory_allocated" in document["memory_method"]
