@@ -24,6 +24,7 @@ import invertnet
 from invertnet.bench import cli as bench_cli
 from invertnet.bench import main
 from invertnet.bench import measure as bench_measure
+from invertnet.bench import memory as bench_memory
 from invertnet.bench import report as bench_report
 from invertnet.bench import workloads as bench_workloads
 from invertnet.bench._worker import measure_config_line
@@ -527,8 +528,26 @@ def _holding_additive_conv(
     return model, batch
 
 
+class _NoProbe(bench_memory.MemoryProbe):
+    """Measures nothing: in-process tests must not retune this process's malloc."""
+
+    method = "none"
+
+    def start(self) -> None:
+        pass
+
+    def peak_bytes(self) -> int:
+        return 0
+
+
 @pytest.fixture
-def holding_workload(monkeypatch: pytest.MonkeyPatch) -> str:
+def in_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """measure_here in the test process, without the CPU probe's mallopt and clear_refs."""
+    monkeypatch.setattr(bench_measure, "probe_for", lambda device: _NoProbe())
+
+
+@pytest.fixture
+def holding_workload(monkeypatch: pytest.MonkeyPatch, in_process: None) -> str:
     spec = replace(WORKLOADS["additive-conv"], name="holding", builder=_holding_additive_conv)
     monkeypatch.setitem(WORKLOADS, "holding", spec)
     return "holding"
@@ -796,7 +815,7 @@ def test_a_peer_that_cannot_run_is_a_note_and_not_a_failed_run(
         if METHOD_INFO[m].package is not None
     ],
 )
-def test_peers_train_in_the_worker(workload: str, method: str) -> None:
+def test_peers_train_in_the_worker(workload: str, method: str, in_process: None) -> None:
     if bench_workloads.method_available(method):
         pytest.skip(bench_workloads.method_available(method) or "")
     config = Config(workload, 2, method, batch_size=2, repeats=1, warmup=0)
