@@ -897,3 +897,13 @@ def test_methods_that_run_on_none_of_the_workloads_are_a_clear_error(
     err = _run_bad(["--workloads", "momentum-mlp", "--methods", "revlib"], capsys)
     assert "none of the methods asked for runs on these workloads" in err
     assert "momentum-mlp has plain, checkpoint, invertnet, momentumnet" in err
+
+
+def test_help_lists_workloads_at_a_size_and_the_methods(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out.split("workloads (at --size cpu):", 1)[1]
+    assert "{" not in out  # descriptions filled in, not templates
+    assert "32 channels, 16x16, batch 8" in out
+    for method in METHOD_INFO:
+        assert f"  {method} " in out
+    assert "pip install revlib" in out

@@ -101,8 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="invertnet bench",
         description=DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="workloads:\n"
-        + "\n".join(f"  {w.name:<14} {w.description}" for w in WORKLOADS.values()),
+        epilog="workloads (at --size cpu):\n"
+        + "\n".join(f"  {w.name:<14} {w.describe('cpu')}" for w in WORKLOADS.values())
+        + "\nmethods:\n"
+        + "\n".join(
+            f"  {m.name:<20} {m.description}{f' ({m.install})' if m.install else ''}"
+            for m in METHOD_INFO.values()
+        ),
     )
     parser.add_argument(
         "--workloads",
