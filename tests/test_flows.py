@@ -553,3 +553,32 @@ def test_fused_backward_without_a_log_det_gradient_is_inverse_and_vjp() -> None:
         torch.testing.assert_close(a, b)
     for a, b in zip(got[2], want[2]):
         torch.testing.assert_close(a, b)
+
+
+def test_dropout_in_coupling_networks_gets_the_same_masks_in_backward() -> None:
+    torch.manual_seed(0)
+
+    def noisy() -> nn.Module:
+        return nn.Sequential(nn.Linear(1, 16), nn.Tanh(), nn.Dropout(0.3), nn.Linear(16, 2))
+
+    blocks: list[nn.Module] = []
+    for _ in range(4):
+        blocks += [
+            ActNorm(2),
+            AffineCoupling(noisy(), adapter=AffineAdapterSigmoid),
+            Permutation.reversed(2),
+        ]
+    plain = Flow(blocks, (2,), keep_input=True).double()
+    saving = copy.deepcopy(plain)
+    saving.keep_input = False
+    x = torch.randn(32, 2, dtype=torch.float64)
+    with torch.no_grad():
+        plain(x)
+    saving.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    gx_plain, gp_plain = gradients(plain, x)
+    torch.manual_seed(1)
+    gx_saving, gp_saving = gradients(saving, x)
+    torch.testing.assert_close(gx_saving, gx_plain, rtol=1e-12, atol=1e-12)
+    for a, b in zip(gp_saving, gp_plain):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

@@ -24,6 +24,15 @@ _LOG_2PI = math.log(2 * math.pi)
 _GROUP_SIZE = 4
 
 
+def _draws_random_numbers(blocks: Sequence[nn.Module]) -> bool:
+    """Whether any block holds an active dropout layer, whose masks backward must replay."""
+    return any(
+        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+        for block in blocks
+        for m in block.modules()
+    )
+
+
 def _has_fused_backward(block: nn.Module) -> bool:
     return callable(getattr(block, "inverse_and_vjp_with_log_det", None))
 
@@ -196,9 +205,11 @@ class Flow(nn.Module):
 
     Memory is saved only in training mode (``flow.train()``) with grad enabled. The
     caller's own input ``x`` is never freed: the first block keeps it, and rebuilds
-    nothing. The blocks must then be deterministic (no dropout in the coupling
-    networks unless its random state is fixed), as for
-    :class:`~invertnet.InvertibleModuleWrapper`.
+    nothing. Blocks that hold dropout layers have their random state recorded in
+    the forward pass and replayed in backward (``preserve_rng_state`` of
+    :class:`~invertnet.InvertibleModuleWrapper`), so the masks match; any other
+    randomness in a block must be deterministic given the random state at the
+    block's sub-module calls.
 
     Examples
     --------
@@ -279,7 +290,10 @@ class Flow(nn.Module):
             group = blocks[start:stop]
             fused = all(_has_fused_backward(b) for b in group)
             chain = (_FusedLogDetChain if fused else _LogDetChain)(group, start, shapes)
-            self._wrappers.append(InvertibleModuleWrapper(chain, keep_input=start == 0))
+            wrapper = InvertibleModuleWrapper(
+                chain, keep_input=start == 0, preserve_rng_state=_draws_random_numbers(group)
+            )
+            self._wrappers.append(wrapper)
 
     def extra_repr(self) -> str:
         return (
