@@ -31,7 +31,8 @@ backward (:class:`invertnet.bench.memory.SavedBytes`) as a cross-check.
 
 Run ``python tools/bench_flows.py [--depths 8 16 32 64] [--json FILE]``; ``--help``
 lists the options. FrEIA and normflows are optional (``pip install FrEIA
-normflows``); a method whose library is missing is skipped.
+normflows``, or ``pip install -e ".[flow-peers]"``); a method whose library is
+missing is skipped.
 """
 
 from __future__ import annotations
