@@ -301,7 +301,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--depths", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--depths", type=int, nargs="+", help="default 8 16 32 64")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--shape", type=int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"))
@@ -320,18 +320,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-memory", action="store_true", help="measure time only")
     parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument(
-        "--quick", action="store_true", help="depths 2 and 4, batch 4, 16x16, 2 repeats"
+        "--quick", action="store_true", help="batch 4, 16x16, 2 repeats, depths 2 and 4"
     )
     parser.add_argument("--worker", choices=["memory", "timing"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.quick:
-        args.depths, args.batch, args.shape, args.repeats, args.warmup = (
-            [2, 4],
-            4,
-            [3, 16, 16],
-            2,
-            1,
-        )
+        args.batch, args.shape, args.repeats, args.warmup = 4, [3, 16, 16], 2, 1
+    if args.depths is None:
+        args.depths = [2, 4] if args.quick else [8, 16, 32, 64]
     args.shape = tuple(args.shape)
     return args
 
