@@ -410,7 +410,7 @@ def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
     real_step = bench_measure.train_step
 
     def recording_step(model: torch.nn.Module, batch: Any, **kwargs: Any) -> None:
-        order.append("plain" if model[0].disable else "invertnet")
+        order.append("plain" if model.blocks[0].disable else "invertnet")
         real_step(model, batch, **kwargs)
 
     monkeypatch.setattr(bench_measure, "train_step", recording_step)
@@ -513,9 +513,10 @@ class _HoldInputs(torch.nn.Module):
         super().__init__()
         self.held: list[torch.Tensor] = []
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.held.append(x.view(-1))  # shares the storage: freeing it would corrupt this
-        return x
+    def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # Views share the storage: freeing the inputs would corrupt them.
+        self.held.extend(x.view(-1) for x in xs)
+        return xs
 
 
 def _holding_additive_conv(
@@ -523,8 +524,8 @@ def _holding_additive_conv(
 ) -> tuple[torch.nn.Module, Any]:
     model, batch = bench_workloads._additive_conv(depth, method, batch_size, dtype, device, sizes)
     if method == "invertnet":  # every block's input is also held elsewhere
-        blocks = [m for block in model for m in (_HoldInputs(), block)]
-        model = torch.nn.Sequential(*blocks)
+        blocks = [m for block in model.blocks for m in (_HoldInputs(), block)]
+        model = bench_workloads.TwoStreams(blocks)
     return model, batch
 
 

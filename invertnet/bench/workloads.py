@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ __all__ = [
     "METHODS",
     "METHOD_INFO",
     "SIZES",
+    "TwoStreams",
     "Batch",
     "CheckpointBlock",
     "Method",
@@ -279,6 +280,45 @@ def _affine_net(channels: int) -> nn.Module:
     return nn.Sequential(_conv_bn_relu(channels), head)
 
 
+class TwoStreams(nn.Module):
+    """Run couplings on the two halves of the input, split once and merged once.
+
+    A coupling given one tensor halves it along channels and concatenates its two
+    results: halves that are strided views, which every convolution copies, and a
+    concatenation per block. Given the two halves it returns two tensors, so a chain
+    can carry them as they are, as RevLib's ``ReversibleSequential`` does: the way
+    to build a RevNet stack, and the one every method of the coupling workloads
+    (but memcnn, whose couplings take one tensor) is measured on.
+
+    Parameters
+    ----------
+    blocks : sequence of torch.nn.Module
+        Modules mapping ``(x1, x2)`` to ``(y1, y2)``.
+    split_dim : int
+        The dimension to halve.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from invertnet import AdditiveCoupling, InvertibleModuleWrapper
+    >>> stack = TwoStreams([InvertibleModuleWrapper(AdditiveCoupling(torch.nn.Linear(2, 2)))])
+    >>> stack(torch.randn(3, 4)).shape
+    torch.Size([3, 4])
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], split_dim: int = 1) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.split_dim = split_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Owned copies rather than views of x, so that the first wrapper may free them.
+        x1, x2 = (half.contiguous() for half in torch.chunk(x, 2, dim=self.split_dim))
+        for block in self.blocks:
+            x1, x2 = block(x1, x2)
+        return torch.cat((x1, x2), dim=self.split_dim)
+
+
 def _wrap_couplings(couplings: list[nn.Module], method: str) -> nn.Module:
     if method == "plain":
         blocks = [invertnet.InvertibleModuleWrapper(c, disable=True) for c in couplings]
@@ -286,7 +326,7 @@ def _wrap_couplings(couplings: list[nn.Module], method: str) -> nn.Module:
         blocks = [CheckpointBlock(c) for c in couplings]
     else:
         blocks = [invertnet.InvertibleModuleWrapper(c, keep_input=False) for c in couplings]
-    return nn.Sequential(*blocks)
+    return TwoStreams(blocks)
 
 
 def _memcnn_stack(couplings: list[nn.Module]) -> nn.Module:
