@@ -43,13 +43,9 @@ def _as_tuple(y: Any) -> tuple[torch.Tensor, ...]:
     return tuple(y) if isinstance(y, (tuple, list)) else (y,)
 
 
-def _allclose(
-    a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float
-) -> bool:
+def _allclose(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...], atol: float) -> bool:
     return len(a) == len(b) and all(
-        isinstance(x, torch.Tensor)
-        and x.shape == y.shape
-        and torch.allclose(x, y, atol=atol)
+        isinstance(x, torch.Tensor) and x.shape == y.shape and torch.allclose(x, y, atol=atol)
         for x, y in zip(a, b)
     )
 
@@ -169,15 +165,11 @@ def is_invertible_module(
         try:
             ys = _as_tuple(module_in(*xs))
             xs_back = _as_tuple(module_in.inverse(*ys))
-            inverse_returns_its_input = bool(
-                set(_storage_ptrs(ys)) & set(_storage_ptrs(xs_back))
-            )
+            inverse_returns_its_input = bool(set(_storage_ptrs(ys)) & set(_storage_ptrs(xs_back)))
             if not _allclose(xs_back, xs, atol):
                 return False
             ys = _as_tuple(module_in(*xs))
-            if not _allclose(
-                _as_tuple(module_in(*_as_tuple(module_in.inverse(*ys)))), ys, atol
-            ):
+            if not _allclose(_as_tuple(module_in(*_as_tuple(module_in.inverse(*ys)))), ys, atol):
                 return False
         except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as error:
             warnings.warn(

@@ -38,28 +38,20 @@ class _Scale(nn.Module):
 class _PassThrough(nn.Module):
     """Returns its second input unchanged: an output that is an input."""
 
-    def forward(
-        self, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a + b, b
 
-    def inverse(
-        self, y1: torch.Tensor, y2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return y1 - y2, y2
 
 
 class _InversePassThrough(nn.Module):
     """Copies in forward, but its inverse returns its second input unchanged."""
 
-    def forward(
-        self, a: torch.Tensor, b: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return a + b, b.clone()
 
-    def inverse(
-        self, y1: torch.Tensor, y2: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def inverse(self, y1: torch.Tensor, y2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return y1 - y2, y2
 
 
@@ -173,14 +165,10 @@ def test_random_seed_and_dtype_select_the_inputs() -> None:
     runs = []
     for seed, dtype in ((1, torch.float32), (1, torch.float32), (2, torch.float64)):
         module = _Recorder()
-        assert is_invertible_module(
-            module, (3,), test_input_dtype=dtype, random_seed=seed
-        )
+        assert is_invertible_module(module, (3,), test_input_dtype=dtype, random_seed=seed)
         runs.append(module.seen[0])
     assert torch.equal(runs[0], runs[1])
-    assert runs[2].dtype == torch.float64 and not torch.allclose(
-        runs[0].double(), runs[2]
-    )
+    assert runs[2].dtype == torch.float64 and not torch.allclose(runs[0].double(), runs[2])
     assert all(((r >= 0) & (r < 1)).all() for r in runs)
 
 
@@ -225,9 +213,7 @@ class _Noisy(AdditiveCoupling):
     """A coupling with BatchNorm and dropout, to check nothing leaks out of the checker."""
 
     def __init__(self) -> None:
-        super().__init__(
-            nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.0))
-        )
+        super().__init__(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.Dropout(0.0)))
 
 
 @pytest.mark.parametrize("training", [True, False])
