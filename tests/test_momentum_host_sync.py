@@ -8,39 +8,12 @@ see the backward, which autograd's engine runs outside it.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import pytest
 import torch
 from torch import nn
 
 from invertnet import MomentumNet
-
-_READS = ("item", "__bool__", "__float__", "__int__", "tolist", "__index__")
-
-
-@contextlib.contextmanager
-def counting_reads() -> Iterator[dict[str, int]]:
-    counts = dict.fromkeys(_READS, 0)
-    originals = {name: getattr(torch.Tensor, name) for name in _READS}
-
-    def counted(name: str):  # noqa: ANN202
-        original = originals[name]
-
-        def read(self: torch.Tensor, *args: object, **kwargs: object) -> object:
-            counts[name] += 1
-            return original(self, *args, **kwargs)
-
-        return read
-
-    for name in _READS:
-        setattr(torch.Tensor, name, counted(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(torch.Tensor, name, original)
+from tests._host_reads import count_host_reads
 
 
 def _net(depth: int, init: bool) -> MomentumNet:
@@ -59,7 +32,7 @@ def _reads_in_a_step(depth: int, init: bool) -> int:
     net = _net(depth, init)
     x = torch.randn(4, 8, requires_grad=True)
     net(x).square().sum().backward()  # a first step: allocations, caches
-    with counting_reads() as counts:
+    with count_host_reads() as counts:
         net(x).square().sum().backward()
     return sum(counts.values())
 
@@ -86,7 +59,7 @@ def test_the_counter_sees_reads_in_backward() -> None:
             return grad
 
     x = torch.ones(3, requires_grad=True)
-    with counting_reads() as counts:
+    with count_host_reads() as counts:
         Reads.apply(x).sum().backward()
     assert counts["item"] == 1
 
