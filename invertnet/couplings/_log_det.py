@@ -1,4 +1,4 @@
-"""Log-determinants of couplings, and the fused backward that carries their gradient.
+"""Log-determinants of couplings.
 
 A coupling step ``a' = combine.apply(a, m)`` with ``m = module(source)`` has a
 triangular Jacobian (the source is unchanged), so its log-determinant is that of
@@ -7,8 +7,8 @@ optional ``log_det(a, m)`` method; the sub-module never contributes. A combine
 whose log-determinant depends on ``m`` also defines ``log_det_vjp(m, grad_log_det)``,
 the gradient of ``sum(grad_log_det * log_det)`` with respect to ``m``.
 
-Kept apart from :mod:`invertnet.couplings.base` so that the engine's own fused
-backward stays the one path for couplings used without log-determinants.
+The fused backward that carries the log-determinant's gradient is the engine's
+own (:meth:`~invertnet.CouplingBase.inverse_and_vjp` with ``grad_log_det``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from invertnet.couplings.base import ModuleOutput, _as_tuple, _detach
+from invertnet.couplings.base import ModuleOutput
 
 if TYPE_CHECKING:
     from invertnet.couplings.base import CouplingBase
@@ -106,49 +106,8 @@ def inverse_and_vjp_with_log_det(
     inputs, grad_inputs, grad_params
         As :meth:`CouplingBase.inverse_and_vjp`.
     """
-    if grad_log_det is None or not _has_log_det_gradient(coupling):
+    if not _has_log_det_gradient(coupling):
         # A log-determinant that does not depend on the input or the parameters
         # (additive: 0; momentum: d log(gamma)) has no gradient to carry.
-        return coupling.inverse_and_vjp(outputs, grad_outputs, params)
-    parts = [p.detach() for p in coupling._split(outputs)]
-    grads = list(coupling._split(grad_outputs))
-    grad_params: list[torch.Tensor | None] = [None] * len(params)
-    for step in reversed(coupling.steps()):
-        t, s = step.target, step.source
-        log_det_vjp = getattr(step.combine, "log_det_vjp", None)
-        if step.module is None:
-            source = parts[s]
-            m_graph: ModuleOutput = source
-        else:
-            with torch.enable_grad():
-                source = parts[s].detach().requires_grad_(True)
-                m_graph = coupling._evaluate(step, source, parts[t])
-        m = _detach(m_graph)
-        a = step.combine.invert(parts[t], m)
-        d_a, d_m = step.combine.vjp(a, m, grads[t])
-        if log_det_vjp is not None:
-            extra = log_det_vjp(m, grad_log_det)
-            d_m = tuple(d if e is None else d + e for d, e in zip(_as_tuple(d_m), _as_tuple(extra)))
-        if step.module is None:
-            grads[s] = grads[s] + _as_tuple(d_m)[0]
-        else:
-            outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
-            needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
-            if needed:
-                found = torch.autograd.grad(
-                    [o for o, _ in needed],
-                    (source, *params),
-                    [g for _, g in needed],
-                    allow_unused=True,
-                )
-                if found[0] is not None:
-                    grads[s] = grads[s] + found[0]
-                for i, g in enumerate(found[1:]):
-                    if g is not None:
-                        grad_params[i] = g if grad_params[i] is None else grad_params[i] + g
-        parts[t] = a
-        grads[t] = d_a
-    n = len(outputs)
-    inputs = _as_tuple(coupling._merge(parts, n))
-    grad_inputs = _as_tuple(coupling._merge(grads, n))
-    return inputs, grad_inputs, grad_params
+        grad_log_det = None
+    return coupling.inverse_and_vjp(outputs, grad_outputs, params, grad_log_det=grad_log_det)

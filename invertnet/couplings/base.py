@@ -321,6 +321,7 @@ class CouplingBase(nn.Module):
         grad_outputs: tuple[torch.Tensor, ...],
         params: tuple[torch.Tensor, ...],
         out: Sequence[torch.Tensor | None] | None = None,
+        grad_log_det: torch.Tensor | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
         """Reconstruct the inputs and back-propagate through the forward in one pass.
 
@@ -340,6 +341,11 @@ class CouplingBase(nn.Module):
             reconstructed inputs into: a wrapper passes the freed inputs' own memory,
             which saves a concatenation and a copy per block. Where the dtypes do not
             allow it, the inputs are returned in new tensors instead.
+        grad_log_det : torch.Tensor, optional
+            Gradient of the loss with respect to the coupling's log-determinant
+            (shape ``(batch,)``, see ``forward_and_log_det``), back-propagated in the
+            same pass through the steps whose :class:`Combine` defines
+            ``log_det_vjp``.
 
         Returns
         -------
@@ -366,6 +372,7 @@ class CouplingBase(nn.Module):
                 m: ModuleOutput = parts[s]
                 a = self._invert(step, parts[t], m, into)
                 d_a, d_m = step.combine.vjp(a, m, grads[t])
+                d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
                 grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
             else:
                 with torch.enable_grad():
@@ -374,6 +381,7 @@ class CouplingBase(nn.Module):
                 m = _detach(m_graph)
                 a = self._invert(step, parts[t], m, into)
                 d_a, d_m = step.combine.vjp(a, m, grads[t])
+                d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
                 outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
                 needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
                 if needed:
@@ -401,6 +409,21 @@ class CouplingBase(nn.Module):
         if _writes_into(a_new, m, into):
             return _invert_into(step.combine, a_new, m, into)
         return step.combine.invert(a_new, m)
+
+
+def _with_log_det_gradient(
+    combine: Combine, m: ModuleOutput, d_m: ModuleOutput, grad_log_det: torch.Tensor | None
+) -> ModuleOutput:
+    """``d_m`` plus the gradient that ``grad_log_det`` sends to ``m`` through the step's
+    log-determinant (``combine.log_det_vjp``; ``None`` entries send nothing)."""
+    log_det_vjp = getattr(combine, "log_det_vjp", None)
+    if grad_log_det is None or log_det_vjp is None:
+        return d_m
+    summed = tuple(
+        d if e is None else d + e
+        for d, e in zip(_as_tuple(d_m), _as_tuple(log_det_vjp(m, grad_log_det)))
+    )
+    return summed[0] if isinstance(d_m, torch.Tensor) else summed
 
 
 def _accumulate(
