@@ -180,3 +180,38 @@ def test_a_backward_pass_that_fails_does_not_disable_the_checks_of_later_ones() 
     bad = nn.Sequential(InvertibleModuleWrapper(_Scale(3.0)), InvertibleModuleWrapper(_Scale(0.0)))
     with pytest.raises(ReconstructionError):
         bad(torch.randn(4, 6, requires_grad=True)).sum().backward()
+
+
+class _CountReductions(TorchDispatchMode):
+    """Counts sums over tensors of at least ``numel`` elements."""
+
+    def __init__(self, numel: int) -> None:
+        super().__init__()
+        self.numel, self.count = numel, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func.overloadpacket) == "aten.sum" and args[0].numel() >= self.numel:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_finite_check_reduces_each_activation_once() -> None:
+    # Blocks on two tensors, as in a RevNet stack carrying its halves: each restored
+    # input is summed once, and a block's outputs (the next block's restored inputs)
+    # reuse those sums; only the last block's outputs are summed on their own.
+    torch.manual_seed(0)
+    depth = 4
+    blocks = [
+        InvertibleModuleWrapper(
+            AdditiveCoupling(nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh()))
+        )
+        for _ in range(depth)
+    ]
+    x1, x2 = torch.randn(32, 4, requires_grad=True), torch.randn(32, 4, requires_grad=True)
+    a, b = x1 * 1.0, x2 * 1.0
+    for block in blocks:
+        a, b = block(a, b)
+    loss = torch.cat((a, b), dim=1).square().mean()
+    with _CountReductions(numel=32 * 4) as sums:
+        loss.backward()
+    assert sums.count == 2 * depth + 2

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,34 +92,32 @@ def _current_pass() -> _PassChecks | None:
 
 
 def check_finite_when_backward_ends(
-    name: str, index: int, reconstructed: torch.Tensor, outputs: Sequence[torch.Tensor]
+    name: str, reconstructed: Mapping[int, torch.Tensor], outputs: Sequence[torch.Tensor]
 ) -> None:
-    """Queue the check of ``reconstructed`` for the end of the running backward pass.
+    """Queue the check of one wrapped call's reconstructed inputs for the end of the
+    running backward pass.
 
     Parameters
     ----------
     name : str
         How the error names the wrapper.
-    index : int
-        Which input of the wrapped call ``reconstructed`` is.
-    reconstructed : torch.Tensor
-        The restored input.
+    reconstructed : mapping of int to torch.Tensor
+        The restored inputs, by their position among the call's inputs.
     outputs : sequence of torch.Tensor
-        The outputs it was reconstructed from.
+        The outputs they were reconstructed from.
 
     Raises
     ------
     ReconstructionError
-        At once, when called outside a backward pass (nothing to defer to) and the
+        At once, when called outside a backward pass (nothing to defer to) and a
         reconstruction is at fault.
     """
-    if not reconstructed.is_floating_point():
+    floating = {i: x for i, x in reconstructed.items() if x.is_floating_point()}
+    if not floating:
         return
     checks = _current_pass()
     found = None if checks is None else checks.totals_by_storage
-    total = _total(reconstructed)
-    if found is not None:
-        found[storage_key(reconstructed)] = total
+    # The outputs' sums first, before this call's own inputs are recorded.
     outputs_totals = []
     for o in outputs:
         if o.is_floating_point():
@@ -127,18 +125,26 @@ def check_finite_when_backward_ends(
             outputs_totals.append(_total(o) if known is None else known)
     if len(outputs_totals) > 1:
         outputs_totals = [torch.stack([t.double() for t in outputs_totals]).sum()]
-    record = _Record(
-        name=name,
-        index=index,
-        total=total,
-        outputs_total=outputs_totals[0] if outputs_totals else None,
-        numel=reconstructed.numel(),
-        reconstructed=weakref.ref(reconstructed),
-    )
+    outputs_total = outputs_totals[0] if outputs_totals else None
+    records = []
+    for index, x in floating.items():
+        total = _total(x)
+        if found is not None:
+            found[storage_key(x)] = total
+        records.append(
+            _Record(
+                name=name,
+                index=index,
+                total=total,
+                outputs_total=outputs_total,
+                numel=x.numel(),
+                reconstructed=weakref.ref(x),
+            )
+        )
     if checks is None:
-        _raise_first_fault([record])
+        _raise_first_fault(records)
     else:
-        checks.records.append(record)
+        checks.records.extend(records)
 
 
 def _finish(task: int, checks: _PassChecks) -> None:

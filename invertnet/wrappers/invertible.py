@@ -198,12 +198,13 @@ class _InvertibleFunction(torch.autograd.Function):
                 freed.restore(reconstructed[i])
         # Checked after restoring, so that a failing input can be inspected.
         label = module_name(call.debug, call.wrapper, call.wrapper.module)
-        for i, freed in call.freed.items():
-            original = call.originals.get(i)
-            if original is not None and call.debug is not None:
+        if call.debug is not None:
+            for i, freed in call.freed.items():
+                original = call.originals[i]
                 check_reconstruction(label, i, freed.tensor, call.outputs, original, call.debug)
-            elif finite_check_enabled():
-                check_finite_when_backward_ends(label, i, freed.tensor, call.outputs)
+        elif finite_check_enabled():
+            restored = {i: freed.tensor for i, freed in call.freed.items()}
+            check_finite_when_backward_ends(label, restored, call.outputs)
         if call.passes_left == 0:
             # Drop references so the memory goes when the graph does.
             call.inputs = call.outputs = call.params = ()
