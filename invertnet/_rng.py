@@ -125,6 +125,11 @@ def call_recorded(key: Hashable, fn: Callable[..., Any], *args: Any) -> Any:
     Outside a wrapper that preserves RNG state this is a plain call. ``key`` must
     identify the call uniquely within one forward pass of the enclosing module.
     """
+    # A tape is only ever active in a wrapper's eager frame (the wrapper runs the
+    # module uncompiled when it records): code being compiled or exported has none
+    # to look up, and Dynamo before PyTorch 2.5 cannot trace ContextVar.get.
+    if torch.compiler.is_compiling():
+        return fn(*args)
     tape = _active_tape.get()
     if tape is None:
         return fn(*args)

@@ -28,12 +28,6 @@ from invertnet import (
 )
 
 WIDTH = 8
-# Dynamo in PyTorch 2.4 cannot trace contextvars.ContextVar.get, which the
-# couplings' RNG bookkeeping calls (measured: 2.4.1 fails, 2.14 passes).
-OLD_DYNAMO = pytest.mark.skipif(
-    tuple(int(part) for part in torch.__version__.split(".")[:2]) < (2, 5),
-    reason=f"torch.export cannot trace ContextVar.get under PyTorch {torch.__version__} (< 2.5)",
-)
 
 
 def _mlp(width: int, out: int | None = None) -> nn.Module:
@@ -91,7 +85,6 @@ class _Encoder(nn.Module):
         return self.encoder(x, src_key_padding_mask=padding)
 
 
-COUPLINGS = {"additive", "affine", "momentum-coupling"}
 MODELS: dict[str, Callable[[], nn.Module]] = {
     "additive": _additive,
     "affine": _affine,
@@ -109,9 +102,7 @@ def _model_and_input(name: str) -> tuple[nn.Module, torch.Tensor]:
     return model, torch.randn(shape)
 
 
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=OLD_DYNAMO) if n in COUPLINGS else n for n in MODELS]
-)
+@pytest.mark.parametrize("name", MODELS)
 def test_torch_export_gives_the_eager_outputs(name: str) -> None:
     model, x = _model_and_input(name)
     program = torch.export.export(model, (x,))
