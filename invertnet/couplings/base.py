@@ -127,17 +127,22 @@ def _invert_into(combine: Combine, a_new: torch.Tensor, m: ModuleOutput, out: to
     return Combine.invert_into(combine, a_new, m, out)
 
 
-def _source_leaf(part: torch.Tensor, shares_input_memory: bool) -> torch.Tensor:
-    """The leaf a sub-module is evaluated on in the fused backward.
+def _strided_image_half(part: torch.Tensor) -> bool:
+    """Whether ``part`` is a strided half of an image-like tensor (3 dimensions or more).
 
-    A half of an image tensor split along channels is not contiguous; a convolution
-    would copy it at every use (forward, and backward for its weight gradient) and
-    take a slower path in backward (measured on the CPU: a third more time in
-    ``convolution_backward``), so it gets one contiguous copy. Matrix products take
-    the strided rows of a 2-D half as they are, so those are not copied. A half
-    over the input's memory gets a version counter of its own (:func:`_fresh_leaf`).
+    A convolution copies such an input at every use (forward, and backward for its
+    weight gradient) and takes a slower path in backward (measured on the CPU: a
+    third more time in ``convolution_backward``), so sub-modules get a contiguous
+    copy. Matrix products take the strided rows of a 2-D half as they are.
     """
-    if part.dim() > 2 and not part.is_contiguous():
+    return part.dim() > 2 and not part.is_contiguous()
+
+
+def _source_leaf(part: torch.Tensor, shares_input_memory: bool) -> torch.Tensor:
+    """The leaf a sub-module is evaluated on in the fused backward: a contiguous
+    copy of a strided image half (:func:`_strided_image_half`), or, over the input's
+    memory, a leaf with a version counter of its own (:func:`_fresh_leaf`)."""
+    if _strided_image_half(part):
         with torch.no_grad():
             return part.contiguous().requires_grad_(True)
     if shares_input_memory:
@@ -268,6 +273,10 @@ class CouplingBase(nn.Module):
         if step.module is None:
             return source
         module = getattr(self, step.module)
+        if _strided_image_half(source):
+            # A convolution would copy it at every use, and its backward takes a
+            # slower path on a strided input: one copy, recorded by autograd if needed.
+            source = source.contiguous()
         # The key holds the coupling itself rather than id(self): under torch.compile
         # an id() makes Dynamo specialise on (and recompile for) every instance.
         m = call_recorded((self, step.module), module, source)
