@@ -22,7 +22,7 @@ from invertnet.couplings.base import ModuleOutput
 if TYPE_CHECKING:
     from invertnet.couplings.base import CouplingBase
 
-__all__ = ["forward_and_log_det", "inverse_and_vjp_with_log_det"]
+__all__ = ["forward_and_log_det"]
 
 Tensors = tuple[torch.Tensor, ...]
 
@@ -71,43 +71,3 @@ def forward_and_log_det(
             log_det = log_det + term
         parts[step.target] = step.combine.apply(a, m)
     return coupling._merge(parts, len(xs)), log_det
-
-
-def _has_log_det_gradient(coupling: CouplingBase) -> bool:
-    return any(getattr(step.combine, "log_det_vjp", None) is not None for step in coupling.steps())
-
-
-def inverse_and_vjp_with_log_det(
-    coupling: CouplingBase,
-    outputs: Tensors,
-    grad_outputs: Tensors,
-    grad_log_det: torch.Tensor | None,
-    params: Tensors,
-) -> tuple[Tensors, Tensors, list[torch.Tensor | None]]:
-    """:meth:`CouplingBase.inverse_and_vjp`, with the gradient of the log-determinant too.
-
-    Each sub-module is still evaluated once: its output undoes the step, carries the
-    outputs' gradient and the log-determinant's.
-
-    Parameters
-    ----------
-    coupling : CouplingBase
-        The coupling.
-    outputs, grad_outputs : tuple of torch.Tensor
-        The forward pass's outputs and the loss's gradients with respect to them.
-    grad_log_det : torch.Tensor or None
-        The loss's gradient with respect to the log-determinant, shape ``(batch,)``;
-        ``None`` for none (then this is :meth:`CouplingBase.inverse_and_vjp`).
-    params : tuple of torch.Tensor
-        Parameters whose gradients are wanted.
-
-    Returns
-    -------
-    inputs, grad_inputs, grad_params
-        As :meth:`CouplingBase.inverse_and_vjp`.
-    """
-    if not _has_log_det_gradient(coupling):
-        # A log-determinant that does not depend on the input or the parameters
-        # (additive: 0; momentum: d log(gamma)) has no gradient to carry.
-        grad_log_det = None
-    return coupling.inverse_and_vjp(outputs, grad_outputs, params, grad_log_det=grad_log_det)

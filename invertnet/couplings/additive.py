@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from invertnet.couplings._compat import warn_implementation_args
-from invertnet.couplings._log_det import forward_and_log_det, inverse_and_vjp_with_log_det
+from invertnet.couplings._log_det import forward_and_log_det
 from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
 
 __all__ = ["AdditiveCoupling", "Add"]
@@ -102,16 +102,6 @@ class AdditiveCoupling(CouplingBase):
             The output of :meth:`forward` and zeros of shape ``(batch,)``.
         """
         return forward_and_log_det(self, xs)
-
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: tuple[torch.Tensor, ...],
-        grad_outputs: tuple[torch.Tensor, ...],
-        grad_log_det: torch.Tensor | None,
-        params: tuple[torch.Tensor, ...],
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
-        """:meth:`inverse_and_vjp`; the log-determinant is constant, so has no gradient."""
-        return inverse_and_vjp_with_log_det(self, outputs, grad_outputs, grad_log_det, params)
 
 
 _ADDITIVE_STEPS = (Step(0, 1, "Fm", _ADD), Step(1, 0, "Gm", _ADD))

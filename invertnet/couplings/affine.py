@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from invertnet.couplings._compat import warn_implementation_args
-from invertnet.couplings._log_det import forward_and_log_det, inverse_and_vjp_with_log_det
+from invertnet.couplings._log_det import forward_and_log_det
 from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
 
 __all__ = ["AffineCoupling", "AffineAdapterNaive", "AffineAdapterSigmoid", "ScaleShift"]
@@ -180,16 +180,6 @@ class AffineCoupling(CouplingBase):
             The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
         """
         return forward_and_log_det(self, xs)
-
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: tuple[torch.Tensor, ...],
-        grad_outputs: tuple[torch.Tensor, ...],
-        grad_log_det: torch.Tensor | None,
-        params: tuple[torch.Tensor, ...],
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
-        """:meth:`inverse_and_vjp` that also back-propagates ``grad_log_det``, in the same pass."""
-        return inverse_and_vjp_with_log_det(self, outputs, grad_outputs, grad_log_det, params)
 
 
 _AFFINE_STEPS = (Step(0, 1, "Fm", _SCALE_SHIFT), Step(1, 0, "Gm", _SCALE_SHIFT))

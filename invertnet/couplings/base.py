@@ -411,6 +411,19 @@ class CouplingBase(nn.Module):
         grad_inputs = _as_tuple(self._merge_into(grads, grad_buffers, grad_whole, n))
         return inputs, grad_inputs, grad_params
 
+    def inverse_and_vjp_with_log_det(
+        self,
+        outputs: tuple[torch.Tensor, ...],
+        grad_outputs: tuple[torch.Tensor, ...],
+        grad_log_det: torch.Tensor | None,
+        params: tuple[torch.Tensor, ...],
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+        """:meth:`inverse_and_vjp` that also back-propagates ``grad_log_det`` (the loss's
+        gradient with respect to ``forward_and_log_det``'s log-determinant, or ``None``)
+        in the same pass: each sub-module is still evaluated once. A constant
+        log-determinant (additive: 0; momentum: ``d log(gamma)``) has no gradient."""
+        return self.inverse_and_vjp(outputs, grad_outputs, params, grad_log_det=grad_log_det)
+
     @staticmethod
     def _invert(
         step: Step, a_new: torch.Tensor, m: ModuleOutput, into: torch.Tensor | None

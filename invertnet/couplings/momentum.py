@@ -9,7 +9,7 @@ from numbers import Real
 import torch
 from torch import nn
 
-from invertnet.couplings._log_det import forward_and_log_det, inverse_and_vjp_with_log_det
+from invertnet.couplings._log_det import forward_and_log_det
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
 
@@ -140,16 +140,6 @@ class MomentumCoupling(CouplingBase):
             The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
         """
         return forward_and_log_det(self, xs)
-
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: tuple[torch.Tensor, ...],
-        grad_outputs: tuple[torch.Tensor, ...],
-        grad_log_det: torch.Tensor | None,
-        params: tuple[torch.Tensor, ...],
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
-        """:meth:`inverse_and_vjp`; the log-determinant is constant, so has no gradient."""
-        return inverse_and_vjp_with_log_det(self, outputs, grad_outputs, grad_log_det, params)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, split_dim={self.split_dim}"
