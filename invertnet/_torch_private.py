@@ -2,7 +2,7 @@
 
 Nothing public tells how many holders a tensor or its storage has, nor runs code at
 the end of a backward pass, nor names the backward node class of a custom
-:class:`torch.autograd.Function`. What invertnet needs of these is wrapped here, so
+:class:`torch.autograd.Function`, nor copies many tensors in one dispatch. What invertnet needs of these is wrapped here, so
 that ``tests/test_torch_private.py``, which CI runs under the oldest and the newest
 PyTorch release that ``pyproject.toml`` accepts, exercises every use.
 
@@ -19,7 +19,7 @@ Function of the same shape as the wrapper's (:func:`sole_holder_counts`).
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -31,6 +31,7 @@ __all__ = [
     "input_kind",
     "is_output_of",
     "call_without_subclass",
+    "copy_all",
     "current_backward_pass",
     "queue_end_of_backward",
     "sole_holder_counts",
@@ -136,6 +137,18 @@ def assert_on_device(condition: torch.Tensor, message: str) -> None:
     it raises :class:`RuntimeError` at once.
     """
     torch._assert_async(condition, message)
+
+
+def copy_all(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+    """``d.copy_(s)`` for every pair, in one call per device: the copies of many small
+    tensors (a block's buffers) cost one dispatch instead of one each."""
+    by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+    for d, s in zip(destinations, sources, strict=True):
+        pair = by_device.setdefault(d.device, ([], []))
+        pair[0].append(d)
+        pair[1].append(s)
+    for dsts, srcs in by_device.values():
+        torch._foreach_copy_(dsts, srcs)
 
 
 def call_without_subclass(func: Callable[..., Any], args: tuple, kwargs: dict | None) -> Any:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -15,6 +18,9 @@ from invertnet import (
     ReconstructionError,
     set_finite_check,
 )
+from invertnet.couplings import Step
+from invertnet.couplings.additive import Add
+from invertnet.wrappers import _finite
 from tests._core_helpers import TwoWay
 from tests._host_reads import count_host_reads
 
@@ -51,16 +57,18 @@ def _step_reads(kind: str, depth: int) -> int:
     return sum(reads.values())
 
 
-@pytest.mark.parametrize("kind", ["additive", "affine", "generic"])
-def test_a_step_reads_the_device_once_whatever_the_depth(kind: str) -> None:
-    # One read per backward pass: the NaN/Inf check of all the reconstructions.
-    assert _step_reads(kind, 2) == _step_reads(kind, 12) == 1
+@pytest.mark.parametrize("kind, reads", [("affine", 1), ("generic", 1), ("additive", 0)])
+def test_a_step_reads_the_device_once_whatever_the_depth(kind: str, reads: int) -> None:
+    # One read per backward pass: the NaN/Inf check of all the reconstructions. An
+    # additive coupling's inverse cannot create NaN or Inf: nothing to check or read.
+    assert _step_reads(kind, 2) == _step_reads(kind, 12) == reads
 
 
-def test_without_the_finite_check_a_step_reads_nothing() -> None:
+@pytest.mark.parametrize("kind", ["affine", "generic"])
+def test_without_the_finite_check_a_step_reads_nothing(kind: str) -> None:
     set_finite_check(False)
     try:
-        assert _step_reads("additive", 12) == 0
+        assert _step_reads(kind, 12) == 0
     finally:
         set_finite_check(True)
 
@@ -95,7 +103,7 @@ def test_the_deferred_check_names_the_first_faulty_block_in_backward_order() -> 
     # NaN count is unknown, and the message says what was seen instead.
     assert info.value.nonfinite == -1
     assert "sum over its 24 elements is not finite" in str(info.value)
-    assert reads["__bool__"] == 1
+    assert sum(reads.values()) == 1  # all the sums of the pass, read at once
 
 
 def test_a_nested_backward_pass_is_checked_when_it_ends() -> None:
@@ -110,7 +118,43 @@ def test_a_nested_backward_pass_is_checked_when_it_ends() -> None:
     with count_host_reads() as reads, pytest.raises(ReconstructionError) as info:
         (y * 2).sum().backward()
     assert info.value.module_name == "InvertibleModuleWrapper(_Scale)"
-    assert reads["__bool__"] == 1
+    assert sum(reads.values()) == 1
+
+
+def _record(total: float, *outputs: float) -> _finite._Record:
+    x = torch.full((3,), total)
+    return _finite._Record(
+        name="w",
+        index=0,
+        total=x.sum(),
+        outputs_totals=tuple(torch.tensor(o) for o in outputs),
+        numel=3,
+        reconstructed=weakref.ref(x),
+    )
+
+
+@pytest.mark.parametrize(
+    "records, at_fault",
+    [
+        ([_record(1.0, 2.0, 3.0), _record(4.0), _record(5.0, 6.0)], False),
+        # Not finite, but so was one of the outputs it came from: not at fault.
+        ([_record(1.0, 2.0), _record(math.nan, 3.0, math.inf)], False),
+        ([_record(1.0, 2.0), _record(math.nan, 3.0, 4.0)], True),
+        ([_record(math.inf)], True),  # no floating outputs: a non-finite result is a fault
+        ([_record(-math.inf, 1.0), _record(2.0, 3.0, 4.0)], True),
+    ],
+)
+def test_the_device_side_check_flags_exactly_what_the_host_check_does(
+    records: list, at_fault: bool
+) -> None:
+    # The accelerator path (a device-side assert, which raises at once on the CPU)
+    # and the CPU path (one read) decide alike, whatever the records' output counts.
+    assert bool(_finite._faults_read_on_host(records)) is at_fault
+    if at_fault:
+        with pytest.raises(RuntimeError, match="reconstructed an input containing NaN"):
+            _finite._assert_no_fault_on_device(records, torch.device("cpu"))
+    else:
+        _finite._assert_no_fault_on_device(records, torch.device("cpu"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -159,9 +203,12 @@ def test_a_step_copies_and_concatenates_no_activation(kind: str, half_copies: in
     ]
     assert copies == [("aten.copy_", half)] * half_copies
     assert x.grad is not None and x.shape == (32, 8)
-    # One reduction per reconstructed input, one for the last block's output: the
-    # finite check; the others are the Linear layers' bias gradients.
-    assert sum(1 for op, n in recorded.ops if op == "aten.sum" and n == 1) == 4 + 1 + 1
+    # The loss, and for the affine rule the finite check: one reduction per
+    # reconstructed input and one for the last block's output (additive blocks
+    # need no check). The other sums are the Linear layers' bias gradients.
+    finite_check_sums = 4 + 1 if kind == "affine" else 0
+    scalar_sums = sum(1 for op, n in recorded.ops if op == "aten.sum" and n == 1)
+    assert scalar_sums == 1 + finite_check_sums
 
 
 def test_a_backward_pass_that_fails_does_not_disable_the_checks_of_later_ones() -> None:
@@ -195,18 +242,20 @@ class _CountReductions(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def test_the_finite_check_reduces_each_activation_once() -> None:
-    # Blocks on two tensors, as in a RevNet stack carrying its halves: each restored
-    # input is summed once, and a block's outputs (the next block's restored inputs)
-    # reuse those sums; only the last block's outputs are summed on their own.
+def _two_stream_sums(kinds: list[str]) -> int:
+    """How many sums over a half-sized tensor one backward pass through wrapped
+    couplings of ``kinds`` (on two tensors, as a RevNet stack carries its halves)
+    takes."""
     torch.manual_seed(0)
-    depth = 4
-    blocks = [
-        InvertibleModuleWrapper(
-            AdditiveCoupling(nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh()))
+    blocks = []
+    for kind in kinds:
+        net = nn.Sequential(nn.Linear(4, 4, bias=False), nn.Tanh())
+        coupling = (
+            AdditiveCoupling(net)
+            if kind == "additive"
+            else AffineCoupling(net, adapter=AffineAdapterNaive)
         )
-        for _ in range(depth)
-    ]
+        blocks.append(InvertibleModuleWrapper(coupling))
     x1, x2 = torch.randn(32, 4, requires_grad=True), torch.randn(32, 4, requires_grad=True)
     a, b = x1 * 1.0, x2 * 1.0
     for block in blocks:
@@ -214,4 +263,48 @@ def test_the_finite_check_reduces_each_activation_once() -> None:
     loss = torch.cat((a, b), dim=1).square().mean()
     with _CountReductions(numel=32 * 4) as sums:
         loss.backward()
-    assert sums.count == 2 * depth + 2
+    assert x1.grad is not None and x2.grad is not None
+    return sums.count
+
+
+def test_the_finite_check_reduces_each_activation_once() -> None:
+    # Each restored input is summed once, and a block's outputs (the next block's
+    # restored inputs) reuse those sums; only the last block's outputs are summed
+    # on their own.
+    assert _two_stream_sums(["affine"] * 4) == 2 * 4 + 2
+
+
+def test_additive_blocks_are_not_checked_and_their_neighbours_sum_their_own_outputs() -> None:
+    # Additive blocks add no sum; an affine block below one sums its own outputs.
+    assert _two_stream_sums(["additive"] * 4) == 0
+    assert _two_stream_sums(["affine", "additive", "affine", "additive"]) == 2 * 2 + 2 * 2
+
+
+class _Zeros(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+class _DividingAdd(Add):
+    """A subclass that changes the rule but not ``keeps_finite``: ``a' = a + m``,
+    inverted as ``(a' - m) / 0`` to make the inverse create NaN/Inf."""
+
+    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return (a_new - m) / 0.0
+
+    def invert_into(self, a_new, m, out):
+        return torch.div(a_new - m, 0.0, out=out)
+
+
+class _DividingCoupling(AdditiveCoupling):
+    def steps(self):
+        return (Step(0, 1, "Fm", _DividingAdd()), Step(1, 0, "Gm", _DividingAdd()))
+
+
+def test_a_combine_that_redefines_its_inverse_is_checked_again() -> None:
+    coupling = _DividingCoupling(_Zeros())
+    assert AdditiveCoupling(_Zeros()).reconstruction_keeps_finite()
+    assert not coupling.reconstruction_keeps_finite()
+    x = torch.randn(4, 6, requires_grad=True)
+    with pytest.raises(ReconstructionError, match="reconstructed input 0 contains"):
+        InvertibleModuleWrapper(coupling)(x).sum().backward()

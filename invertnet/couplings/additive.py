@@ -18,6 +18,8 @@ __all__ = ["AdditiveCoupling", "Add"]
 class Add(Combine):
     """``a' = a + m``."""
 
+    keeps_finite = True
+
     def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return a + m
 

@@ -34,6 +34,16 @@ class Combine:
     product with respect to ``a`` and ``m``.
     """
 
+    #: Whether :meth:`apply` and :meth:`invert` of finite values are finite, as for a
+    #: rule that only adds or subtracts ``m`` (barring a result within rounding of the
+    #: dtype's largest value, where the original already was). A rule that divides or
+    #: multiplies can turn finite values into NaN or Inf, and is checked: a wrapper's
+    #: NaN/Inf check of reconstructions (:func:`invertnet.set_finite_check`) skips
+    #: the blocks whose steps all keep values finite, and their sums. Trusted only
+    #: from the class that defines both rules, so a subclass overriding either is
+    #: checked again unless it says so itself.
+    keeps_finite: bool = False
+
     def apply(self, a: torch.Tensor, m: ModuleOutput) -> torch.Tensor:
         raise NotImplementedError
 
@@ -115,6 +125,13 @@ def _defines_together(combine_type: type, rule: str, rule_into: str) -> bool:
     return owner(rule) is owner(rule_into)
 
 
+@functools.cache
+def _keeps_finite(combine_type: type) -> bool:
+    return bool(combine_type.keeps_finite) and all(
+        _defines_together(combine_type, rule, "keeps_finite") for rule in ("apply", "invert")
+    )
+
+
 def _apply_into(combine: Combine, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor):
     if _defines_together(type(combine), "apply", "apply_into"):
         return combine.apply_into(a, m, out)
@@ -184,6 +201,18 @@ class CouplingBase(nn.Module):
     def steps(self) -> Sequence[Step]:
         """The steps of the forward pass, in order."""
         raise NotImplementedError
+
+    def reconstruction_keeps_finite(self) -> bool:
+        """Whether the inverse of finite outputs is finite by construction: every
+        step's :class:`Combine` keeps finite values finite
+        (:attr:`Combine.keeps_finite`), so an
+        :class:`~invertnet.InvertibleModuleWrapper` need not check it for NaN/Inf.
+
+        The sub-modules' outputs are finite in backward when they were in forward,
+        as a wrapper evaluates them on the same values (and replays the random
+        state when asked to); a finite output of ``a + m`` implies a finite ``m``.
+        """
+        return all(_keeps_finite(type(step.combine)) for step in self.steps())
 
     # -- splitting -----------------------------------------------------------
     def _split(self, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:

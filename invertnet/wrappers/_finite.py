@@ -18,6 +18,7 @@ that no wrapper restored, such as the last block's, are reduced here.
 
 from __future__ import annotations
 
+import math
 import threading
 import weakref
 from collections.abc import Mapping, Sequence
@@ -41,7 +42,8 @@ class _Record:
     name: str
     index: int
     total: torch.Tensor
-    outputs_total: torch.Tensor | None
+    # The sums of the outputs it was reconstructed from (their floating ones).
+    outputs_totals: tuple[torch.Tensor, ...]
     numel: int
     reconstructed: weakref.ref[torch.Tensor]
 
@@ -123,9 +125,6 @@ def check_finite_when_backward_ends(
         if o.is_floating_point():
             known = None if found is None else found.pop(storage_key(o), None)
             outputs_totals.append(_total(o) if known is None else known)
-    if len(outputs_totals) > 1:
-        outputs_totals = [torch.stack([t.double() for t in outputs_totals]).sum()]
-    outputs_total = outputs_totals[0] if outputs_totals else None
     records = []
     for index, x in floating.items():
         total = _total(x)
@@ -136,7 +135,7 @@ def check_finite_when_backward_ends(
                 name=name,
                 index=index,
                 total=total,
-                outputs_total=outputs_total,
+                outputs_totals=tuple(outputs_totals),
                 numel=x.numel(),
                 reconstructed=weakref.ref(x),
             )
@@ -155,31 +154,71 @@ def _finish(task: int, checks: _PassChecks) -> None:
 
 
 def _raise_first_fault(records: list[_Record]) -> None:
-    """Raise for the first record whose reconstruction is at fault, reading each
-    device's flags once."""
-    by_device: dict[torch.device, list[int]] = {}
-    for i, r in enumerate(records):
-        by_device.setdefault(r.total.device, []).append(i)
+    """Raise for the first record whose reconstruction is at fault: one host read
+    for the records on the CPU, a device-side assert for those on each accelerator.
+
+    The work is done here, once per backward pass, rather than per wrapped call: a
+    call only queues the sums it needs.
+    """
+    by_device: dict[torch.device, list[_Record]] = {}
+    for r in records:
+        by_device.setdefault(r.total.device, []).append(r)
     faults: list[int] = []
-    for device, indices in by_device.items():
-        totals = torch.stack([records[i].total.double() for i in indices])
-        finite_outputs = torch.stack(
-            [
-                torch.ones((), dtype=torch.bool, device=device)
-                if records[i].outputs_total is None
-                else torch.isfinite(records[i].outputs_total)
-                for i in indices
-            ]
-        )
-        at_fault = ~torch.isfinite(totals) & finite_outputs
-        if device.type != "cpu":
-            # Reading the flags would make the host wait for the device; a kernel
-            # checks them instead, and names no block: the message says how to find it.
-            assert_on_device(~at_fault.any(), _DEVICE_MESSAGE)
-        elif bool(at_fault.any()):  # the one read of this backward pass
-            faults.extend(i for i, bad in zip(indices, at_fault.tolist()) if bad)
+    position = {id(r): i for i, r in enumerate(records)}
+    for device, on_device in by_device.items():
+        if device.type == "cpu":
+            faults.extend(position[id(r)] for r in _faults_read_on_host(on_device))
+        else:
+            _assert_no_fault_on_device(on_device, device)
     if faults:
         raise nonfinite_error(records[min(faults)])
+
+
+def _at_fault(total: float, outputs_totals: Sequence[float]) -> bool:
+    """A reconstruction is at fault where it is not finite although the outputs it
+    was computed from were."""
+    return not math.isfinite(total) and all(math.isfinite(o) for o in outputs_totals)
+
+
+def _stack(scalars: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One 1-D tensor of the zero-dimensional ``scalars``, in order (float64 where
+    their dtypes differ)."""
+    if len({t.dtype for t in scalars}) > 1:
+        scalars = [t.double() for t in scalars]
+    return torch.stack(list(scalars))
+
+
+def _faults_read_on_host(records: list[_Record]) -> list[_Record]:
+    """The records at fault, with every sum read on the host at once (the one read of
+    the backward pass)."""
+    flat = [t for r in records for t in (r.total, *r.outputs_totals)]
+    values = iter(_stack(flat).tolist())
+    faults = []
+    for r in records:
+        total = next(values)
+        outputs_totals = [next(values) for _ in r.outputs_totals]
+        if _at_fault(total, outputs_totals):
+            faults.append(r)
+    return faults
+
+
+def _assert_no_fault_on_device(records: list[_Record], device: torch.device) -> None:
+    """Check the records on an accelerator by a kernel: reading the flags would make
+    the host wait for the device. The assert names no block: its message says how
+    to find it."""
+    # Records grouped by their number of outputs, so that each group's output sums
+    # form a matrix: a few kernels per backward pass, whatever the depth.
+    by_outputs: dict[int, list[_Record]] = {}
+    for r in records:
+        by_outputs.setdefault(len(r.outputs_totals), []).append(r)
+    faults = []
+    for count, group in by_outputs.items():
+        at_fault = ~torch.isfinite(_stack([r.total for r in group]))
+        if count:
+            outputs = _stack([t for r in group for t in r.outputs_totals]).reshape(-1, count)
+            at_fault &= torch.isfinite(outputs).all(dim=1)
+        faults.append(at_fault.any())
+    assert_on_device(~torch.stack(faults).any(), _DEVICE_MESSAGE)
 
 
 def nonfinite_error(record: _Record) -> ReconstructionError:

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-__all__ = ["AutocastState", "buffers_unchanged"]
+from invertnet._torch_private import copy_all
+
+__all__ = [
+    "AutocastState",
+    "BufferSnapshot",
+    "buffers_unchanged",
+    "submodules",
+    "trainable_parameters",
+]
 
 
 @dataclass(frozen=True)
@@ -35,8 +43,7 @@ class AutocastState:
         ]
 
     @staticmethod
-    @contextlib.contextmanager
-    def restored(states: Sequence[AutocastState]) -> Iterator[None]:
+    def restored(states: Sequence[AutocastState]) -> contextlib.AbstractContextManager[None]:
         """Re-enter the recorded autocast settings, without autocast's weight cache.
 
         The forward pass ran without grad, so the low-precision copies of the
@@ -46,19 +53,65 @@ class AutocastState:
         afresh costs one cast per parameter use.
         """
         if not any(s.enabled or torch.is_autocast_enabled(s.device_type) for s in states):
-            yield  # off then and off now: nothing to re-enter
+            return contextlib.nullcontext()  # off then and off now: nothing to re-enter
+        stack = contextlib.ExitStack()
+        for s in states:
+            stack.enter_context(
+                torch.autocast(s.device_type, dtype=s.dtype, enabled=s.enabled, cache_enabled=False)
+            )
+        return stack
+
+
+def submodules(module: nn.Module) -> list[nn.Module]:
+    """``module`` and every module under it, each once: what ``module.modules()``
+    yields, in breadth-first order and without its generator machinery (a wrapper
+    asks on every call)."""
+    found, seen = [module], {id(module)}
+    for owner in found:  # grows as it is walked
+        for child in owner._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found
+
+
+def trainable_parameters(modules: Iterable[nn.Module]) -> tuple[nn.Parameter, ...]:
+    """The parameters of ``modules`` that require grad, each once."""
+    found: dict[int, nn.Parameter] = {}
+    for owner in modules:
+        for p in owner._parameters.values():
+            if p is not None and p.requires_grad:
+                found.setdefault(id(p), p)
+    return tuple(found.values())
+
+
+class BufferSnapshot:
+    """Copies of the buffers of some modules, put back after a recomputation.
+
+    Recomputing a forward pass in training mode would otherwise update running
+    statistics, such as BatchNorm's, a second time (memcnn issue 12). A module that
+    replaced a buffer object meanwhile gets the original object back.
+    """
+
+    __slots__ = ("_saved", "_copies")
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self._saved = [
+            (owner._buffers, name, buf)
+            for owner in modules
+            for name, buf in owner._buffers.items()
+            if buf is not None
+        ]
+        self._copies = [buf.clone() for _, _, buf in self._saved]
+
+    def restore(self) -> None:
+        """Give every buffer its object and its values from the time of the snapshot."""
+        if not self._saved:
             return
-        with contextlib.ExitStack() as stack:
-            for s in states:
-                stack.enter_context(
-                    torch.autocast(
-                        s.device_type,
-                        dtype=s.dtype,
-                        enabled=s.enabled,
-                        cache_enabled=False,
-                    )
-                )
-            yield
+        for buffers, name, buf in self._saved:
+            buffers[name] = buf
+        with torch.no_grad():
+            copy_all([buf for _, _, buf in self._saved], self._copies)
 
 
 @contextlib.contextmanager
@@ -68,16 +121,8 @@ def buffers_unchanged(module: nn.Module) -> Iterator[None]:
     Recomputing a forward pass in training mode would otherwise update running
     statistics a second time (memcnn issue 12).
     """
-    saved = [
-        (owner, name, buf, buf.clone())
-        for owner in module.modules()
-        for name, buf in owner._buffers.items()
-        if buf is not None
-    ]
+    snapshot = BufferSnapshot(submodules(module))
     try:
         yield
     finally:
-        with torch.no_grad():
-            for owner, name, buf, copy in saved:
-                owner._buffers[name] = buf
-                buf.copy_(copy)
+        snapshot.restore()

@@ -107,6 +107,8 @@ class FreedInput:
     stride: tuple[int, ...]
     nbytes: int
     version: int
+    # Whether the tensor still carries the freed class and attributes (see unmark).
+    marked: bool = True
 
     def restore(self, values: torch.Tensor) -> None:
         """Reallocate the storage, restore the shape and copy ``values`` in (nothing to
@@ -132,11 +134,12 @@ class FreedInput:
     def unmark(self) -> torch.Tensor:
         """Make the tensor an ordinary tensor again (see :class:`FreedTensor`)."""
         x = self.tensor
-        if type(x) is FreedTensor:
-            x.__class__ = torch.Tensor
-        for attr in (FREED_ATTR, _KEEP_FLAG_ATTR):
-            if hasattr(x, attr):
-                delattr(x, attr)
+        if self.marked:
+            self.marked = False
+            if type(x) is FreedTensor:
+                x.__class__ = torch.Tensor
+            delattr(x, FREED_ATTR)
+            delattr(x, _KEEP_FLAG_ATTR)
         return x
 
     @property

@@ -19,7 +19,12 @@ from torch.autograd.function import once_differentiable
 from invertnet._rng import RNGTape
 from invertnet._torch_private import is_output_of
 from invertnet.wrappers._finite import check_finite_when_backward_ends
-from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
+from invertnet.wrappers._recompute import (
+    AutocastState,
+    BufferSnapshot,
+    submodules,
+    trainable_parameters,
+)
 from invertnet.wrappers._storage import (
     FREED_ATTR,
     FreedInput,
@@ -55,12 +60,15 @@ class _Call:
     """Everything one wrapped call needs besides its tensors."""
 
     wrapper: InvertibleModuleWrapper
+    module: nn.Module  # the wrapped one
     run: Callable[..., Any]
     undo: Callable[..., Any]
     fused: FusedBackward | None
     keep_input: bool
     num_inputs: int
     direction: str
+    # The wrapped module and those under it, whose buffers backward leaves alone.
+    modules: list[nn.Module] = field(default_factory=list)
     # Filled in by the forward pass.
     inputs: Tensors = ()
     outputs: Tensors = ()
@@ -86,7 +94,7 @@ def _prepare(call: _Call, inputs: Tensors) -> None:
         owner = getattr(x, FREED_ATTR, None)
         if owner is not None:
             raise RuntimeError(
-                f"{type(wrapper.module).__name__}.{call.direction}: input {i} was freed by "
+                f"{type(call.module).__name__}.{call.direction}: input {i} was freed by "
                 f"an earlier {owner} with keep_input=False and is used again here; pass "
                 "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
             )
@@ -112,7 +120,7 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
             if call.debug is not None:
                 call.originals[i] = x.detach().clone()
             call.freed[i] = free(
-                x, f"InvertibleModuleWrapper({type(wrapper.module).__name__})", call.keep_flag
+                x, f"InvertibleModuleWrapper({type(call.module).__name__})", call.keep_flag
             )
         else:
             wrapper._warn_kept(i, reason)
@@ -126,7 +134,7 @@ def _run_eagerly(call: _Call, inputs: Tensors) -> Tensors:
     a compiled forward draws its random numbers differently (Inductor's own
     generator), so dropout masks would not match and gradients would be wrong.
     """
-    return _as_tuple(call.run(*inputs), f"output of {type(call.wrapper.module).__name__}")
+    return _as_tuple(call.run(*inputs), f"output of {type(call.module).__name__}")
 
 
 class _InvertibleFunction(torch.autograd.Function):
@@ -141,7 +149,7 @@ class _InvertibleFunction(torch.autograd.Function):
         _prepare(call, inputs)
         if call.tape is None:
             outputs = _as_tuple(
-                call.run(*inputs), f"output of {type(call.wrapper.module).__name__}"
+                call.run(*inputs), f"output of {type(call.module).__name__}"
             )
         else:
             with call.tape.recording():
@@ -160,7 +168,7 @@ class _InvertibleFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
-        name = type(call.wrapper.module).__name__
+        name = type(call.module).__name__
         for freed in call.freed.values():
             freed.unmark()  # ordinary tensors again, for the checks and the restore below
         if call.passes_left <= 0:
@@ -185,29 +193,33 @@ class _InvertibleFunction(torch.autograd.Function):
         call.passes_left -= 1
 
         needs = ctx.needs_input_grad[1:]
-        grad_outputs = tuple(g.to(o.dtype) for g, o in zip(grad_outputs, call.outputs))
-        with contextlib.ExitStack() as stack:
-            stack.enter_context(AutocastState.restored(call.autocast))
-            stack.enter_context(buffers_unchanged(call.wrapper.module))
-            if call.tape is not None:
-                stack.enter_context(call.tape.replaying())
-            reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs)
+        grad_outputs = tuple(
+            g if g.dtype == o.dtype else g.to(o.dtype) for g, o in zip(grad_outputs, call.outputs)
+        )
+        buffers = BufferSnapshot(call.modules)
+        try:
+            replaying = contextlib.nullcontext() if call.tape is None else call.tape.replaying()
+            with AutocastState.restored(call.autocast), replaying:
+                reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs)
+        finally:
+            buffers.restore()
 
         with torch.no_grad():
             for i, freed in call.freed.items():
                 freed.restore(reconstructed[i])
         # Checked after restoring, so that a failing input can be inspected.
-        label = module_name(call.debug, call.wrapper, call.wrapper.module)
+        label = module_name(call.debug, call.wrapper, call.module)
         if call.debug is not None:
             for i, freed in call.freed.items():
                 original = call.originals[i]
                 check_reconstruction(label, i, freed.tensor, call.outputs, original, call.debug)
-        elif finite_check_enabled():
+        elif finite_check_enabled() and not _keeps_finite(call.module):
             restored = {i: freed.tensor for i, freed in call.freed.items()}
             check_finite_when_backward_ends(label, restored, call.outputs)
         if call.passes_left == 0:
             # Drop references so the memory goes when the graph does.
             call.inputs = call.outputs = call.params = ()
+            call.modules = []
             call.freed = {}
             call.originals = {}
             call.tape = None
@@ -231,7 +243,7 @@ def _recompute_and_differentiate(
         else:
             inputs, grad_inputs, grad_params = call.fused(call.outputs, grad_outputs, params)
         grads = tuple(
-            g.to(x.dtype) if need and g is not None else None
+            None if not need or g is None else g if g.dtype == x.dtype else g.to(x.dtype)
             for g, x, need in zip(grad_inputs, call.inputs, needs)
         )
         return inputs, grads + tuple(grad_params)
@@ -258,6 +270,14 @@ def _recompute_and_differentiate(
     found_iter = iter(found) if found else iter([None] * len(wanted))
     grad_inputs = tuple(next(found_iter) if leaf.requires_grad else None for leaf in leaves)
     return tuple(leaf.detach() for leaf in leaves), grad_inputs + tuple(found_iter)
+
+
+def _keeps_finite(module: nn.Module) -> bool:
+    """Whether ``module`` says its reconstructions of finite outputs are finite by
+    construction (``reconstruction_keeps_finite()``, as couplings of additive steps
+    do), so that the NaN/Inf check may skip them."""
+    says = getattr(module, "reconstruction_keeps_finite", None)
+    return callable(says) and says() is True
 
 
 @functools.lru_cache(maxsize=256)
@@ -417,29 +437,29 @@ class InvertibleModuleWrapper(nn.Module):
         return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
     def _run(self, xs: tuple[Any, ...], direction: str) -> Output:
-        run, undo = (
-            (self._fn.forward, self._fn.inverse)
-            if direction == "forward"
-            else (self._fn.inverse, self._fn.forward)
-        )
+        fn = self._fn
+        run, undo = (fn.forward, fn.inverse) if direction == "forward" else (fn.inverse, fn.forward)
         if not xs:
             raise ValueError(f"InvertibleModuleWrapper.{direction} needs at least one input tensor")
         inputs = _as_tuple(xs, f"InvertibleModuleWrapper.{direction}: input")
-        # One walk over the parameters serves both the decision and the Function.
+        # One walk over the modules serves the decision, the Function and backward.
         recording = self._recording()
-        params = tuple(p for p in self._fn.parameters() if p.requires_grad) if recording else ()
+        modules = submodules(fn) if recording else []
+        params = trainable_parameters(modules)
         if not (recording and (params or any(t.requires_grad for t in inputs))):
-            y = self._fn(*inputs) if direction == "forward" else run(*inputs)
+            y = fn(*inputs) if direction == "forward" else run(*inputs)
         else:
-            fused = getattr(self._fn, "inverse_and_vjp", None) if direction == "forward" else None
+            fused = getattr(fn, "inverse_and_vjp", None) if direction == "forward" else None
             call = _Call(
                 wrapper=self,
+                module=fn,
                 run=run,
                 undo=undo,
                 fused=fused,
                 keep_input=self.keep_input if direction == "forward" else self.keep_input_inverse,
                 num_inputs=len(inputs),
                 direction=direction,
+                modules=modules,
             )
             y = _InvertibleFunction.apply(call, *inputs, *params)
         if isinstance(y, (tuple, list)) and len(y) == 1:
