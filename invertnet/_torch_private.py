@@ -2,9 +2,10 @@
 
 Nothing public tells how many holders a tensor or its storage has, nor runs code at
 the end of a backward pass, nor names the backward node class of a custom
-:class:`torch.autograd.Function`, nor copies many tensors in one dispatch. What invertnet needs of these is wrapped here, so
-that ``tests/test_torch_private.py``, which CI runs under the oldest and the newest
-PyTorch release that ``pyproject.toml`` accepts, exercises every use.
+:class:`torch.autograd.Function`, nor copies many tensors in one dispatch. What
+invertnet needs of these is wrapped here, so that ``tests/test_torch_private.py``,
+which CI runs under the oldest and the newest PyTorch release that
+``pyproject.toml`` accepts, exercises every use.
 
 Reference counts are the delicate part: their values for "nobody else holds this
 tensor" are not a documented constant. Inside the forward of a custom

@@ -131,3 +131,13 @@ def test_current_backward_pass_is_none_outside_and_new_for_each_pass() -> None:
     y.sum().backward()
     assert private.current_backward_pass() is None
     assert None not in seen and len(set(seen)) == 2
+
+
+def test_copy_all_copies_every_pair_whatever_their_dtypes_and_shapes() -> None:
+    destinations = [torch.zeros(3), torch.zeros((), dtype=torch.long), torch.zeros(2, 2)]
+    sources = [torch.arange(3.0), torch.tensor(7), torch.ones(2, 2)]
+    private.copy_all(destinations, sources)
+    for d, s in zip(destinations, sources):
+        assert torch.equal(d, s) and d.data_ptr() != s.data_ptr()
+    with pytest.raises(ValueError):  # a length mismatch is an error, not a partial copy
+        private.copy_all(destinations, sources[:2])

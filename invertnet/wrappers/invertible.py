@@ -148,9 +148,7 @@ class _InvertibleFunction(torch.autograd.Function):
         inputs, params = tensors[: call.num_inputs], tensors[call.num_inputs :]
         _prepare(call, inputs)
         if call.tape is None:
-            outputs = _as_tuple(
-                call.run(*inputs), f"output of {type(call.module).__name__}"
-            )
+            outputs = _as_tuple(call.run(*inputs), f"output of {type(call.module).__name__}")
         else:
             with call.tape.recording():
                 outputs = _run_eagerly(call, inputs)
