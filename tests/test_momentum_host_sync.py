@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from invertnet import MomentumNet
+from invertnet.momentum.exact import LIMIT, FixedPoint, RangeCheck, _assert_in_range_on_device
 from tests._host_reads import count_host_reads
 
 
@@ -101,3 +102,51 @@ def test_an_error_of_a_later_function_names_the_value_out_of_range(exact_path: s
     with pytest.raises(OverflowError, match=r"f_0\(x_0\) reaches") as caught:
         net(torch.zeros(3, requires_grad=True))
     assert isinstance(caught.value.__cause__, ValueError)
+
+
+def _records(*values: float, scale: float = 1.0) -> RangeCheck:
+    checks = RangeCheck(FixedPoint(torch.float32))
+    for v in values:
+        checks.measure("v", torch.tensor([v, -v / 2]), scale)
+    checks.measure("w", torch.tensor([1.0], dtype=torch.float64))  # another dtype
+    return checks
+
+
+@pytest.mark.parametrize(
+    "values, scale, in_range",
+    [
+        ((1.0, -3.0), 1.0, True),
+        ((LIMIT / 4,), 2.0, True),
+        ((LIMIT / 4,), 4.0, False),  # exactly the limit, in units: out of range
+        ((1.0, -LIMIT * 2), 1.0, False),
+        ((1.0, float("nan")), 1.0, False),
+        ((float("inf"),), 1.0, False),
+    ],
+)
+def test_the_device_side_range_check_decides_as_the_host_one(
+    values: tuple[float, ...], scale: float, in_range: bool
+) -> None:
+    # The accelerator path (a device-side assert, which raises at once on the CPU)
+    # and the host path (one read, OverflowError) agree on every record.
+    host, device = _records(*values, scale=scale), _records(*values, scale=scale)
+    if in_range:
+        host.check()
+        _assert_in_range_on_device(device._records, device.fixed)
+    else:
+        with pytest.raises(OverflowError):
+            host.check()
+        with pytest.raises(RuntimeError, match="beyond the .* that exact reversal supports"):
+            _assert_in_range_on_device(device._records, device.fixed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_step_never_waits_for_the_device() -> None:
+    net = _net(8, init=True).cuda()
+    x = torch.randn(4, 8, device="cuda", requires_grad=True)
+    net(x).square().sum().backward()  # a first step: allocations, caches
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        net(x).square().sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert x.grad is not None

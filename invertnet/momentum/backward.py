@@ -159,7 +159,7 @@ def run_without_activations(
     except Exception as error:
         # A function that fails on an input out of range: name what left the range.
         try:
-            run.checks.check()
+            run.checks.check(read_on_host=True)
         except OverflowError as overflow:
             raise overflow from error
         raise
@@ -297,7 +297,8 @@ class _Layer(torch.autograd.Function):
         ctx.params = tensors[len(run.grad_slots) :]
         if t < len(net.functions) - 1:
             return link.new_empty(0)
-        # Once per forward pass, before it returns: one transfer from the device.
+        # Once per forward pass, before it returns: one read on the CPU, a device-side
+        # assert on an accelerator.
         run.checks.check()
         # The last layer keeps the final state for backward; the shared object lets
         # it go, so that saved-tensor hooks (offloading, accounting) see all of it.

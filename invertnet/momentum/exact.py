@@ -41,9 +41,11 @@ so every step can be undone bit for bit:
   known before a step: the product ``n v + r`` is computed in a split form that
   is exact for every velocity in range, and each step records the largest
   magnitudes of its update, position and velocity where they are computed (on
-  the device, or returned by the CPU loops). :class:`RangeCheck` reads them once,
-  at the end of the forward pass, and raises :class:`OverflowError` for the first
-  that left the range, before the pass returns.
+  the device, or returned by the CPU loops). :class:`RangeCheck` checks them
+  once, at the end of the forward pass, before the pass returns: on the CPU it
+  reads them and raises :class:`OverflowError` for the first that left the range;
+  on an accelerator a device-side assert checks them, so that the host never
+  waits for the device.
 
 :class:`ExactMomentum`'s fused methods (:meth:`~ExactMomentum.advance`,
 :meth:`~ExactMomentum.retreat_position`, :meth:`~ExactMomentum.retreat_velocity`,
@@ -89,6 +91,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from invertnet._torch_private import assert_on_device
 from invertnet.momentum import kernels
 from invertnet.momentum.gamma import Gamma
 
@@ -279,22 +282,58 @@ class RangeCheck:
         """Record the magnitude a kernel wrote into ``slot`` (one element of :meth:`slots`)."""
         self._records.append(_Record(what, scale, tensors=(slot,)))
 
-    def check(self) -> None:
+    def check(self, read_on_host: bool = False) -> None:
         """Raise :class:`OverflowError` for the first record out of range; then forget them all.
 
-        Reads the device's records with one transfer (none if every record is
-        known on the host).
+        Records known on the host or held on the CPU are read with one transfer.
+        Records on an accelerator are checked by a device-side assert instead, so
+        that the host never waits for the device (a failure ends the process's use
+        of the device, with a message that says how to find the value); with
+        ``read_on_host`` they are read too, for an error message that names the
+        layer (on a path that is failing anyway).
         """
         records, self._records = self._records, []
         self._slots, self._slots_used = None, 0
-        tensors = [t for record in records for t in record.tensors]
-        values = iter(torch.stack(tensors).tolist() if tensors else [])
+        on_device: dict[torch.device, list[_Record]] = {}
+        on_host = []
         for record in records:
+            device = record.tensors[0].device if record.tensors else None
+            if device is None or device.type == "cpu" or read_on_host:
+                on_host.append(record)
+            else:
+                on_device.setdefault(device, []).append(record)
+        tensors = [t for record in on_host for t in record.tensors]
+        values = iter(torch.stack(tensors).tolist() if tensors else [])
+        for record in on_host:
             if record.known is not None:
                 largest = record.known
             else:
                 largest = _largest([next(values) for _ in record.tensors])
             self.fixed.check(largest * record.scale, record.what)
+        for device_records in on_device.values():
+            _assert_in_range_on_device(device_records, self.fixed)
+
+
+def _assert_in_range_on_device(records: list[_Record], fixed: FixedPoint) -> None:
+    """Check that every record's largest magnitude, in units, is below :data:`LIMIT`
+    (and not NaN), in a kernel: a few operations per scale, whatever the depth."""
+    by_scale: dict[tuple[float, torch.dtype], list[torch.Tensor]] = {}
+    for record in records:
+        for t in record.tensors:
+            by_scale.setdefault((record.scale, t.dtype), []).append(t)
+    # In float64, as the host computes: a float32 magnitude times 2**s could overflow.
+    # amax propagates NaN, and NaN < LIMIT is false.
+    peaks = [
+        torch.stack(group).abs().amax().double() * scale for (scale, _), group in by_scale.items()
+    ]
+    in_range = (torch.stack(peaks) < LIMIT).all()
+    assert_on_device(
+        in_range,
+        "MomentumNet(use_backprop=False): a position, velocity or (1 - gamma) * f value "
+        f"reached a magnitude beyond the {fixed.max_abs:.4g} that exact reversal supports "
+        f"for {fixed.dtype}, or NaN. Rescale the input or the functions, or use "
+        "use_backprop=True; run the step on the CPU for an OverflowError naming the layer",
+    )
 
 
 @dataclass
