@@ -16,6 +16,7 @@ from invertnet import (
     AffineCoupling,
     InvertibleModuleWrapper,
 )
+from invertnet.wrappers._recompute import BufferSnapshot, submodules
 from tests._core_helpers import (
     Counting,
     DropoutTwoWay,
@@ -409,6 +410,60 @@ def test_batchnorm_statistics_equal_plain_after_a_step(make, momentum) -> None:
         torch.testing.assert_close(bw, bp, msg=name)
     counts = [int(b) for n, b in wrapped.named_buffers() if n.endswith("num_batches_tracked")]
     assert counts == [2, 2]  # Fm's and Gm's BatchNorm: one update per training step
+
+
+# The inner wrappers get halves of the outer input (views), which they keep.
+@pytest.mark.filterwarnings("ignore::invertnet.InputKeptWarning")
+def test_batchnorm_statistics_of_nested_wrappers_are_updated_once_per_step() -> None:
+    # The inner wrappers' backward runs inside the outer one's recomputation, so
+    # their buffer snapshots are taken while the outer one's is held.
+    torch.manual_seed(0)
+
+    def inner() -> nn.Module:
+        net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        return InvertibleModuleWrapper(AdditiveCoupling(net))
+
+    wrapped, plain = wrapped_pair(AdditiveCoupling(inner(), inner()))
+    for w in plain.modules():
+        if isinstance(w, InvertibleModuleWrapper):
+            w.disable = True
+    x = [torch.randn(6, 8, requires_grad=True)]
+    for _ in range(3):
+        got, want = run_and_grads(wrapped, x), run_and_grads(plain, x)
+        for g, w in zip(got, want):
+            assert_all_close(g, w, 1e-5, 1e-5)
+    for (name, bw), (_, bp) in zip(wrapped.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(bw, bp, msg=name, rtol=0, atol=0)
+    counts = [int(b) for n, b in wrapped.named_buffers() if n.endswith("num_batches_tracked")]
+    assert counts == [3] * 4
+
+
+def test_buffer_snapshots_nest_and_restore_objects_and_bits() -> None:
+    def module() -> nn.Module:
+        m = nn.BatchNorm1d(3)
+        m.running_mean.copy_(torch.tensor([-0.0, float("nan"), float("inf")]))
+        return m
+
+    first, second = module(), module()
+    before = [b.clone() for b in first.buffers()]
+    outer = BufferSnapshot(submodules(first))
+    first.running_mean.fill_(1.0)
+    first.num_batches_tracked += 5
+    inner = BufferSnapshot(submodules(second))  # the same shapes: a scratch set of its own
+    second.running_mean.fill_(2.0)
+    original_var = first.running_var
+    first.running_var = torch.zeros(3)  # a module may replace a buffer object
+    inner.restore()
+    outer.restore()
+    outer.restore()  # a second restore does nothing
+    assert first.running_var is original_var
+
+    def bits(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1).view(torch.uint8)
+
+    for b, expected in zip(first.buffers(), before):  # -0.0 and NaN too, bit for bit
+        assert b.dtype == expected.dtype and torch.equal(bits(b), bits(expected))
+    assert torch.equal(bits(second.running_mean), bits(before[0]))
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -85,15 +86,40 @@ def trainable_parameters(modules: Iterable[nn.Module]) -> tuple[nn.Parameter, ..
     return tuple(found.values())
 
 
+# Scratch tensors for buffer snapshots, by the buffers' shapes, dtypes and devices:
+# a snapshot borrows a set and gives it back when restored, so a chain of blocks
+# alike reuses one set instead of allocating copies at every block. Per thread, and
+# a list per signature, since snapshots nest (a wrapper inside a wrapped module runs
+# its backward during the outer one's recomputation).
+_scratch = threading.local()
+
+_Signature = tuple[tuple[torch.Size, torch.dtype, torch.device], ...]
+
+
+def _borrow(signature: _Signature) -> list[torch.Tensor]:
+    pool: dict[_Signature, list[list[torch.Tensor]]] = _scratch.__dict__.setdefault("pool", {})
+    spare = pool.get(signature)
+    if spare:
+        return spare.pop()
+    return [torch.empty(size, dtype=dtype, device=device) for size, dtype, device in signature]
+
+
+def _give_back(signature: _Signature, tensors: list[torch.Tensor]) -> None:
+    _scratch.__dict__.setdefault("pool", {}).setdefault(signature, []).append(tensors)
+
+
 class BufferSnapshot:
     """Copies of the buffers of some modules, put back after a recomputation.
 
     Recomputing a forward pass in training mode would otherwise update running
     statistics, such as BatchNorm's, a second time (memcnn issue 12). A module that
-    replaced a buffer object meanwhile gets the original object back.
+    replaced a buffer object meanwhile gets the original object back. Taking and
+    restoring a snapshot copies all the buffers in one call each (a block's many
+    small buffers would otherwise cost a dispatch apiece), into scratch tensors
+    reused from snapshot to snapshot.
     """
 
-    __slots__ = ("_saved", "_copies")
+    __slots__ = ("_saved", "_signature", "_copies")
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         self._saved = [
@@ -102,16 +128,24 @@ class BufferSnapshot:
             for name, buf in owner._buffers.items()
             if buf is not None
         ]
-        self._copies = [buf.clone() for _, _, buf in self._saved]
+        self._signature: _Signature = tuple((b.shape, b.dtype, b.device) for _, _, b in self._saved)
+        self._copies: list[torch.Tensor] | None = None
+        if self._saved:
+            self._copies = _borrow(self._signature)
+            with torch.no_grad():
+                copy_all(self._copies, [buf for _, _, buf in self._saved])
 
     def restore(self) -> None:
-        """Give every buffer its object and its values from the time of the snapshot."""
-        if not self._saved:
+        """Give every buffer its object and its values from the time of the snapshot
+        (once: a second call does nothing)."""
+        copies, self._copies = self._copies, None
+        if copies is None:
             return
         for buffers, name, buf in self._saved:
             buffers[name] = buf
         with torch.no_grad():
-            copy_all([buf for _, _, buf in self._saved], self._copies)
+            copy_all([buf for _, _, buf in self._saved], copies)
+        _give_back(self._signature, copies)
 
 
 @contextlib.contextmanager

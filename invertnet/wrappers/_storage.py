@@ -161,6 +161,14 @@ def freed_shape(size: torch.Size) -> tuple[int, ...]:
     return (0,) + (1,) * (len(size) - 1 - last_big)
 
 
+def _contiguous_strides(size: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(size):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 def _set_view(
     x: torch.Tensor,
     storage: torch.UntypedStorage,
@@ -176,7 +184,7 @@ def _set_view(
     stay the same, which they do here.
     """
     if stride is None:
-        stride = torch.empty(size, device="meta").stride()
+        stride = _contiguous_strides(size)
     x.data = torch.empty(0, dtype=x.dtype, device=x.device).set_(storage, 0, size, stride)
 
 
