@@ -908,3 +908,25 @@ def test_help_lists_workloads_at_a_size_and_the_methods(capsys: pytest.CaptureFi
     for method in METHOD_INFO:
         assert f"  {method} " in out
     assert "pip install revlib" in out
+
+
+def _timed(method: str, times: list[float]) -> Result:
+    return Result(config=Config("additive-conv", 8, method), step_times_s=times, peak_bytes=2**20)
+
+
+@pytest.mark.parametrize("timing, expected", [("interleaved", "1.00x"), ("separate", "1.10x")])
+def test_time_ratios_pair_the_steps_taken_side_by_side(timing: str, expected: str) -> None:
+    # A slow spell doubles steps 2 and 3 of every method, taken side by side, and
+    # invertnet's step 4 has a blip: the medians pick the blip up (1.1 against
+    # 1.0), the ratios of steps side by side cancel the spell and ignore the blip.
+    # Steps timed separately do not pair up.
+    plain = _timed("plain", [1.0, 2.0, 2.0, 1.0, 1.0])
+    light = _timed("invertnet", [1.0, 2.0, 2.0, 1.1, 1.0])
+    peer = _timed("revlib", [1.0, 2.0, 2.0, 1.0, 1.0])
+    machine = {"device": "cpu", "device_name": "test", "cpu_count": 2, "python": "3", "torch": "2"}
+    settings = {"command": "invertnet bench", "repeats": 5, "timing": timing}
+    document = bench_report.to_document([plain, light, peer], settings, machine)
+    summary = bench_report.format_summary(document)
+    assert f"invertnet / revlib time {expected} (depth 8)" in summary
+    rows = {r["config"]["method"]: r for r in document["results"]}
+    assert f"{rows['invertnet']['time_ratio']:.2f}x" == expected

@@ -59,7 +59,9 @@ memory_allocated before. The bytes the forward pass saves for backward (counted 
 torch.autograd.graph.saved_tensors_hooks, parameters excluded) are reported as a
 cross-check. Time is the median step time with the methods of each workload and
 depth built in one more fresh process and their steps alternating (--timing
-interleaved), so that all see the same machine. Timings on a shared machine are
+interleaved), so that all see the same machine; a time ratio is then the median of
+the ratios of steps taken side by side, in which a slow spell of the machine
+cancels. Timings on a shared machine are
 noisy: compare ratios within one run, and on a busy machine use --threads 1 (OpenMP
 threads waiting for each other on oversubscribed cores can make steps many times
 slower).

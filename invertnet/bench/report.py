@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import platform
+import statistics
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -116,11 +117,37 @@ def group_label(config: dict[str, Any] | Any) -> str:
     return f"{get('workload')}+{autocast}" if autocast else str(get("workload"))
 
 
-def rows(results: Iterable[Result]) -> list[dict[str, Any]]:
+def time_ratio(times: Sequence[float], base: Sequence[float], paired: bool = True) -> float | None:
+    """One method's step time over another's, both measured in the same run.
+
+    With ``paired`` (interleaved timing), the median of the ratios of the steps
+    taken side by side: the i-th timed steps of both, moments apart in one
+    process. The slow spells of a shared machine, which last seconds, then hit
+    both steps of a pair alike and cancel, where a ratio of medians picks them up
+    whenever one method's median falls in a spell and the other's does not.
+    Otherwise, or where the step counts differ (a method failed midway), the ratio
+    of the medians.
+
+    Examples
+    --------
+    >>> time_ratio([1.0, 2.0, 4.0], [1.0, 2.0, 4.0])
+    1.0
+    >>> time_ratio([1.1, 2.2, 4.4], [1.0, 2.0, 4.0])  # doctest: +ELLIPSIS
+    1.1...
+    """
+    if not times or not base:
+        return None
+    if paired and len(times) == len(base):
+        return statistics.median(t / b for t, b in zip(times, base))
+    return statistics.median(times) / statistics.median(base)
+
+
+def rows(results: Iterable[Result], paired: bool = True) -> list[dict[str, Any]]:
     """One JSON-ready row per result, with its ratios to plain autograd.
 
     Ratios compare results of the same run, workload (and autocast) and depth:
-    the plain row's median step time and peak memory are the denominators.
+    the plain row's step times (:func:`time_ratio`, ``paired`` as there) and peak
+    memory are the denominators.
     """
     results = list(results)
     plain = {
@@ -132,7 +159,7 @@ def rows(results: Iterable[Result]) -> list[dict[str, Any]]:
     for r in results:
         row = r.to_dict()
         base = plain.get((group_label(r.config), r.config.depth))
-        row["time_ratio"] = _ratio(r.median_s, base.median_s if base else None)
+        row["time_ratio"] = time_ratio(r.step_times_s, base.step_times_s, paired) if base else None
         row["memory_ratio"] = _ratio(r.peak_bytes, base.peak_bytes if base else None)
         out.append(row)
     return out
@@ -294,7 +321,7 @@ def to_document(
         row per configuration, with ``notes``) and ``alerts`` (:func:`find_alerts`).
     """
     size = settings.get("size", "cpu")
-    table = rows(results)
+    table = rows(results, paired=_paired(settings))
     alerts = find_alerts(table, str(machine.get("device", "cpu")))
     for row in table:
         row["notes"] = _row_notes(row, alerts)
@@ -383,10 +410,22 @@ def _by_key(document: dict[str, Any]) -> dict[tuple[str, str, int], dict[str, An
 _COMPARED = ("checkpoint", "original-checkpoint", "revlib", "memcnn", "momentumnet")
 
 
+def _paired(settings: dict[str, Any]) -> bool:
+    """Whether a run's step times pair up (:func:`time_ratio`): interleaved timing."""
+    return settings.get("timing", "interleaved") == "interleaved"
+
+
 def format_summary(document: dict[str, Any]) -> str:
     """Per workload: invertnet's time against checkpoint's (and the peers'), memory
     growth with depth; then one ``WARNING`` line per alert (:func:`find_alerts`)."""
     found = _by_key(document)
+    paired = _paired(document.get("settings", {}))
+
+    def ratio(label: str, other: str, depth: int) -> str:
+        mine, theirs = found[(label, "invertnet", depth)], found[(label, other, depth)]
+        value = time_ratio(mine["step_times_s"], theirs["step_times_s"], paired)
+        return "n/a" if value is None else f"{value:.2f}x"
+
     lines = []
     for label in dict.fromkeys(group_label(r["config"]) for r in document["results"]):
         depths = sorted({d for (w, _, d) in found if w == label})
@@ -395,8 +434,7 @@ def format_summary(document: dict[str, Any]) -> str:
         parts = []
         for other in _COMPARED:
             ratios = [
-                f"{found[(label, 'invertnet', d)]['median_s'] / found[(label, other, d)]['median_s']:.2f}x"  # noqa: E501
-                f" (depth {d})"
+                f"{ratio(label, other, d)} (depth {d})"
                 for d in depths
                 if (label, "invertnet", d) in found and (label, other, d) in found
             ]
