@@ -140,9 +140,20 @@ def assert_on_device(condition: torch.Tensor, message: str) -> None:
     torch._assert_async(condition, message)
 
 
-def copy_all(destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor]) -> None:
+def copy_all(
+    destinations: Sequence[torch.Tensor], sources: Sequence[torch.Tensor], one_device: bool = False
+) -> None:
     """``d.copy_(s)`` for every pair, in one call per device: the copies of many small
-    tensors (a block's buffers) cost one dispatch instead of one each."""
+    tensors (a block's buffers) cost one dispatch instead of one each. With
+    ``one_device`` the caller vouches that all are on one device (one call, no
+    grouping)."""
+    if one_device:
+        if len(destinations) != len(sources):
+            raise ValueError(
+                f"copy_all: {len(destinations)} destinations but {len(sources)} sources"
+            )
+        torch._foreach_copy_(list(destinations), list(sources))
+        return
     by_device: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
     for d, s in zip(destinations, sources, strict=True):
         pair = by_device.setdefault(d.device, ([], []))

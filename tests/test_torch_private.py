@@ -141,3 +141,11 @@ def test_copy_all_copies_every_pair_whatever_their_dtypes_and_shapes() -> None:
         assert torch.equal(d, s) and d.data_ptr() != s.data_ptr()
     with pytest.raises(ValueError):  # a length mismatch is an error, not a partial copy
         private.copy_all(destinations, sources[:2])
+
+
+def test_copy_all_on_one_device_copies_in_one_call_and_checks_lengths() -> None:
+    destinations = [torch.zeros(2), torch.zeros((), dtype=torch.long)]
+    private.copy_all(destinations, [torch.ones(2), torch.tensor(3)], one_device=True)
+    assert torch.equal(destinations[0], torch.ones(2)) and int(destinations[1]) == 3
+    with pytest.raises(ValueError, match="2 destinations but 1 sources"):
+        private.copy_all(destinations, [torch.ones(2)], one_device=True)

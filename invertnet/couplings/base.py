@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from invertnet._grad_mode import without_grad
 from invertnet._rng import call_recorded
 
 __all__ = ["Combine", "Step", "CouplingBase"]
@@ -108,7 +109,7 @@ def _fresh_leaf(t: torch.Tensor) -> torch.Tensor:
     version counter, and autograd would then refuse the saved part as modified.
     """
     alias = torch.empty(0, dtype=t.dtype, device=t.device)
-    with torch.no_grad():
+    with without_grad():
         alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
     return alias.requires_grad_(True)
 
@@ -160,7 +161,7 @@ def _source_leaf(part: torch.Tensor, shares_input_memory: bool) -> torch.Tensor:
     copy of a strided image half (:func:`_strided_image_half`), or, over the input's
     memory, a leaf with a version counter of its own (:func:`_fresh_leaf`)."""
     if _strided_image_half(part):
-        with torch.no_grad():
+        with without_grad():
             return part.contiguous().requires_grad_(True)
     if shares_input_memory:
         return _fresh_leaf(part)
@@ -301,7 +302,11 @@ class CouplingBase(nn.Module):
     def _evaluate(self, step: Step, source: torch.Tensor, target: torch.Tensor) -> ModuleOutput:
         if step.module is None:
             return source
-        module = getattr(self, step.module)
+        # A registered sub-module straight from _modules: getattr would go through
+        # nn.Module.__getattr__, slow enough to show per block.
+        module = self._modules.get(step.module)
+        if module is None:
+            module = getattr(self, step.module)
         if _strided_image_half(source):
             # A convolution would copy it at every use, and its backward takes a
             # slower path on a strided input: one copy, recorded by autograd if needed.
@@ -393,7 +398,8 @@ class CouplingBase(nn.Module):
         """
         n = len(outputs)
         steps = self.steps()
-        parts = [p.detach() for p in self._split(outputs)]
+        # Wrappers pass detached outputs: detach only what still has a graph.
+        parts = [p.detach() if p.requires_grad else p for p in self._split(outputs)]
         grads = list(self._split(grad_outputs))
         out_parts = self._out_parts(out, n)
         # A single input's gradient is accumulated straight into the halves of one
@@ -413,8 +419,8 @@ class CouplingBase(nn.Module):
                 d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
                 grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
             else:
+                source = _source_leaf(parts[s], shares_input_memory=out is not None)
                 with torch.enable_grad():
-                    source = _source_leaf(parts[s], shares_input_memory=out is not None)
                     m_graph = self._evaluate(step, source, parts[t])
                 m = _detach(m_graph)
                 a = self._invert(step, parts[t], m, into)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from invertnet._grad_mode import without_grad
 from invertnet._torch_private import copy_all
 
 __all__ = [
@@ -119,7 +121,7 @@ class BufferSnapshot:
     reused from snapshot to snapshot.
     """
 
-    __slots__ = ("_saved", "_signature", "_copies")
+    __slots__ = ("_saved", "_buffers", "_signature", "_copies")
 
     def __init__(self, modules: Iterable[nn.Module]) -> None:
         self._saved = [
@@ -128,12 +130,14 @@ class BufferSnapshot:
             for name, buf in owner._buffers.items()
             if buf is not None
         ]
-        self._signature: _Signature = tuple((b.shape, b.dtype, b.device) for _, _, b in self._saved)
         self._copies: list[torch.Tensor] | None = None
-        if self._saved:
-            self._copies = _borrow(self._signature)
-            with torch.no_grad():
-                copy_all(self._copies, [buf for _, _, buf in self._saved])
+        if not self._saved:
+            return
+        self._buffers = [buf for _, _, buf in self._saved]
+        self._signature: _Signature = tuple((b.shape, b.dtype, b.device) for b in self._buffers)
+        self._copies = _borrow(self._signature)
+        with without_grad():
+            copy_all(self._copies, self._buffers, one_device=_one_device(self._signature))
 
     def restore(self) -> None:
         """Give every buffer its object and its values from the time of the snapshot
@@ -143,9 +147,14 @@ class BufferSnapshot:
             return
         for buffers, name, buf in self._saved:
             buffers[name] = buf
-        with torch.no_grad():
-            copy_all([buf for _, _, buf in self._saved], copies)
+        with without_grad():
+            copy_all(self._buffers, copies, one_device=_one_device(self._signature))
         _give_back(self._signature, copies)
+
+
+@functools.lru_cache(maxsize=256)
+def _one_device(signature: _Signature) -> bool:
+    return len({device for _, _, device in signature}) == 1
 
 
 @contextlib.contextmanager

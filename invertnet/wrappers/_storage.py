@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.overrides import resolve_name
 
+from invertnet._grad_mode import without_grad
 from invertnet._torch_private import (
     call_without_subclass,
     holder_counts,
@@ -116,7 +117,7 @@ class FreedInput:
         x = self.tensor
         if values is not x:
             x = self.reallocate()
-            with torch.no_grad():
+            with without_grad():
                 x.copy_(values)
         # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
         self.version = version(x)
@@ -125,7 +126,7 @@ class FreedInput:
         """Give the tensor its memory and shape back (its values are undefined until
         written) and make it usable again; return it."""
         x = self.unmark()
-        with torch.no_grad():
+        with without_grad():
             storage = x.untyped_storage()
             storage.resize_(self.nbytes)
             _set_view(x, storage, self.size, self.stride)
@@ -196,7 +197,7 @@ def free(x: torch.Tensor, owner: str, keep_flag: str = "keep_input") -> FreedInp
     """
     record_size, record_stride = x.size(), x.stride()
     nbytes = x.untyped_storage().nbytes()
-    with torch.no_grad():
+    with without_grad():
         storage = x.untyped_storage()
         storage.resize_(0)
         _set_view(x, storage, freed_shape(record_size), None)
