@@ -292,9 +292,11 @@ class CouplingBase(nn.Module):
     def _output_buffers(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         """Buffers to build the result in, when no graph is recorded (as in a wrapper's
         forward): the halves are then written in place, not concatenated."""
-        # Under torch.compile the compiler fuses the concatenation itself (and Dynamo
-        # cannot trace out= into a strided half).
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        # Two halves given apart come out apart, as new tensors either way: nothing to
+        # save, and each is then allocated after its sub-module ran, in memory just
+        # freed. Under torch.compile the compiler fuses the concatenation itself (and
+        # Dynamo cannot trace out= into a strided half).
+        if len(xs) != 1 or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
         return tuple(torch.empty_like(x) for x in xs)
 
