@@ -277,6 +277,17 @@ def glow(depth: int, channels: int = 3, hidden: int = 8) -> list[nn.Module]:
     return blocks
 
 
+def saving_twin(plain: Flow, x: torch.Tensor) -> Flow:
+    """A copy of ``plain`` that frees its inputs (``keep_input=False``), with
+    ``plain``'s state after a no-grad pass on ``x`` (ActNorm's initialisation)."""
+    saving = copy.deepcopy(plain)
+    saving.keep_input = False
+    with torch.no_grad():
+        plain(x)
+    saving.load_state_dict(plain.state_dict())
+    return saving
+
+
 def test_flow_log_prob_is_base_plus_log_det() -> None:
     torch.manual_seed(0)
     flow = Flow(realnvp(), event_shape=(2,)).double()
@@ -429,12 +440,8 @@ def test_memory_saving_gradients_equal_keep_input(
         ]
         shape = (4,)
     plain = Flow(blocks, shape, keep_input=True).to(dtype)
-    saving = copy.deepcopy(plain)
-    saving.keep_input = False
     x = torch.randn(16, *shape, dtype=dtype)
-    with torch.no_grad():
-        plain(x)  # ActNorm initialisation, before the copy
-    saving.load_state_dict(plain.state_dict())
+    saving = saving_twin(plain, x)
     with warnings.catch_warnings():
         warnings.simplefilter("error", InputKeptWarning)  # every input is freed
         assert_gradients_equal(saving, plain, x, rtol)
@@ -460,12 +467,8 @@ def test_blocks_without_a_fused_backward_still_get_exact_gradients() -> None:
     torch.manual_seed(0)
     plain = Flow([Unfused(2), *realnvp(2), Unfused(2), Unfused(2)], (2,), keep_input=True)
     plain = plain.double()
-    saving = copy.deepcopy(plain)
-    saving.keep_input = False
     x = torch.randn(8, 2, dtype=torch.float64)
-    with torch.no_grad():
-        plain(x)
-    saving.load_state_dict(plain.state_dict())
+    saving = saving_twin(plain, x)
     assert_gradients_equal(saving, plain, x, 1e-12)
 
 
@@ -569,12 +572,8 @@ def test_dropout_in_coupling_networks_gets_the_same_masks_in_backward() -> None:
             Permutation.reversed(2),
         ]
     plain = Flow(blocks, (2,), keep_input=True).double()
-    saving = copy.deepcopy(plain)
-    saving.keep_input = False
     x = torch.randn(32, 2, dtype=torch.float64)
-    with torch.no_grad():
-        plain(x)
-    saving.load_state_dict(plain.state_dict())
+    saving = saving_twin(plain, x)
     torch.manual_seed(1)
     gx_plain, gp_plain = gradients(plain, x)
     torch.manual_seed(1)
