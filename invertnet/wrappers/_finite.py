@@ -160,14 +160,15 @@ def _raise_first_fault(records: list[_Record]) -> None:
     The work is done here, once per backward pass, rather than per wrapped call: a
     call only queues the sums it needs.
     """
-    by_device: dict[torch.device, list[_Record]] = {}
-    for r in records:
-        by_device.setdefault(r.total.device, []).append(r)
+    by_device: dict[torch.device, list[int]] = {}
+    for i, r in enumerate(records):
+        by_device.setdefault(r.total.device, []).append(i)
     faults: list[int] = []
-    position = {id(r): i for i, r in enumerate(records)}
-    for device, on_device in by_device.items():
+    for device, indices in by_device.items():
+        on_device = [records[i] for i in indices]
         if device.type == "cpu":
-            faults.extend(position[id(r)] for r in _faults_read_on_host(on_device))
+            flags = _faults_read_on_host(on_device)
+            faults.extend(i for i, bad in zip(indices, flags) if bad)
         else:
             _assert_no_fault_on_device(on_device, device)
     if faults:
@@ -188,18 +189,16 @@ def _stack(scalars: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.stack(list(scalars))
 
 
-def _faults_read_on_host(records: list[_Record]) -> list[_Record]:
-    """The records at fault, with every sum read on the host at once (the one read of
-    the backward pass)."""
+def _faults_read_on_host(records: list[_Record]) -> list[bool]:
+    """Whether each record is at fault, with every sum read on the host at once (the
+    one read of the backward pass)."""
     flat = [t for r in records for t in (r.total, *r.outputs_totals)]
     values = iter(_stack(flat).tolist())
-    faults = []
+    flags = []
     for r in records:
         total = next(values)
-        outputs_totals = [next(values) for _ in r.outputs_totals]
-        if _at_fault(total, outputs_totals):
-            faults.append(r)
-    return faults
+        flags.append(_at_fault(total, [next(values) for _ in r.outputs_totals]))
+    return flags
 
 
 def _assert_no_fault_on_device(records: list[_Record], device: torch.device) -> None:

@@ -56,13 +56,20 @@ class AutocastState:
         afresh costs one cast per parameter use.
         """
         if not any(s.enabled or torch.is_autocast_enabled(s.device_type) for s in states):
-            return contextlib.nullcontext()  # off then and off now: nothing to re-enter
-        stack = contextlib.ExitStack()
+            # Off then and off now: nothing to re-enter, and no generator to run
+            # for every block.
+            return contextlib.nullcontext()
+        return _autocast_entered(states)
+
+
+@contextlib.contextmanager
+def _autocast_entered(states: Sequence[AutocastState]) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
         for s in states:
             stack.enter_context(
                 torch.autocast(s.device_type, dtype=s.dtype, enabled=s.enabled, cache_enabled=False)
             )
-        return stack
+        yield
 
 
 def submodules(module: nn.Module) -> list[nn.Module]:

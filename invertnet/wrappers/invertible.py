@@ -211,7 +211,7 @@ class _InvertibleFunction(torch.autograd.Function):
             for i, freed in call.freed.items():
                 original = call.originals[i]
                 check_reconstruction(label, i, freed.tensor, call.outputs, original, call.debug)
-        elif finite_check_enabled() and not _keeps_finite(call.module):
+        elif finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
             restored = {i: freed.tensor for i, freed in call.freed.items()}
             check_finite_when_backward_ends(label, restored, call.outputs)
         if call.passes_left == 0:
@@ -270,7 +270,7 @@ def _recompute_and_differentiate(
     return tuple(leaf.detach() for leaf in leaves), grad_inputs + tuple(found_iter)
 
 
-def _keeps_finite(module: nn.Module) -> bool:
+def _reconstruction_keeps_finite(module: nn.Module) -> bool:
     """Whether ``module`` says its reconstructions of finite outputs are finite by
     construction (``reconstruction_keeps_finite()``, as couplings of additive steps
     do), so that the NaN/Inf check may skip them."""
