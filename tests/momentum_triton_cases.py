@@ -28,15 +28,15 @@ pytest.importorskip("triton")
 
 from invertnet import MomentumNet  # noqa: E402
 from invertnet.momentum import kernels  # noqa: E402
-from invertnet.momentum.exact import (  # noqa: E402
-    BitStore,
-    ExactMomentum,
-    FixedPoint,
-    MomentumState,
-    RangeCheck,
-)
+from invertnet.momentum.exact import ExactMomentum, FixedPoint, RangeCheck  # noqa: E402
 from invertnet.momentum.gamma import MAX_DENOMINATOR, Gamma  # noqa: E402
 from invertnet.momentum.kernels import native_kernels, triton_kernels  # noqa: E402
+from tests._triton_property import (  # noqa: E402
+    DTYPES,
+    OUTPUT_DTYPES,
+    check_gradient_update_matches,
+    check_phases_match,
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,33 +51,6 @@ def interpreted() -> Iterator[ModuleType]:
         yield _triton
     finally:
         kernels._triton, kernels._TRITON_DEVICES = saved
-
-
-def _copy(state: MomentumState) -> MomentumState:
-    store = BitStore.from_tensors(state.store.tensors(), state.store.layout())
-    store.head_bound = state.store.head_bound
-    return MomentumState(state.position.clone(), state.velocity.clone(), store)
-
-
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal bit for bit (torch.equal takes -0.0 for 0.0 and fails on NaN)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return torch.equal(a.contiguous().view(view), b.contiguous().view(view))
-
-
-def _assert_same_state(a: MomentumState, b: MomentumState, where: str) -> None:
-    # The kernels round with 1.5 * 2**52, which never gives -0.0 where torch's
-    # round_() may: compare values there, bits everywhere else.
-    assert torch.equal(a.position, b.position), f"position differs {where}"
-    assert torch.equal(a.velocity, b.velocity), f"velocity differs {where}"
-    assert torch.equal(a.store.head, b.store.head), f"store differs {where}"
-    assert len(a.store.chunks) == len(b.store.chunks)
-
-
-DTYPES = [torch.float32, torch.float64]
-OUTPUT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 
 
 @settings(max_examples=20, deadline=None)
@@ -102,52 +75,9 @@ def test_kernels_match_the_tensor_operations_bit_for_bit(
     size: int,
     seed: int,
 ) -> None:
-    numerator = min(numerator, denominator - 1)
-    scale = 10.0**log_scale
-    gen = torch.Generator().manual_seed(seed)
-    fixed = FixedPoint(dtype)
-    core = ExactMomentum(Gamma(numerator, denominator), fixed)
-    y_dtype = output_dtype or dtype
-
-    def uniform() -> torch.Tensor:  # both signs
-        return (torch.rand(size, generator=gen, dtype=torch.float64) * 2 - 1) * scale
-
-    start = core.start(fixed.to_fixed(uniform(), "x"), fixed.to_fixed(uniform(), "v"))
-    fast, slow = _copy(start), _copy(start)
-    fast_checks, slow_checks = RangeCheck(fixed), RangeCheck(fixed)
-    outputs = []
-    steps = 4
-    for t in range(steps):
-        noise = uniform()
-        y = (noise - slow.position if residual else noise).to(y_dtype)
-        assert kernels.usable(dtype, (fast.store.head, fast.velocity, fast.position), (y,))
-        with triton_kernels(True):
-            out_fast = core.advance(fast, y, residual, t, fast_checks)
-        with triton_kernels(False):
-            out_slow = core.advance(slow, y, residual, t, slow_checks)
-        assert _same_bits(out_fast, out_slow), f"inputs of layer {t + 1} differ"
-        _assert_same_state(fast, slow, f"after step {t}")
-        outputs.append(y)
-    # The magnitudes the kernel wrote are those the tensor operations measured.
-    records = fast_checks._records, slow_checks._records
-    assert [r.what for r in records[0]] == [r.what for r in records[1]]
-    for a, b in zip(*records):
-        fast_value = float(a.tensors[0]) * a.scale
-        slow_value = max(-float(b.tensors[0]), float(b.tensors[1])) * b.scale
-        assert fast_value == slow_value, a.what
-    fast_checks.check()
-    slow_checks.check()
-    gen_grad = torch.randn(size, generator=gen, dtype=torch.float64)
-    for t in reversed(range(steps)):
-        with triton_kernels(True):
-            x_fast, g_fast = core.retreat_position(fast, gen_grad)
-            core.retreat_velocity(fast, outputs[t], residual)
-        with triton_kernels(False):
-            x_slow, g_slow = core.retreat_position(slow, gen_grad)
-            core.retreat_velocity(slow, outputs[t], residual)
-        assert _same_bits(x_fast, x_slow) and _same_bits(g_fast, g_slow)
-        _assert_same_state(fast, slow, f"after undoing step {t}")
-    _assert_same_state(fast, start, "after undoing every step")
+    check_phases_match(
+        numerator, denominator, dtype, output_dtype, residual, log_scale, size, seed, "cpu"
+    )
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -155,22 +85,7 @@ def test_kernels_match_the_tensor_operations_bit_for_bit(
 def test_gradient_kernel_matches_the_tensor_operations(
     interpreted: ModuleType, residual: bool, found_dtype: torch.dtype | None
 ) -> None:
-    core = ExactMomentum(Gamma(9, 10), FixedPoint(torch.float32))
-    gen = torch.Generator().manual_seed(0)
-    grad_x = torch.randn(3000, generator=gen, dtype=torch.float64)
-    grad_v = torch.randn(3000, generator=gen, dtype=torch.float64)
-    found = None if found_dtype is None else torch.randn(3000, generator=gen).to(found_dtype)
-    results = []
-    for enabled in (True, False):
-        gx, gv = grad_x.clone(), grad_v.clone()
-        with triton_kernels(enabled):
-            core.backpropagate(gx, gv, found, residual)
-        results.append((gx, gv))
-    (gx_fast, gv_fast), (gx_slow, gv_slow) = results
-    # Without fused multiply-adds on either side (numpy, and torch's CPU loops
-    # may fuse): equal up to the last bit.
-    torch.testing.assert_close(gx_fast, gx_slow, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(gv_fast, gv_slow, rtol=1e-15, atol=1e-15)
+    check_gradient_update_matches(residual, found_dtype, "cpu")
 
 
 def test_the_step_kernel_records_nan_and_the_overflow_error_names_it(
