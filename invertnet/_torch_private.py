@@ -27,6 +27,7 @@ import torch
 
 __all__ = [
     "HolderCounts",
+    "MAX_DEVICE_MESSAGE_BYTES",
     "assert_on_device",
     "holder_counts",
     "input_kind",
@@ -131,12 +132,29 @@ def queue_end_of_backward(callback: Callable[[], None]) -> bool:
     return True
 
 
+#: The longest message a device-side assert carries: CUDA's ``_assert_async`` refuses
+#: one of 255 bytes or more (its kernel copies it into a fixed buffer).
+MAX_DEVICE_MESSAGE_BYTES = 254
+
+
 def assert_on_device(condition: torch.Tensor, message: str) -> None:
     """Fail if the one-element boolean ``condition`` is false, without the host
     waiting for the device: on an accelerator the check runs in a kernel (a failure
     is a device-side assert, which ends the process's use of the device); on the CPU
     it raises :class:`RuntimeError` at once.
+
+    Raises
+    ------
+    ValueError
+        If ``message`` is longer than :data:`MAX_DEVICE_MESSAGE_BYTES` in UTF-8, on
+        every device, so that a message too long for CUDA fails on the CPU too.
     """
+    size = len(message.encode())
+    if size > MAX_DEVICE_MESSAGE_BYTES:
+        raise ValueError(
+            f"assert_on_device: the message is {size} bytes; a device-side assert carries "
+            f"at most {MAX_DEVICE_MESSAGE_BYTES}: {message[:60]!r}..."
+        )
     torch._assert_async(condition, message)
 
 

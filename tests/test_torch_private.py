@@ -122,6 +122,21 @@ def test_assert_on_device_raises_on_the_cpu_when_false() -> None:
         private.assert_on_device(torch.tensor(False), "the condition failed")
 
 
+@pytest.mark.parametrize("device", ["cpu", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_assert_on_device_refuses_a_message_too_long_for_cuda_on_every_device(
+    device: str,
+) -> None:
+    # CUDA refuses messages of 255 bytes or more; the CPU would not, so the limit is
+    # checked here, on every device, before anything runs.
+    longest = "x" * private.MAX_DEVICE_MESSAGE_BYTES
+    private.assert_on_device(torch.tensor(True, device=device), longest)
+    with pytest.raises(ValueError, match="255|254"):
+        private.assert_on_device(torch.tensor(True, device=device), longest + "x")
+    # Bytes, not characters: a non-ASCII character takes several.
+    with pytest.raises(ValueError, match="assert_on_device: the message is 255 bytes"):
+        private.assert_on_device(torch.tensor(True, device=device), "é" + longest[2:] + "x")
+
+
 def test_current_backward_pass_is_none_outside_and_new_for_each_pass() -> None:
     seen: list[int | None] = []
     x = torch.randn(3, requires_grad=True)

@@ -329,10 +329,12 @@ def _assert_in_range_on_device(records: list[_Record], fixed: FixedPoint) -> Non
     in_range = (torch.stack(peaks) < LIMIT).all()
     assert_on_device(
         in_range,
-        "MomentumNet(use_backprop=False): a position, velocity or (1 - gamma) * f value "
-        f"reached a magnitude beyond the {fixed.max_abs:.4g} that exact reversal supports "
-        f"for {fixed.dtype}, or NaN. Rescale the input or the functions, or use "
-        "use_backprop=True; run the step on the CPU for an OverflowError naming the layer",
+        # At most 254 bytes (a device-side assert's limit): the CPU's OverflowError
+        # says more.
+        "MomentumNet(use_backprop=False): a state or (1 - gamma) * f value is NaN or "
+        f"beyond the {fixed.max_abs:.4g} that exact reversal supports for {fixed.dtype}. "
+        "Rescale the input or functions, or use use_backprop=True; on the CPU the error "
+        "names the layer",
     )
 
 

@@ -61,11 +61,12 @@ _passes: dict[int, _PassChecks] = {}
 _passes_lock = threading.Lock()
 _STALE_PASSES_KEPT = 16
 
+# A device-side assert carries at most 254 bytes: the short form, pointing to where
+# the full advice (ADVICE) and the wrapper's name are given.
 _DEVICE_MESSAGE = (
-    "invertnet: an InvertibleModuleWrapper reconstructed an input containing NaN/Inf "
-    "although the outputs it was computed from were finite, so the gradients are NaN. "
-    f"{ADVICE}. To find which wrapper, run the step inside "
-    "invertnet.debug_reconstruction(model=...), or on the CPU, where the error names it"
+    "invertnet: an InvertibleModuleWrapper rebuilt an input with NaN/Inf from finite "
+    "outputs, so gradients are NaN. Run the step in invertnet.debug_reconstruction"
+    "(model=...) or on the CPU for the wrapper's name and what to do"
 )
 
 
