@@ -15,7 +15,7 @@ from invertnet import (
     create_coupling,
 )
 from invertnet.couplings.additive import Add
-from invertnet.couplings.base import Step
+from invertnet.couplings.base import CouplingBase, Step
 from tests._core_helpers import ScaleShiftNet
 
 torch.manual_seed(0)
@@ -237,3 +237,61 @@ def test_buffered_forward_and_inverse_compute_what_grad_mode_computes() -> None:
             y, x_back = block(x), block.inverse(block(x))
         assert torch.equal(y, y_graph.detach()) and torch.equal(x_back, x_graph.detach())
         torch.testing.assert_close(x_back, x)
+
+
+class _ScaledAdd(Add):
+    """``a + m`` whose vjp (deliberately) reads ``a``, overriding Add's, which does not."""
+
+    def vjp(self, a: torch.Tensor, m: torch.Tensor, grad: torch.Tensor):
+        assert a is not None, "vjp was called without a"
+        return grad * torch.ones_like(a), grad
+
+
+class _ScaledAddCoupling(CouplingBase):
+    def __init__(self, Fm: nn.Module, Gm: nn.Module) -> None:
+        super().__init__()
+        self.Fm, self.Gm = Fm, Gm
+
+    def steps(self) -> tuple[Step, ...]:
+        return (Step(0, 1, "Fm", _ScaledAdd()), Step(1, 0, "Gm", _ScaledAdd()))
+
+
+def test_a_combine_whose_vjp_reads_a_gets_it_even_when_its_parent_says_it_does_not() -> None:
+    torch.manual_seed(0)
+    coupling = _ScaledAddCoupling(nn.Linear(3, 3), nn.Linear(3, 3))
+    x = torch.randn(4, 6, requires_grad=True)
+    y = coupling(x)
+    (grad_y,) = torch.autograd.grad(y.square().sum(), [x])
+    outputs, grads = (y.detach(),), (2 * y.detach(),)
+    params = tuple(coupling.parameters())
+    (x_back,), (grad_x,), _ = coupling.inverse_and_vjp(outputs, grads, params)
+    torch.testing.assert_close(x_back, x.detach())
+    torch.testing.assert_close(grad_x, grad_y)
+
+
+@pytest.mark.parametrize("apart", [True, False], ids=["two-halves", "one-tensor"])
+def test_out_entries_given_as_callables_are_called_once_and_written(apart: bool) -> None:
+    torch.manual_seed(0)
+    coupling = AdditiveCoupling(nn.Linear(3, 3), nn.Linear(3, 3))
+    xs = (torch.randn(4, 3), torch.randn(4, 3)) if apart else (torch.randn(4, 6),)
+    ys = coupling(*xs)
+    ys = ys if apart else (ys,)
+    grads = tuple(torch.ones_like(y) for y in ys)
+    buffers = [torch.full_like(x, float("nan")) for x in xs]
+    calls = [0] * len(xs)
+
+    def taker(k: int):
+        def take() -> torch.Tensor:
+            calls[k] += 1
+            return buffers[k]
+
+        return take
+
+    params = tuple(coupling.parameters())
+    inputs, _, _ = coupling.inverse_and_vjp(
+        ys, grads, params, out=[taker(k) for k in range(len(xs))]
+    )
+    assert calls == [1] * len(xs)
+    for got, buffer, x in zip(inputs, buffers, xs):
+        assert got is buffer
+        torch.testing.assert_close(buffer, x)

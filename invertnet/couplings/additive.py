@@ -19,6 +19,7 @@ class Add(Combine):
     """``a' = a + m``."""
 
     keeps_finite = True
+    vjp_reads_a = False
 
     def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return a + m

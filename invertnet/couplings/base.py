@@ -14,7 +14,7 @@ back-propagate through it. That is what makes backward cost one extra forward
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +44,14 @@ class Combine:
     #: from the class that defines both rules, so a subclass overriding either is
     #: checked again unless it says so itself.
     keeps_finite: bool = False
+
+    #: Whether :meth:`vjp` reads ``a``. A rule whose gradients depend on ``m`` and
+    #: the incoming gradient alone (``a + m``) says ``False``: the fused backward then
+    #: calls ``vjp`` with ``a=None`` and back-propagates through the sub-module before
+    #: reconstructing ``a``, so that ``a``'s memory is taken only once the
+    #: sub-module's activations are gone, which lowers the peak by one part. Trusted
+    #: only from the class that defines :meth:`vjp`.
+    vjp_reads_a: bool = True
 
     def apply(self, a: torch.Tensor, m: ModuleOutput) -> torch.Tensor:
         raise NotImplementedError
@@ -131,6 +139,38 @@ def _keeps_finite(combine_type: type) -> bool:
     return bool(combine_type.keeps_finite) and all(
         _defines_together(combine_type, rule, "keeps_finite") for rule in ("apply", "invert")
     )
+
+
+@functools.cache
+def _vjp_reads_a(combine_type: type) -> bool:
+    return bool(combine_type.vjp_reads_a) or not _defines_together(
+        combine_type, "vjp", "vjp_reads_a"
+    )
+
+
+#: What a result may be written into: a tensor, ``None`` (nowhere: a new tensor), or
+#: a zero-argument callable that returns the tensor when it is first written.
+Buffer = torch.Tensor | Callable[[], torch.Tensor] | None
+
+
+class _Once:
+    """A buffer taken on first use: ``make()`` is called once, when first needed."""
+
+    __slots__ = ("_make", "_value")
+
+    def __init__(self, make: Callable[[], torch.Tensor]) -> None:
+        self._make = make
+        self._value: torch.Tensor | None = None
+
+    def __call__(self) -> torch.Tensor:
+        if self._value is None:
+            self._value = self._make()
+        return self._value
+
+
+def _resolve(buffer: Buffer) -> torch.Tensor | None:
+    """The tensor of ``buffer``, taking its memory now if it is still to be taken."""
+    return buffer() if callable(buffer) else buffer
 
 
 def _apply_into(combine: Combine, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor):
@@ -246,22 +286,26 @@ class CouplingBase(nn.Module):
             return tuple(parts)
         return torch.cat(parts, dim=self.split_dim)
 
-    def _out_parts(
-        self, out: Sequence[torch.Tensor | None] | None, n_inputs: int
-    ) -> list[torch.Tensor | None]:
-        """The halves of the buffers a result is to be written into (``None``: none)."""
+    def _out_parts(self, out: Sequence[Buffer] | None, n_inputs: int) -> list[Buffer]:
+        """The halves of the buffers a result is to be written into (``None``: none);
+        a buffer still to be taken gives halves that take it when first written."""
         if out is None:
             return [None, None]
         if n_inputs == 2:
             return list(out)
         (whole,) = out
-        return [None, None] if whole is None else list(torch.chunk(whole, 2, dim=self.split_dim))
+        if whole is None:
+            return [None, None]
+        if not callable(whole):
+            return list(torch.chunk(whole, 2, dim=self.split_dim))
+        halves = _Once(lambda: torch.chunk(whole(), 2, dim=self.split_dim))
+        return [_Once(lambda: halves()[0]), _Once(lambda: halves()[1])]
 
     def _merge_into(
         self,
         parts: list[torch.Tensor],
-        out_parts: list[torch.Tensor | None],
-        out: Sequence[torch.Tensor | None] | None,
+        out_parts: list[Buffer],
+        out: Sequence[Buffer] | None,
         n_inputs: int,
     ) -> ModuleOutput:
         """Merge ``parts``, into ``out`` where every part was or can be written there;
@@ -269,16 +313,19 @@ class CouplingBase(nn.Module):
         if out is None:
             return self._merge(parts, n_inputs)
         if n_inputs == 2:
-            return tuple(
-                p if o is None or p is o or p.dtype != o.dtype else o.copy_(p)
-                for p, o in zip(parts, out_parts)
-            )
-        if out[0] is None or any(p.dtype != o.dtype for p, o in zip(parts, out_parts)):
+            merged = []
+            for p, buffer in zip(parts, out_parts):
+                o = _resolve(buffer)
+                merged.append(p if o is None or p is o or p.dtype != o.dtype else o.copy_(p))
+            return tuple(merged)
+        whole = _resolve(out[0])
+        halves = [_resolve(buffer) for buffer in out_parts]
+        if whole is None or any(p.dtype != o.dtype for p, o in zip(parts, halves)):
             return self._merge(parts, n_inputs)
-        for p, o in zip(parts, out_parts):
+        for p, o in zip(parts, halves):
             if p is not o:
                 o.copy_(p)
-        return out[0]
+        return whole
 
     @staticmethod
     def _last_writers(steps: Sequence[Step], reverse: bool) -> dict[int, int]:
@@ -337,7 +384,7 @@ class CouplingBase(nn.Module):
         for i, step in enumerate(steps):
             t = step.target
             m = self._evaluate(step, parts[step.source], parts[t])
-            into = out_parts[t] if last[t] == i else None
+            into = _resolve(out_parts[t]) if last[t] == i else None
             if _writes_into(parts[t], m, into):
                 parts[t] = _apply_into(step.combine, parts[t], m, into)
             else:
@@ -353,7 +400,7 @@ class CouplingBase(nn.Module):
         for i in reversed(range(len(steps))):
             step, t = steps[i], steps[i].target
             m = self._evaluate(step, parts[step.source], parts[t])
-            into = out_parts[t] if last[t] == i else None
+            into = _resolve(out_parts[t]) if last[t] == i else None
             if _writes_into(parts[t], m, into):
                 parts[t] = _invert_into(step.combine, parts[t], m, into)
             else:
@@ -365,7 +412,7 @@ class CouplingBase(nn.Module):
         outputs: tuple[torch.Tensor, ...],
         grad_outputs: tuple[torch.Tensor, ...],
         params: tuple[torch.Tensor, ...],
-        out: Sequence[torch.Tensor | None] | None = None,
+        out: Sequence[Buffer] | None = None,
         grad_log_det: torch.Tensor | None = None,
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
         """Reconstruct the inputs and back-propagate through the forward in one pass.
@@ -381,11 +428,14 @@ class CouplingBase(nn.Module):
             Gradients of the loss with respect to ``outputs``.
         params : tuple of torch.Tensor
             Parameters whose gradients are wanted.
-        out : sequence of torch.Tensor or None, optional
+        out : sequence of torch.Tensor, callable or None, optional
             One tensor per input, of its shape and dtype (or ``None``), to write the
             reconstructed inputs into: a wrapper passes the freed inputs' own memory,
-            which saves a concatenation and a copy per block. Where the dtypes do not
-            allow it, the inputs are returned in new tensors instead.
+            which saves a concatenation and a copy per block. An entry may also be a
+            callable without arguments that returns that tensor: it is called once,
+            when the input is first written, so that its memory is taken as late as
+            possible. Where the dtypes do not allow it, the inputs are returned in
+            new tensors instead.
         grad_log_det : torch.Tensor, optional
             Gradient of the loss with respect to the coupling's log-determinant
             (shape ``(batch,)``, see ``forward_and_log_det``), back-propagated in the
@@ -400,6 +450,8 @@ class CouplingBase(nn.Module):
         """
         n = len(outputs)
         steps = self.steps()
+        if out is not None:  # each buffer to be taken is taken once, however often asked
+            out = [_Once(o) if callable(o) else o for o in out]
         # Wrappers pass detached outputs: detach only what still has a graph.
         parts = [p.detach() if p.requires_grad else p for p in self._split(outputs)]
         grads = list(self._split(grad_outputs))
@@ -416,7 +468,7 @@ class CouplingBase(nn.Module):
             into = out_parts[t] if last[t] == i else None
             if step.module is None:
                 m: ModuleOutput = parts[s]
-                a = self._invert(step, parts[t], m, into)
+                a = self._invert(step, parts[t], m, _resolve(into))
                 d_a, d_m = step.combine.vjp(a, m, grads[t])
                 d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
                 grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
@@ -425,8 +477,15 @@ class CouplingBase(nn.Module):
                 with torch.enable_grad():
                     m_graph = self._evaluate(step, source, parts[t])
                 m = _detach(m_graph)
-                a = self._invert(step, parts[t], m, into)
-                d_a, d_m = step.combine.vjp(a, m, grads[t])
+                # Where the gradients need no `a`, `a` is reconstructed after the
+                # sub-module's backward (below), in memory taken after its activations
+                # went, rather than held beside them.
+                a_later = not _vjp_reads_a(type(step.combine))
+                if a_later:
+                    d_a, d_m = step.combine.vjp(None, m, grads[t])  # type: ignore[arg-type]
+                else:
+                    a = self._invert(step, parts[t], m, _resolve(into))
+                    d_a, d_m = step.combine.vjp(a, m, grads[t])
                 d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
                 outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
                 needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
@@ -442,6 +501,9 @@ class CouplingBase(nn.Module):
                     for k, g in enumerate(found[1:]):
                         if g is not None:
                             grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
+                del m_graph, outs, needed
+                if a_later:
+                    a = self._invert(step, parts[t], m, _resolve(into))
             parts[t] = a
             grads[t] = d_a
         inputs = _as_tuple(self._merge_into(parts, out_parts, out, n))

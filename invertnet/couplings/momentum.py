@@ -25,6 +25,9 @@ class MomentumMix(Combine):
         The momentum term, in ``(0, 1]``.
     """
 
+    #: The gradients are ``gamma`` and ``1 - gamma`` times the incoming one.
+    vjp_reads_a = False
+
     def __init__(self, gamma: float) -> None:
         self.gamma = gamma
 

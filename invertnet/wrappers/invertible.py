@@ -18,6 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from invertnet._rng import RNGTape
 from invertnet._torch_private import is_output_of
+from invertnet.couplings.base import CouplingBase
 from invertnet.wrappers._finite import check_finite_when_backward_ends
 from invertnet.wrappers._recompute import (
     AutocastState,
@@ -230,9 +231,16 @@ def _recompute_and_differentiate(
     params = call.params
     if call.freed and call.fused is not None:
         if _accepts_out(call.fused):
-            # Reconstruct straight into the freed inputs' own memory.
+            # Reconstruct straight into the freed inputs' own memory: the coupling
+            # engine takes each when it first writes it (after the sub-module whose
+            # output it needs has run its backward), others at once.
+            lazy = _takes_memory_when_written(call.fused)
             out = tuple(
-                call.freed[i].reallocate() if i in call.freed else None
+                None
+                if i not in call.freed
+                else call.freed[i].reallocate
+                if lazy
+                else call.freed[i].reallocate()
                 for i in range(call.num_inputs)
             )
             inputs, grad_inputs, grad_params = call.fused(
@@ -281,6 +289,12 @@ def _reconstruction_keeps_finite(module: nn.Module) -> bool:
 @functools.lru_cache(maxsize=256)
 def _takes_out(function: Callable[..., Any]) -> bool:
     return "out" in inspect.signature(function).parameters
+
+
+def _takes_memory_when_written(fused: FusedBackward) -> bool:
+    """Whether ``fused`` is the coupling engine's own ``inverse_and_vjp``, which takes
+    ``out=`` entries that are callables, called when first written."""
+    return getattr(fused, "__func__", None) is CouplingBase.inverse_and_vjp
 
 
 def _accepts_out(fused: FusedBackward) -> bool:
