@@ -343,3 +343,24 @@ def test_fused_backward_takes_an_input_memory_only_after_the_sub_module_backward
     assert [_nbytes(x) for x in xs] == full
     torch.testing.assert_close(torch.cat([x.detach() for x in xs], dim=1), torch.cat(halves, 1))
     assert all(torch.equal(p, r) for p, r in zip(module.parameters(), reference))
+
+
+def test_an_overridden_inverse_and_vjp_gets_the_freed_memory_as_tensors() -> None:
+    # Callables in out= are the engine's own protocol: a subclass that overrides
+    # inverse_and_vjp may index or inspect out, so it is handed tensors, as before.
+    seen: list = []
+
+    class Recording(AdditiveCoupling):
+        def inverse_and_vjp(self, outputs, grad_outputs, params, out=None, grad_log_det=None):
+            seen.extend(out)
+            return super().inverse_and_vjp(outputs, grad_outputs, params, out, grad_log_det)
+
+    torch.manual_seed(0)
+    plain = _additive()
+    module = Recording(copy.deepcopy(plain.Fm), copy.deepcopy(plain.Gm))
+    x = torch.randn(3, 8, requires_grad=True)
+    want = run_and_grads(plain, [x], seed=1)
+    got = run_and_grads(InvertibleModuleWrapper(module), [x], seed=1)
+    assert len(seen) == 1 and type(seen[0]) is torch.Tensor and _nbytes(seen[0]) > 0
+    for g, w in zip(got, want):
+        assert_all_close(g, w, 1e-5, 1e-6)

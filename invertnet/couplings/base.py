@@ -501,7 +501,6 @@ class CouplingBase(nn.Module):
                     for k, g in enumerate(found[1:]):
                         if g is not None:
                             grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
-                del m_graph, outs, needed
                 if a_later:
                     a = self._invert(step, parts[t], m, _resolve(into))
             parts[t] = a

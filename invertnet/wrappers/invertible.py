@@ -234,15 +234,10 @@ def _recompute_and_differentiate(
             # Reconstruct straight into the freed inputs' own memory: the coupling
             # engine takes each when it first writes it (after the sub-module whose
             # output it needs has run its backward), others at once.
-            lazy = _takes_memory_when_written(call.fused)
-            out = tuple(
-                None
-                if i not in call.freed
-                else call.freed[i].reallocate
-                if lazy
-                else call.freed[i].reallocate()
-                for i in range(call.num_inputs)
-            )
+            takers: dict[int, Any] = {i: freed.reallocate for i, freed in call.freed.items()}
+            if not _takes_memory_when_written(call.fused):
+                takers = {i: take() for i, take in takers.items()}
+            out = tuple(takers.get(i) for i in range(call.num_inputs))
             inputs, grad_inputs, grad_params = call.fused(
                 call.outputs, grad_outputs, params, out=out
             )
