@@ -12,11 +12,11 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from types import ModuleType
+from typing import Any
 
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch import nn
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -29,13 +29,12 @@ pytest.importorskip("triton")
 from invertnet import MomentumNet  # noqa: E402
 from invertnet.momentum import kernels  # noqa: E402
 from invertnet.momentum.exact import ExactMomentum, FixedPoint, RangeCheck  # noqa: E402
-from invertnet.momentum.gamma import MAX_DENOMINATOR, Gamma  # noqa: E402
+from invertnet.momentum.gamma import Gamma  # noqa: E402
 from invertnet.momentum.kernels import native_kernels, triton_kernels  # noqa: E402
-from tests._triton_property import (  # noqa: E402
-    DTYPES,
-    OUTPUT_DTYPES,
+from tests._momentum_kernel_checks import (  # noqa: E402
     check_gradient_update_matches,
     check_phases_match,
+    phase_cases,
 )
 
 
@@ -54,30 +53,11 @@ def interpreted() -> Iterator[ModuleType]:
 
 
 @settings(max_examples=20, deadline=None)
-@given(
-    numerator=st.integers(1, MAX_DENOMINATOR - 1),
-    denominator=st.integers(2, MAX_DENOMINATOR),
-    dtype=st.sampled_from(DTYPES),
-    output_dtype=st.sampled_from([None, *OUTPUT_DTYPES]),  # None: that of the input
-    residual=st.booleans(),
-    log_scale=st.floats(-6, 3.5),
-    size=st.sampled_from([1, 7, 1100]),
-    seed=st.integers(0, 2**31),
-)
+@given(case=phase_cases(sizes=[1, 7, 1100]))
 def test_kernels_match_the_tensor_operations_bit_for_bit(
-    interpreted: ModuleType,
-    numerator: int,
-    denominator: int,
-    dtype: torch.dtype,
-    output_dtype: torch.dtype | None,
-    residual: bool,
-    log_scale: float,
-    size: int,
-    seed: int,
+    interpreted: ModuleType, case: dict[str, Any]
 ) -> None:
-    check_phases_match(
-        numerator, denominator, dtype, output_dtype, residual, log_scale, size, seed, "cpu"
-    )
+    check_phases_match(**case, device="cpu")
 
 
 @pytest.mark.parametrize("residual", [True, False])

@@ -17,6 +17,7 @@ from invertnet.momentum import kernels
 from invertnet.momentum.exact import ExactMomentum, FixedPoint, MomentumState
 from invertnet.momentum.gamma import MAX_DENOMINATOR, Gamma
 from invertnet.momentum.kernels import native_kernels
+from tests._momentum_kernel_checks import assert_same_state, backpropagate_both_ways, copy_state
 
 
 def test_the_c_loops_are_built() -> None:
@@ -37,19 +38,6 @@ class _Counted:
             loop(*args)
 
         monkeypatch.setattr(kernels, name, counted)
-
-
-def _copy(state: MomentumState) -> MomentumState:
-    store = type(state.store).from_tensors(state.store.tensors(), state.store.layout())
-    store.head_bound = state.store.head_bound
-    return MomentumState(state.position.clone(), state.velocity.clone(), store)
-
-
-def _assert_same_state(a: MomentumState, b: MomentumState, where: str) -> None:
-    assert torch.equal(a.position, b.position), f"position differs {where}"
-    assert torch.equal(a.velocity, b.velocity), f"velocity differs {where}"
-    assert torch.equal(a.store.head, b.store.head), f"store differs {where}"
-    assert len(a.store.chunks) == len(b.store.chunks)
 
 
 @settings(max_examples=60, deadline=None)
@@ -81,7 +69,7 @@ def test_steps_and_their_undoing_match_the_tensor_operations_bit_for_bit(
         return (torch.rand(5, 7, generator=gen, dtype=torch.float64) * 2 - 1) * scale
 
     start = core.start(fixed.to_fixed(uniform(), "x"), fixed.to_fixed(uniform(), "v"))
-    native, reference = _copy(start), _copy(start)
+    native, reference = copy_state(start), copy_state(start)
     outputs = []
     for t in range(40):
         # Pulled back towards the noise, so the state stays of the order of `scale`.
@@ -92,7 +80,7 @@ def test_steps_and_their_undoing_match_the_tensor_operations_bit_for_bit(
         with native_kernels(False):
             slow = core.advance(reference, y, residual, t)
         assert torch.equal(fast, slow)
-        _assert_same_state(native, reference, f"after step {t}")
+        assert_same_state(native, reference, f"after step {t}")
         outputs.append(y)
     grad_v = torch.randn(5, 7, generator=gen, dtype=torch.float64)
     for t in reversed(range(40)):
@@ -103,8 +91,8 @@ def test_steps_and_their_undoing_match_the_tensor_operations_bit_for_bit(
             slow, slow_grad = core.retreat_position(reference, grad_v)
             core.retreat_velocity(reference, outputs[t], residual)
         assert torch.equal(fast, slow) and torch.equal(fast_grad, slow_grad)
-        _assert_same_state(native, reference, f"after undoing step {t}")
-    _assert_same_state(native, start, "after undoing every step")
+        assert_same_state(native, reference, f"after undoing step {t}")
+    assert_same_state(native, start, "after undoing every step")
     assert native.store.steps == 0 and torch.count_nonzero(native.store.head) == 0
 
 
@@ -113,20 +101,11 @@ def test_steps_and_their_undoing_match_the_tensor_operations_bit_for_bit(
 def test_gradient_update_matches_the_tensor_operations(
     residual: bool, with_input_gradient: bool
 ) -> None:
-    core = ExactMomentum(Gamma(9, 10), FixedPoint(torch.float32))
     gen = torch.Generator().manual_seed(0)
     grad_x = torch.randn(64, 3, generator=gen, dtype=torch.float64)
     grad_v = torch.randn(64, 3, generator=gen, dtype=torch.float64)
     found = torch.randn(64, 3, generator=gen) if with_input_gradient else None
-    results = []
-    for enabled in (True, False):
-        gx, gv = grad_x.clone(), grad_v.clone()
-        with native_kernels(enabled):
-            core.backpropagate(gx, gv, found, residual)
-        results.append((gx, gv))
-    (gx_fast, gv_fast), (gx_slow, gv_slow) = results
-    torch.testing.assert_close(gx_fast, gx_slow, rtol=1e-15, atol=1e-15)
-    torch.testing.assert_close(gv_fast, gv_slow, rtol=1e-15, atol=1e-15)
+    gx_fast, gv_fast = backpropagate_both_ways(native_kernels, grad_x, grad_v, found, residual)
     expected = grad_x + (found.double() if found is not None else 0)
     if not residual:
         expected = expected - 0.1 * grad_v
@@ -277,9 +256,9 @@ def test_native_kernels_restores_the_setting_after_an_error() -> None:
 
 
 def _step_and_undo(core: ExactMomentum, start: MomentumState, y: torch.Tensor) -> list[Any]:
-    state = _copy(start)
+    state = copy_state(start)
     out = core.advance(state, y, True, 0)
-    after = _copy(state)
+    after = copy_state(state)
     x, grad_y = core.retreat_position(state, torch.ones_like(state.velocity))
     core.retreat_velocity(state, y, True)
     return [out, after.position, after.velocity, after.store.head, x, grad_y, state.store.head]
@@ -332,7 +311,7 @@ def test_the_loops_take_the_one_product_form_only_where_their_velocity_peak_allo
         core = ExactMomentum(gamma, fixed)
         x = torch.randn(50, generator=gen, dtype=torch.float64) * scale
         state = core.start(fixed.to_fixed(x, "x"), torch.zeros_like(x), velocity_peak=0.0)
-        reference = _copy(state)
+        reference = copy_state(state)
         reference.velocity_peak = None  # the tensor operations: always split
         outputs = [torch.randn(50, generator=gen, dtype=torch.float64) * scale for _ in range(5)]
         for t, y in enumerate(outputs):
@@ -340,7 +319,7 @@ def test_the_loops_take_the_one_product_form_only_where_their_velocity_peak_allo
                 core.advance(state, y, True, t)
             with native_kernels(False):
                 core.advance(reference, y, True, t)
-            _assert_same_state(state, reference, f"after step {t}")
+            assert_same_state(state, reference, f"after step {t}")
         assert state.velocity_peak is not None and reference.velocity_peak is None
         assert state.direct_at == ({0, 1, 2, 3, 4} if direct else {0})
         for t in reversed(range(5)):
@@ -350,5 +329,5 @@ def test_the_loops_take_the_one_product_form_only_where_their_velocity_peak_allo
             with native_kernels(False):
                 core.retreat_position(reference, torch.zeros_like(x))
                 core.retreat_velocity(reference, outputs[t], True)
-            _assert_same_state(state, reference, f"after undoing step {t}")
+            assert_same_state(state, reference, f"after undoing step {t}")
         assert torch.count_nonzero(state.velocity) == 0

@@ -9,18 +9,17 @@ Skipped without CUDA or Triton.
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from invertnet.momentum import kernels
-from invertnet.momentum.gamma import MAX_DENOMINATOR
-from tests._triton_property import (
-    DTYPES,
-    OUTPUT_DTYPES,
+from tests._momentum_kernel_checks import (
     check_gradient_update_matches,
     check_phases_match,
+    phase_cases,
 )
 
 pytestmark = pytest.mark.skipif(
@@ -35,29 +34,9 @@ def test_cuda_tensors_take_the_compiled_kernels() -> None:
 
 
 @settings(max_examples=25, deadline=None)
-@given(
-    numerator=st.integers(1, MAX_DENOMINATOR - 1),
-    denominator=st.integers(2, MAX_DENOMINATOR),
-    dtype=st.sampled_from(DTYPES),
-    output_dtype=st.sampled_from([None, *OUTPUT_DTYPES]),  # None: that of the input
-    residual=st.booleans(),
-    log_scale=st.floats(-6, 3.5),
-    size=st.sampled_from([1, 7, 1100, 70_000]),
-    seed=st.integers(0, 2**31),
-)
-def test_compiled_kernels_match_cuda_tensor_operations_bit_for_bit(
-    numerator: int,
-    denominator: int,
-    dtype: torch.dtype,
-    output_dtype: torch.dtype | None,
-    residual: bool,
-    log_scale: float,
-    size: int,
-    seed: int,
-) -> None:
-    check_phases_match(
-        numerator, denominator, dtype, output_dtype, residual, log_scale, size, seed, "cuda"
-    )
+@given(case=phase_cases(sizes=[1, 7, 1100, 70_000]))
+def test_compiled_kernels_match_cuda_tensor_operations_bit_for_bit(case: dict[str, Any]) -> None:
+    check_phases_match(**case, device="cuda")
 
 
 @pytest.mark.parametrize("residual", [True, False])
