@@ -20,6 +20,7 @@ Function of the same shape as the wrapper's (:func:`sole_holder_counts`).
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +33,7 @@ __all__ = [
     "holder_counts",
     "input_kind",
     "is_output_of",
+    "held_only_by_caller",
     "call_without_subclass",
     "copy_all",
     "current_backward_pass",
@@ -97,6 +99,48 @@ def sole_holder_counts(device_type: str) -> dict[str, HolderCounts]:
         plain = torch.zeros(2, device=device)
         _CountProbe.apply(found, leaf, non_leaf, plain)
     return dict(zip(("leaf", "non_leaf", "no_grad"), found))
+
+
+@functools.cache
+def _unshared_counts(device_type: str) -> HolderCounts:
+    # A fresh tensor: one Python object holds it, and it alone holds its storage.
+    return holder_counts(torch.empty(2, device=torch.device(device_type)))
+
+
+def _python_references(t: torch.Tensor) -> int:
+    return sys.getrefcount(t)
+
+
+@functools.cache
+def _python_references_of_one_local() -> int:
+    # Measured, not assumed: what sys.getrefcount counts besides the holders (its
+    # own argument, a callee's parameter) is an implementation detail of CPython.
+    t = torch.empty(0)
+    return _python_references(t)
+
+
+def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
+    """Whether nothing but the caller holds ``t``: neither another Python reference
+    (a module that stashed it, a hook's dictionary, an input tuple), nor another
+    tensor over its memory (a view, a ``detach()`` alias), nor autograd (a saved
+    tensor). Then the caller may write over ``t`` without anyone seeing it.
+
+    Parameters
+    ----------
+    t : torch.Tensor
+        A plain tensor; a subclass, a view or a tensor that requires grad is
+        reported as held elsewhere.
+    references : int
+        How many Python references to ``t`` the caller holds itself (local
+        variables, containers), each of which it will drop or overwrite.
+    """
+    if type(t) is not torch.Tensor or t.requires_grad or t._base is not None:
+        return False
+    # A local variable in this frame is one reference, as in the calibration.
+    extra = _python_references(t) - _python_references_of_one_local()
+    if extra != references:
+        return False
+    return holder_counts(t) == _unshared_counts(t.device.type)
 
 
 def storage_key(x: torch.Tensor) -> int:

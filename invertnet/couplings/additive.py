@@ -33,6 +33,13 @@ class Add(Combine):
     def invert_into(self, a_new: torch.Tensor, m: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         return torch.sub(a_new, m, out=out)
 
+    def apply_over_m(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        # m + a rounds as a + m does: addition commutes exactly.
+        return m.add_(a)
+
+    def invert_over_m(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return torch.sub(a_new, m, out=m)
+
     def vjp(
         self, a: torch.Tensor, m: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
