@@ -164,3 +164,40 @@ def test_copy_all_on_one_device_copies_in_one_call_and_checks_lengths() -> None:
     assert torch.equal(destinations[0], torch.ones(2)) and int(destinations[1]) == 3
     with pytest.raises(ValueError, match="2 destinations but 1 sources"):
         private.copy_all(destinations, [torch.ones(2)], one_device=True)
+
+
+def test_held_only_by_caller_counts_every_other_holder() -> None:
+    fresh = torch.randn(3)
+    assert private.held_only_by_caller(fresh)
+    # Another Python reference (a module's attribute, a hook's list, a tuple).
+    kept = [fresh]
+    assert not private.held_only_by_caller(fresh)
+    assert private.held_only_by_caller(fresh, references=2)
+    del kept
+    # Another tensor over its memory, without a Python reference to it.
+    alias = fresh.detach()
+    assert not private.held_only_by_caller(fresh)
+    del alias
+    assert private.held_only_by_caller(fresh)
+    # Autograd: a saved tensor of a graph that is still alive.
+    leaf = torch.randn(3, requires_grad=True)
+    with torch.enable_grad():
+        out = leaf.exp()  # exp saves its result
+    graph = out  # noqa: F841  (keeps the graph, and the saved result, alive)
+    result = out.detach()
+    del out
+    assert not private.held_only_by_caller(result)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: torch.randn(4)[:2],
+        lambda: torch.randn(3, requires_grad=True),
+        lambda: torch.nn.Parameter(torch.randn(3)),
+    ],
+    ids=["view", "requires-grad", "parameter"],
+)
+def test_held_only_by_caller_refuses_views_graph_tensors_and_subclasses(make) -> None:
+    t = make()
+    assert not private.held_only_by_caller(t)

@@ -476,7 +476,8 @@ class CouplingBase(nn.Module):
         params: tuple[torch.Tensor, ...],
         out: Sequence[Buffer] | None = None,
         grad_log_det: torch.Tensor | None = None,
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
+        inputs_need_grad: Sequence[bool] | None = None,
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], list[torch.Tensor | None]]:
         """Reconstruct the inputs and back-propagate through the forward in one pass.
 
         Each sub-module is evaluated once, with grad, on the very values the forward
@@ -503,15 +504,31 @@ class CouplingBase(nn.Module):
             (shape ``(batch,)``, see ``forward_and_log_det``), back-propagated in the
             same pass through the steps whose :class:`Combine` defines
             ``log_det_vjp``.
+        inputs_need_grad : sequence of bool, optional
+            Per input, whether its gradient is wanted (default: every one). A
+            sub-module is then not differentiated with respect to a part whose
+            gradient serves nothing, such as a first block's input that is the batch
+            itself.
 
         Returns
         -------
         inputs, grad_inputs, grad_params
-            The reconstructed inputs, the gradients with respect to them, and one
-            gradient (or ``None`` where unused) per entry of ``params``.
+            The reconstructed inputs, the gradients with respect to them (``None``
+            where not wanted), and one gradient (or ``None`` where unused) per entry
+            of ``params``.
         """
         n = len(outputs)
         steps = self.steps()
+        if inputs_need_grad is None:
+            inputs_need_grad = (True,) * n
+        elif len(inputs_need_grad) != n:
+            raise ValueError(
+                f"{type(self).__name__}.inverse_and_vjp: inputs_need_grad has "
+                f"{len(inputs_need_grad)} entries for {n} outputs; give one per input"
+            )
+        # A single input's two halves need a gradient when the input does.
+        part_needs = [bool(inputs_need_grad[0])] * 2 if n == 1 else [bool(f) for f in inputs_need_grad]
+        source_needs = _source_gradients_needed(steps, part_needs, bool(params))
         if out is not None:  # each buffer to be taken is taken once, however often asked
             out = [_Once(o) if callable(o) else o for o in out]
         # Wrappers pass detached outputs: detach only what still has a graph.
@@ -520,7 +537,7 @@ class CouplingBase(nn.Module):
         out_parts = self._out_parts(out, n)
         # A single input's gradient is accumulated straight into the halves of one
         # buffer, not concatenated from them (two inputs get theirs as they are).
-        grad_whole = (torch.empty_like(outputs[0]),) if n == 1 else None
+        grad_whole = (torch.empty_like(outputs[0]),) if n == 1 and part_needs[0] else None
         grad_buffers = self._out_parts(grad_whole, n)
         last = self._last_writers(steps, reverse=True)
         grad_params: list[torch.Tensor | None] = [None] * len(params)
@@ -532,10 +549,14 @@ class CouplingBase(nn.Module):
                 m: ModuleOutput = parts[s]
                 a = self._invert(step, parts[t], m, _resolve(into))
                 d_a, d_m = step.combine.vjp(a, m, grads[t])
-                d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
-                grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
+                if source_needs[i]:
+                    d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
+                    grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
             else:
-                source = _source_leaf(parts[s], shares_input_memory=out is not None)
+                if source_needs[i]:
+                    source = _source_leaf(parts[s], shares_input_memory=out is not None)
+                else:
+                    source = parts[s]
                 with torch.enable_grad():
                     m_graph = self._evaluate(step, source, parts[t])
                 m = _detach(m_graph)
@@ -554,13 +575,13 @@ class CouplingBase(nn.Module):
                 if needed:
                     found = torch.autograd.grad(
                         [o for o, _ in needed],
-                        (source, *params),
+                        (source, *params) if source_needs[i] else params,
                         [g for _, g in needed],
                         allow_unused=True,
                     )
                     # The source's gradient held by one local alone, so that it may be
                     # accumulated into in place.
-                    grad_source, found = found[0], found[1:]
+                    grad_source, found = (found[0], found[1:]) if source_needs[i] else (None, found)
                     if grad_source is not None:
                         grads[s] = _accumulate(grads[s], grad_source, grad_buffers[s])
                     del grad_source
@@ -572,7 +593,14 @@ class CouplingBase(nn.Module):
             parts[t] = a
             grads[t] = d_a
         inputs = _as_tuple(self._merge_into(parts, out_parts, out, n))
-        grad_inputs = _as_tuple(self._merge_into(grads, grad_buffers, grad_whole, n))
+        if n == 1:
+            grad_inputs: tuple[torch.Tensor | None, ...] = (
+                _as_tuple(self._merge_into(grads, grad_buffers, grad_whole, n))
+                if part_needs[0]
+                else (None,)
+            )
+        else:
+            grad_inputs = tuple(g if need else None for g, need in zip(grads, part_needs))
         return inputs, grad_inputs, grad_params
 
     def inverse_and_vjp_with_log_det(
@@ -595,6 +623,28 @@ class CouplingBase(nn.Module):
         if _writes_into(a_new, m, into):
             return _invert_into(step.combine, a_new, m, into)
         return step.combine.invert(a_new, m)
+
+
+def _source_gradients_needed(
+    steps: Sequence[Step], part_needs: Sequence[bool], has_params: bool
+) -> list[bool]:
+    """For each step, whether the fused backward needs the gradient with respect to
+    its source: whether that part's gradient, from there on, reaches an input whose
+    gradient is wanted or a later-run step's sub-module with parameters (which
+    needs it as its output's gradient).
+
+    The backward runs the steps last to first; walking them first to last walks it
+    from its end, where ``part_needs`` says what is wanted.
+    """
+    needed = list(part_needs)  # per part: is its gradient needed from here on?
+    wanted = []
+    for step in steps:
+        wanted.append(needed[step.source])
+        # Before this step runs, its target's gradient passes on, and feeds the
+        # sub-module's backward (for its parameters and its source).
+        feeds = wanted[-1] or (step.module is not None and has_params)
+        needed[step.target] = needed[step.target] or feeds
+    return wanted
 
 
 def _with_log_det_gradient(

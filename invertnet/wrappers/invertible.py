@@ -230,19 +230,21 @@ def _recompute_and_differentiate(
 ) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
     params = call.params
     if call.freed and call.fused is not None:
-        if _accepts_out(call.fused):
+        accepts = _keyword_parameters(getattr(call.fused, "__func__", call.fused))
+        options: dict[str, Any] = {}
+        if "out" in accepts:
             # Reconstruct straight into the freed inputs' own memory: the coupling
             # engine takes each when it first writes it (after the sub-module whose
             # output it needs has run its backward), others at once.
             takers: dict[int, Any] = {i: freed.reallocate for i, freed in call.freed.items()}
             if not _takes_memory_when_written(call.fused):
                 takers = {i: take() for i, take in takers.items()}
-            out = tuple(takers.get(i) for i in range(call.num_inputs))
-            inputs, grad_inputs, grad_params = call.fused(
-                call.outputs, grad_outputs, params, out=out
-            )
-        else:
-            inputs, grad_inputs, grad_params = call.fused(call.outputs, grad_outputs, params)
+            options["out"] = tuple(takers.get(i) for i in range(call.num_inputs))
+        if "inputs_need_grad" in accepts:
+            options["inputs_need_grad"] = needs[: call.num_inputs]
+        inputs, grad_inputs, grad_params = call.fused(
+            call.outputs, grad_outputs, params, **options
+        )
         grads = tuple(
             None if not need or g is None else g if g.dtype == x.dtype else g.to(x.dtype)
             for g, x, need in zip(grad_inputs, call.inputs, needs)
@@ -282,20 +284,17 @@ def _reconstruction_keeps_finite(module: nn.Module) -> bool:
 
 
 @functools.lru_cache(maxsize=256)
-def _takes_out(function: Callable[..., Any]) -> bool:
-    return "out" in inspect.signature(function).parameters
+def _keyword_parameters(function: Callable[..., Any]) -> frozenset[str]:
+    """The parameter names of a module's ``inverse_and_vjp``: whether it takes
+    ``out=`` (the buffers to write the reconstructed inputs into) and
+    ``inputs_need_grad=`` (the coupling engine's does; others may not)."""
+    return frozenset(inspect.signature(function).parameters)
 
 
 def _takes_memory_when_written(fused: FusedBackward) -> bool:
     """Whether ``fused`` is the coupling engine's own ``inverse_and_vjp``, which takes
     ``out=`` entries that are callables, called when first written."""
     return getattr(fused, "__func__", None) is CouplingBase.inverse_and_vjp
-
-
-def _accepts_out(fused: FusedBackward) -> bool:
-    """Whether a module's ``inverse_and_vjp`` takes ``out=``, the buffers to write the
-    reconstructed inputs into (the coupling engine's does; older ones may not)."""
-    return _takes_out(getattr(fused, "__func__", fused))
 
 
 # The invertnet and torch package folders.
