@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from invertnet import AdditiveCoupling, InvertibleModuleWrapper
+from invertnet import AdditiveCoupling, AffineAdapterNaive, AffineCoupling, InvertibleModuleWrapper
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import Step, _source_gradients_needed
 
@@ -106,9 +106,7 @@ def _hooked_linear() -> tuple[nn.Module, list[torch.Tensor]]:
     return module, kept
 
 
-@pytest.mark.parametrize(
-    "kind", ["stash", "buffer", "alias", "identity", "view", "hook"]
-)
+@pytest.mark.parametrize("kind", ["stash", "buffer", "alias", "identity", "view", "hook"])
 def test_an_output_held_elsewhere_is_not_written_over(kind: str) -> None:
     torch.manual_seed(0)
     kept: list[torch.Tensor] = []
@@ -163,8 +161,9 @@ def test_a_gradient_passed_through_a_sub_module_is_not_accumulated_into(F: nn.Mo
     assert torch.equal(g1, g1_before) and torch.equal(g2, g2_before)
     torch.testing.assert_close(x2.grad, want_x2)
     for p, q in zip(coupling.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, torch.autograd.grad(
-            reference(x1, x2), [q], (g1_before, g2_before))[0])
+        torch.testing.assert_close(
+            p.grad, torch.autograd.grad(reference(x1, x2), [q], (g1_before, g2_before))[0]
+        )
 
 
 def _out_of_place_adds(run) -> int:
@@ -253,3 +252,20 @@ def test_inputs_need_grad_of_the_wrong_length_is_a_value_error() -> None:
     y = torch.randn(3, 8)
     with pytest.raises(ValueError, match="inputs_need_grad has 2 entries for 1 outputs"):
         coupling.inverse_and_vjp((y,), (y,), (), inputs_need_grad=(True, False))
+
+
+@pytest.mark.parametrize("make", [AdditiveCoupling, AffineCoupling], ids=["additive", "affine"])
+def test_a_batch_input_is_reconstructed_beside_a_sub_module_that_saved_its_source(make) -> None:
+    # A single tensor's halves share its memory. The affine rule's gradients read the
+    # reconstructed half, written into that memory while F's graph holds the other
+    # half (Linear saves its input for the weight's gradient): F's source must be an
+    # alias with a version counter of its own even when it needs no gradient.
+    torch.manual_seed(0)
+    kwargs = {"adapter": AffineAdapterNaive} if make is AffineCoupling else {}
+    coupling = make(nn.Linear(4, 4), nn.Linear(4, 4), **kwargs).double()
+    reference = copy.deepcopy(coupling)
+    x = torch.randn(3, 8, dtype=torch.float64)
+    InvertibleModuleWrapper(coupling)(x.clone()).square().sum().backward()
+    reference(x).square().sum().backward()
+    for p, q in zip(coupling.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

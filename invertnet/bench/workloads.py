@@ -312,8 +312,13 @@ class TwoStreams(nn.Module):
         self.split_dim = split_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Owned copies rather than views of x, so that the first wrapper may free them.
-        x1, x2 = (half.contiguous() for half in torch.chunk(x, 2, dim=self.split_dim))
+        # Owned copies rather than views of x, so that the first wrapper may free them
+        # (contiguous() would return a half that is already contiguous, as a batch of
+        # one's channel halves are, as a view).
+        x1, x2 = (
+            half.clone(memory_format=torch.contiguous_format)
+            for half in torch.chunk(x, 2, dim=self.split_dim)
+        )
         for block in self.blocks:
             x1, x2 = block(x1, x2)
         return torch.cat((x1, x2), dim=self.split_dim)

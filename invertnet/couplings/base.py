@@ -126,7 +126,7 @@ def _as_tuple(m: ModuleOutput) -> tuple[torch.Tensor, ...]:
     return (m,) if isinstance(m, torch.Tensor) else tuple(m)
 
 
-def _fresh_leaf(t: torch.Tensor) -> torch.Tensor:
+def _fresh_leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
     """A leaf over ``t``'s memory with a version counter of its own.
 
     The fused backward writes a reconstructed part into the input's memory while a
@@ -137,7 +137,7 @@ def _fresh_leaf(t: torch.Tensor) -> torch.Tensor:
     alias = torch.empty(0, dtype=t.dtype, device=t.device)
     with without_grad():
         alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
-    return alias.requires_grad_(True)
+    return alias.requires_grad_(requires_grad)
 
 
 @functools.cache
@@ -254,16 +254,19 @@ def _strided_image_half(part: torch.Tensor) -> bool:
     return part.dim() > 2 and not part.is_contiguous()
 
 
-def _source_leaf(part: torch.Tensor, shares_input_memory: bool) -> torch.Tensor:
+def _source_leaf(
+    part: torch.Tensor, shares_input_memory: bool, requires_grad: bool = True
+) -> torch.Tensor:
     """The leaf a sub-module is evaluated on in the fused backward: a contiguous
     copy of a strided image half (:func:`_strided_image_half`), or, over the input's
-    memory, a leaf with a version counter of its own (:func:`_fresh_leaf`)."""
+    memory, a leaf with a version counter of its own (:func:`_fresh_leaf`), which
+    the sub-module may save for backward even when it needs no gradient itself."""
     if _strided_image_half(part):
         with without_grad():
-            return part.contiguous().requires_grad_(True)
+            return part.contiguous().requires_grad_(requires_grad)
     if shares_input_memory:
-        return _fresh_leaf(part)
-    return part.detach().requires_grad_(True)
+        return _fresh_leaf(part, requires_grad)
+    return part.detach().requires_grad_(requires_grad)
 
 
 def _writes_into(a: torch.Tensor, m: ModuleOutput, out: torch.Tensor | None) -> bool:
@@ -477,7 +480,9 @@ class CouplingBase(nn.Module):
         out: Sequence[Buffer] | None = None,
         grad_log_det: torch.Tensor | None = None,
         inputs_need_grad: Sequence[bool] | None = None,
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], list[torch.Tensor | None]]:
+    ) -> tuple[
+        tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], list[torch.Tensor | None]
+    ]:
         """Reconstruct the inputs and back-propagate through the forward in one pass.
 
         Each sub-module is evaluated once, with grad, on the very values the forward
@@ -527,7 +532,9 @@ class CouplingBase(nn.Module):
                 f"{len(inputs_need_grad)} entries for {n} outputs; give one per input"
             )
         # A single input's two halves need a gradient when the input does.
-        part_needs = [bool(inputs_need_grad[0])] * 2 if n == 1 else [bool(f) for f in inputs_need_grad]
+        part_needs = (
+            [bool(inputs_need_grad[0])] * 2 if n == 1 else [bool(f) for f in inputs_need_grad]
+        )
         source_needs = _source_gradients_needed(steps, part_needs, bool(params))
         if out is not None:  # each buffer to be taken is taken once, however often asked
             out = [_Once(o) if callable(o) else o for o in out]
@@ -553,10 +560,9 @@ class CouplingBase(nn.Module):
                     d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
                     grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
             else:
-                if source_needs[i]:
-                    source = _source_leaf(parts[s], shares_input_memory=out is not None)
-                else:
-                    source = parts[s]
+                source = _source_leaf(
+                    parts[s], shares_input_memory=out is not None, requires_grad=source_needs[i]
+                )
                 with torch.enable_grad():
                     m_graph = self._evaluate(step, source, parts[t])
                 m = _detach(m_graph)

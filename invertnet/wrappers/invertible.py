@@ -242,9 +242,7 @@ def _recompute_and_differentiate(
             options["out"] = tuple(takers.get(i) for i in range(call.num_inputs))
         if "inputs_need_grad" in accepts:
             options["inputs_need_grad"] = needs[: call.num_inputs]
-        inputs, grad_inputs, grad_params = call.fused(
-            call.outputs, grad_outputs, params, **options
-        )
+        inputs, grad_inputs, grad_params = call.fused(call.outputs, grad_outputs, params, **options)
         grads = tuple(
             None if not need or g is None else g if g.dtype == x.dtype else g.to(x.dtype)
             for g, x, need in zip(grad_inputs, call.inputs, needs)
