@@ -17,7 +17,13 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
-from invertnet import AdditiveCoupling, AffineAdapterNaive, AffineCoupling, InvertibleModuleWrapper
+from invertnet import (
+    AdditiveCoupling,
+    AffineAdapterNaive,
+    AffineCoupling,
+    InvertibleModuleWrapper,
+    MomentumCoupling,
+)
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import Step, _source_gradients_needed
 
@@ -269,3 +275,43 @@ def test_a_batch_input_is_reconstructed_beside_a_sub_module_that_saved_its_sourc
     reference(x).square().sum().backward()
     for p, q in zip(coupling.parameters(), reference.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+class _AddTwice(Add):
+    """Overrides ``apply`` and ``invert`` alone: Add's ``*_over_m`` must not be used."""
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a + 2 * m
+
+    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a_new - 2 * m
+
+
+class _TwiceCoupling(AdditiveCoupling):
+    def steps(self) -> tuple[Step, ...]:
+        return (Step(0, 1, "Fm", _AddTwice()), Step(1, 0, "Gm", _AddTwice()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: AdditiveCoupling(nn.Linear(4, 4), nn.Linear(4, 4)),
+        lambda: MomentumCoupling(nn.Linear(4, 4), gamma=0.9),
+        lambda: MomentumCoupling(nn.Linear(4, 4), gamma=0.3),
+        lambda: _TwiceCoupling(nn.Linear(4, 4), nn.Linear(4, 4)),
+    ],
+    ids=["additive", "momentum-0.9", "momentum-0.3", "overridden-rule"],
+)
+def test_results_written_over_m_are_those_of_the_rules_to_the_bit(make, dtype) -> None:
+    torch.manual_seed(0)
+    coupling = make().to(dtype)
+    x1, x2 = torch.randn(5, 4, dtype=dtype), torch.randn(5, 4, dtype=dtype)
+    with torch.enable_grad():  # a graph is recorded: new tensors, the rules themselves
+        want = [t.detach() for t in coupling(x1, x2)]
+        want_back = [t.detach() for t in coupling.inverse(*want)]
+    with torch.no_grad():
+        got = coupling(x1, x2)
+        got_back = coupling.inverse(*got)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert all(torch.equal(g, w) for g, w in zip(got_back, want_back))

@@ -37,6 +37,14 @@ class MomentumMix(Combine):
     def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
         return (a_new - (1.0 - self.gamma) * m) / self.gamma
 
+    def apply_over_m(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        # The products rounded as in apply, then their sum (which commutes exactly).
+        return m.mul_(1.0 - self.gamma).add_(self.gamma * a)
+
+    def invert_over_m(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        m.mul_(1.0 - self.gamma)
+        return torch.sub(a_new, m, out=m).div_(self.gamma)
+
     def vjp(
         self, a: torch.Tensor, m: torch.Tensor, grad: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
