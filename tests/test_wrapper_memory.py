@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
 from collections.abc import Iterator
 
@@ -364,3 +365,43 @@ def test_an_overridden_inverse_and_vjp_gets_the_freed_memory_as_tensors() -> Non
     assert len(seen) == 1 and type(seen[0]) is torch.Tensor and _nbytes(seen[0]) > 0
     for g, w in zip(got, want):
         assert_all_close(g, w, 1e-5, 1e-6)
+
+
+def _objects_alive_after_forward(depth: int) -> int:
+    """How many objects the garbage collector tracks that a forward pass of ``depth``
+    wrapped couplings leaves alive until backward."""
+    torch.manual_seed(0)
+    blocks = [
+        InvertibleModuleWrapper(
+            AdditiveCoupling(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4))
+        )
+        for _ in range(depth)
+    ]
+    x1, x2 = torch.randn(3, 4, requires_grad=True), torch.randn(3, 4, requires_grad=True)
+
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
+        a, b = x1 * 1, x2 * 1
+        for block in blocks:
+            a, b = block(a, b)
+        return a, b
+
+    forward()[0].sum().backward()  # caches and lazily built state are made once
+    gc.collect()
+    before = {id(o) for o in gc.get_objects()}
+    out = forward()
+    gc.collect()
+    alive = sum(1 for o in gc.get_objects() if id(o) not in before)
+    del out
+    return alive
+
+
+def test_a_wrapped_block_keeps_few_objects_alive_until_backward() -> None:
+    # Every object alive between forward and backward counts toward the garbage
+    # collector's runs, whose full collections take milliseconds in a process that
+    # imported torch: at 23 objects per block, a 128-block step collected 4 times
+    # against RevLib's once and spent 36 ms doing so. Now 17: the two freed inputs'
+    # records (with their shapes and storages), the outputs' aliases and their
+    # tuple, the call record with its freed-input dict, module list and tensor
+    # tuple, and autograd's node with its dict.
+    per_block = (_objects_alive_after_forward(24) - _objects_alive_after_forward(8)) / 16
+    assert per_block <= 17

@@ -61,7 +61,7 @@ class _Run:
     fixed: FixedPoint
     core: ExactMomentum
     tape: RNGTape
-    autocast: list[AutocastState]
+    autocast: tuple[AutocastState, ...]
     # Forward only: the magnitudes the steps reached, checked once at the end.
     checks: RangeCheck
     # The state, and the layer whose input it holds; None once it is not needed.

@@ -32,18 +32,20 @@ class AutocastState:
     dtype: torch.dtype
 
     @staticmethod
-    def capture(tensors: Sequence[torch.Tensor]) -> list[AutocastState]:
-        """Record autocast for the inputs' device type (and the CPU, which autocasts too)."""
+    def capture(tensors: Sequence[torch.Tensor]) -> tuple[AutocastState, ...]:
+        """Record autocast for the inputs' device type (and the CPU, which autocasts too).
+
+        The same settings give the same tuple, shared: a wrapper records them for
+        every block, and keeps them until its backward.
+        """
         device_types = {t.device.type for t in tensors} | {"cpu"}
-        return [
-            AutocastState(
-                device_type=d,
-                enabled=torch.is_autocast_enabled(d),
-                dtype=torch.get_autocast_dtype(d),
+        return _interned(
+            tuple(
+                (d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d))
+                for d in sorted(device_types)
+                if d != "meta"
             )
-            for d in sorted(device_types)
-            if d != "meta"
-        ]
+        )
 
     @staticmethod
     def restored(states: Sequence[AutocastState]) -> contextlib.AbstractContextManager[None]:
@@ -60,6 +62,11 @@ class AutocastState:
             # for every block.
             return contextlib.nullcontext()
         return _autocast_entered(states)
+
+
+@functools.lru_cache(maxsize=64)
+def _interned(settings: tuple[tuple[str, bool, torch.dtype], ...]) -> tuple[AutocastState, ...]:
+    return tuple(AutocastState(*setting) for setting in settings)
 
 
 @contextlib.contextmanager

@@ -99,7 +99,7 @@ def why_not_freeable(
     return None
 
 
-@dataclass
+@dataclass(slots=True)
 class FreedInput:
     """What is needed to give a freed input its memory and values back."""
 
