@@ -403,5 +403,6 @@ def test_a_wrapped_block_keeps_few_objects_alive_until_backward() -> None:
     # records (with their shapes and storages), the outputs' aliases and their
     # tuple, the call record with its freed-input dict, module list and tensor
     # tuple, and autograd's node with its dict.
-    per_block = (_objects_alive_after_forward(24) - _objects_alive_after_forward(8)) / 16
-    assert per_block <= 17
+    # (A stray object made once, such as a cache entry, adds a fraction.)
+    per_block = (_objects_alive_after_forward(40) - _objects_alive_after_forward(8)) / 32
+    assert per_block < 18
