@@ -8,7 +8,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from invertnet import InvertibleModuleWrapper
+from invertnet import AdditiveCoupling, InvertibleModuleWrapper
+from invertnet.couplings.additive import Add
+from invertnet.couplings.base import Step
 
 
 class Counting(nn.Module):
@@ -169,3 +171,22 @@ def assert_all_close(
 def tolerances(dtype: torch.dtype) -> tuple[float, float]:
     """(rtol, atol) asked for by the issue: 1e-5 in float32, 1e-10 in float64."""
     return (1e-5, 1e-6) if dtype == torch.float32 else (1e-10, 1e-12)
+
+
+class AddTwice(Add):
+    """``a + 2m``: overrides ``apply`` and ``invert`` alone, so the engine must use
+    neither Add's ``apply_into``/``invert_into`` nor its ``*_over_m`` (which compute
+    ``a + m``)."""
+
+    def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a + 2 * m
+
+    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        return a_new - 2 * m
+
+
+class TwiceCoupling(AdditiveCoupling):
+    """An additive coupling whose steps use :class:`AddTwice`."""
+
+    def steps(self) -> tuple[Step, ...]:
+        return (Step(0, 1, "Fm", AddTwice()), Step(1, 0, "Gm", AddTwice()))

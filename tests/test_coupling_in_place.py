@@ -26,6 +26,7 @@ from invertnet import (
 )
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import Step, _source_gradients_needed
+from tests._core_helpers import TwiceCoupling
 
 
 def _record_output_addresses(module: nn.Module, found: list[int]) -> None:
@@ -277,21 +278,6 @@ def test_a_batch_input_is_reconstructed_beside_a_sub_module_that_saved_its_sourc
         torch.testing.assert_close(p.grad, q.grad)
 
 
-class _AddTwice(Add):
-    """Overrides ``apply`` and ``invert`` alone: Add's ``*_over_m`` must not be used."""
-
-    def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return a + 2 * m
-
-    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return a_new - 2 * m
-
-
-class _TwiceCoupling(AdditiveCoupling):
-    def steps(self) -> tuple[Step, ...]:
-        return (Step(0, 1, "Fm", _AddTwice()), Step(1, 0, "Gm", _AddTwice()))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "make",
@@ -299,7 +285,7 @@ class _TwiceCoupling(AdditiveCoupling):
         lambda: AdditiveCoupling(nn.Linear(4, 4), nn.Linear(4, 4)),
         lambda: MomentumCoupling(nn.Linear(4, 4), gamma=0.9),
         lambda: MomentumCoupling(nn.Linear(4, 4), gamma=0.3),
-        lambda: _TwiceCoupling(nn.Linear(4, 4), nn.Linear(4, 4)),
+        lambda: TwiceCoupling(nn.Linear(4, 4), nn.Linear(4, 4)),
     ],
     ids=["additive", "momentum-0.9", "momentum-0.3", "overridden-rule"],
 )

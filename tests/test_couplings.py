@@ -16,7 +16,7 @@ from invertnet import (
 )
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import CouplingBase, Step
-from tests._core_helpers import ScaleShiftNet
+from tests._core_helpers import ScaleShiftNet, TwiceCoupling
 
 torch.manual_seed(0)
 
@@ -206,21 +206,6 @@ def test_memcnn_implementation_arguments_warn_and_are_ignored() -> None:
     torch.testing.assert_close(block(x), AdditiveCoupling(nn.Tanh())(x))
 
 
-class _AddTwice(Add):
-    """Overrides apply and invert only: it must not inherit Add's in-place versions."""
-
-    def apply(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return a + 2 * m
-
-    def invert(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return a_new - 2 * m
-
-
-class _TwiceCoupling(AdditiveCoupling):
-    def steps(self) -> tuple[Step, ...]:
-        return (Step(0, 1, "Fm", _AddTwice()), Step(1, 0, "Gm", _AddTwice()))
-
-
 def test_buffered_forward_and_inverse_compute_what_grad_mode_computes() -> None:
     # Without grad (a wrapper's forward) the halves are written into one buffer;
     # the rules applied must be the module's own, overridden ones included.
@@ -228,7 +213,7 @@ def test_buffered_forward_and_inverse_compute_what_grad_mode_computes() -> None:
     for block in (
         AdditiveCoupling(nn.Linear(3, 3)),
         AffineCoupling(nn.Linear(3, 3), adapter=AffineAdapterNaive),
-        _TwiceCoupling(nn.Linear(3, 3)),
+        TwiceCoupling(nn.Linear(3, 3)),
     ):
         x = torch.randn(4, 6)
         with torch.enable_grad():
