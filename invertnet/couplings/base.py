@@ -224,22 +224,22 @@ def _dense(t: torch.Tensor) -> bool:
     return layout is not None and t.is_contiguous(memory_format=layout)
 
 
-def _may_write_over(m: ModuleOutput, like: torch.Tensor) -> bool:
-    """Whether a result of ``like``'s shape and dtype may be written over ``m``, a
-    sub-module's output held by one local variable of the engine: ``m`` is one plain
-    tensor of that shape, dtype, device and layout that nothing else holds (not the
-    module, a hook, autograd, a view), and no graph is being recorded."""
+def _may_write_over(t: ModuleOutput, like: torch.Tensor, references: int) -> bool:
+    """Whether a result of ``like``'s shape and dtype may be written over ``t``: one
+    plain tensor of that shape, dtype, device and layout that nothing holds but the
+    caller's ``references`` Python references (not a module, a hook, autograd, a
+    view: a sub-module's fresh output, or a gradient autograd has just returned,
+    which may otherwise be the incoming gradient itself or a view of it)."""
     return (
-        isinstance(m, torch.Tensor)
-        and m is not like
-        and not torch.is_grad_enabled()
+        isinstance(t, torch.Tensor)
+        and t is not like
         and not torch.compiler.is_compiling()
-        and m.dtype == like.dtype
-        and m.shape == like.shape
-        and m.device == like.device
-        and _dense(m)
-        # The engine's local variable and this function's parameter.
-        and held_only_by_caller(m, references=2)
+        and t.dtype == like.dtype
+        and t.shape == like.shape
+        and t.device == like.device
+        and _dense(t)
+        # And this function's parameter.
+        and held_only_by_caller(t, references=references + 1)
     )
 
 
@@ -448,7 +448,12 @@ class CouplingBase(nn.Module):
             into = _resolve(out_parts[t]) if last[t] == i else None
             if _writes_into(parts[t], m, into):
                 parts[t] = _apply_into(step.combine, parts[t], m, into)
-            elif into is None and step.module is not None and _may_write_over(m, parts[t]):
+            elif (
+                into is None
+                and step.module is not None
+                and not torch.is_grad_enabled()  # nothing recorded may have saved m
+                and _may_write_over(m, parts[t], references=1)  # this frame's m
+            ):
                 parts[t] = _apply_over_m(step.combine, parts[t], m)
             else:
                 parts[t] = step.combine.apply(parts[t], m)
@@ -466,7 +471,12 @@ class CouplingBase(nn.Module):
             into = _resolve(out_parts[t]) if last[t] == i else None
             if _writes_into(parts[t], m, into):
                 parts[t] = _invert_into(step.combine, parts[t], m, into)
-            elif into is None and step.module is not None and _may_write_over(m, parts[t]):
+            elif (
+                into is None
+                and step.module is not None
+                and not torch.is_grad_enabled()  # nothing recorded may have saved m
+                and _may_write_over(m, parts[t], references=1)  # this frame's m
+            ):
                 parts[t] = _invert_over_m(step.combine, parts[t], m)
             else:
                 parts[t] = step.combine.invert(parts[t], m)
@@ -590,7 +600,6 @@ class CouplingBase(nn.Module):
                     grad_source, found = (found[0], found[1:]) if source_needs[i] else (None, found)
                     if grad_source is not None:
                         grads[s] = _accumulate(grads[s], grad_source, grad_buffers[s])
-                    del grad_source
                     for k, g in enumerate(found):
                         if g is not None:
                             grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
@@ -675,25 +684,10 @@ def _accumulate(
     dtypes agree; without a buffer, over ``extra`` where nothing else holds it (a
     gradient autograd has just returned to the engine, which holds it in one local)."""
     if buffer is None:
-        if _may_write_over_gradient(extra, grad):
+        # The engine's local variable and this function's parameter.
+        if _may_write_over(extra, grad, references=2):
             return extra.add_(grad)
         return grad + extra
     if not (grad.dtype == extra.dtype == buffer.dtype):
         return grad + extra
     return torch.add(grad, extra, out=buffer)
-
-
-def _may_write_over_gradient(extra: torch.Tensor, grad: torch.Tensor) -> bool:
-    # What _may_write_over asks, for a gradient returned by autograd: it may be the
-    # incoming gradient itself, or a view of it, after a sub-module that passes its
-    # input through, and a hook may return a tensor it keeps.
-    return (
-        extra is not grad
-        and not torch.compiler.is_compiling()
-        and extra.dtype == grad.dtype
-        and extra.shape == grad.shape
-        and extra.device == grad.device
-        and _dense(extra)
-        # The engine's local variable, _accumulate's parameter and this one.
-        and held_only_by_caller(extra, references=3)
-    )
