@@ -2,7 +2,9 @@
 
 Nothing public tells how many holders a tensor or its storage has, nor runs code at
 the end of a backward pass, nor names the backward node class of a custom
-:class:`torch.autograd.Function`, nor copies many tensors in one dispatch. What
+:class:`torch.autograd.Function`, nor copies many tensors in one dispatch, nor runs
+the autograd engine without :func:`torch.autograd.grad`'s per-call argument
+checks. What
 invertnet needs of these is wrapped here, so that ``tests/test_torch_private.py``,
 which CI runs under the oldest and the newest PyTorch release that
 ``pyproject.toml`` accepts, exercises every use.
@@ -25,6 +27,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import torch
+from torch.autograd.graph import _engine_run_backward
 
 __all__ = [
     "HolderCounts",
@@ -36,6 +39,7 @@ __all__ = [
     "held_only_by_caller",
     "call_without_subclass",
     "copy_all",
+    "gradients",
     "current_backward_pass",
     "queue_end_of_backward",
     "sole_holder_counts",
@@ -140,7 +144,11 @@ def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
     extra = _python_references(t) - _python_references_of_one_local()
     if extra != references:
         return False
-    return holder_counts(t) == _unshared_counts(t.device.type)
+    unshared = _unshared_counts(t.device.type)
+    return (
+        t._use_count() == unshared.tensor
+        and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == unshared.storage
+    )
 
 
 def storage_key(x: torch.Tensor) -> int:
@@ -200,6 +208,51 @@ def assert_on_device(condition: torch.Tensor, message: str) -> None:
             f"at most {MAX_DEVICE_MESSAGE_BYTES}: {message[:60]!r}..."
         )
     torch._assert_async(condition, message)
+
+
+# Parameters are plain tensors to torch.autograd.grad too (it skips their
+# __torch_function__).
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def gradients(
+    outputs: Sequence[torch.Tensor],
+    inputs: Sequence[torch.Tensor],
+    grad_outputs: Sequence[torch.Tensor],
+) -> tuple[torch.Tensor | None, ...]:
+    """``torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)`` for
+    callers that already hold one gradient per output, of its shape and dtype.
+
+    ``torch.autograd.grad`` validates and normalises its arguments in Python on every
+    call (shapes compared through symbolic-shape helpers, tensor-like checks, tuple
+    building): tens of microseconds, paid twice per block by the fused backward of a
+    coupling, where the gradients are the engine's own and need none of it. This
+    runs PyTorch's engine entry point directly (``_engine_run_backward``, which
+    keeps its logging hooks and context hand-over), and falls back to
+    ``torch.autograd.grad`` (and its errors) for anything but plain tensors (a
+    subclass may override it), for no inputs, or for gradients whose shape, dtype or
+    device differ from their output's.
+    """
+    plain = all(type(t) in _PLAIN_TENSOR_TYPES for t in (*outputs, *inputs, *grad_outputs))
+    if (
+        not plain
+        or not inputs
+        or len(outputs) != len(grad_outputs)
+        or any(
+            o.shape != g.shape or o.dtype != g.dtype or o.device != g.device
+            for o, g in zip(outputs, grad_outputs)
+        )
+    ):
+        return torch.autograd.grad(outputs, inputs, grad_outputs, allow_unused=True)
+    return _engine_run_backward(
+        tuple(outputs),
+        tuple(grad_outputs),
+        False,
+        False,
+        tuple(inputs),
+        True,
+        accumulate_grad=False,
+    )
 
 
 def copy_all(

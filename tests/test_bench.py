@@ -13,6 +13,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -425,6 +426,41 @@ def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
     # Two untimed steps each (gradients, warm-up), then rounds that start one later.
     timed = order[4:]
     assert timed == ["plain", "invertnet", "invertnet", "plain"] * 2
+
+
+@pytest.mark.parametrize("n", range(1, 8))
+def test_balanced_orders_put_each_method_right_after_each_other_equally_often(n: int) -> None:
+    orders = bench_measure._balanced_orders(n)
+    assert all(sorted(order) == list(range(n)) for order in orders)
+    follows = Counter((order[k], order[k + 1]) for order in orders for k in range(n - 1))
+    assert set(follows) == {(a, b) for a in range(n) for b in range(n) if a != b}
+    assert len(set(follows.values())) <= 1  # every pair equally often
+
+
+def test_time_interleaved_gives_no_method_always_the_same_predecessor(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # With plain, checkpoint and invertnet rotated in one order, invertnet always ran
+    # right after checkpoint.
+    order: list[int] = []
+    real_step = bench_measure.train_step
+
+    def recording_step(model: torch.nn.Module, batch: Any, **kwargs: Any) -> None:
+        order.append(id(model))
+        real_step(model, batch, **kwargs)
+
+    monkeypatch.setattr(bench_measure, "train_step", recording_step)
+    base = Config("additive-conv", 1, "plain", batch_size=2, repeats=6, warmup=0)
+    methods = ("plain", "checkpoint", "invertnet")
+    bench_measure.time_interleaved([replace(base, method=m) for m in methods])
+    timed = order[len(methods) :]
+    rounds = [timed[k : k + 3] for k in range(0, len(timed), 3)]
+    predecessors: dict[int, set[int]] = {}
+    for one in rounds:
+        for before, after in zip(one, one[1:]):
+            predecessors.setdefault(after, set()).add(before)
+    assert len(rounds) == 6 and all(len(set(one)) == 3 for one in rounds)
+    assert all(len(found) == 2 for found in predecessors.values())
 
 
 def test_time_interleaved_rejects_configurations_that_differ_beyond_the_method() -> None:

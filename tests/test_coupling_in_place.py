@@ -203,11 +203,11 @@ ADDITIVE_STEPS = (Step(0, 1, "Fm", Add()), Step(1, 0, "Gm", Add()))
 @pytest.mark.parametrize(
     ("part_needs", "has_params", "wanted"),
     [
-        ((False, False), True, [False, True]),  # G's source feeds F's parameters
-        ((False, False), False, [False, False]),
-        ((True, False), True, [False, True]),
-        ((False, True), False, [True, True]),  # x2's gradient also runs through G
-        ((True, True), False, [True, True]),
+        ((False, False), True, (False, True)),  # G's source feeds F's parameters
+        ((False, False), False, (False, False)),
+        ((True, False), True, (False, True)),
+        ((False, True), False, (True, True)),  # x2's gradient also runs through G
+        ((True, True), False, (True, True)),
     ],
 )
 def test_which_source_gradients_the_fused_backward_needs(part_needs, has_params, wanted) -> None:

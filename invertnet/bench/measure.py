@@ -17,6 +17,7 @@ time target has to resolve.
 from __future__ import annotations
 
 import contextlib
+import functools
 import statistics
 import time
 import warnings
@@ -315,8 +316,9 @@ def time_interleaved(configs: list[Config]) -> list[Result]:
 
     Every method's model is built and run for one step (which allocates its
     gradients) and ``warmup`` more. Then come ``repeats`` rounds of one timed step
-    per method, each round starting one method later than the one before, so that
-    no method always follows the same other. A method that fails is reported
+    per method, in orders where each method comes right after each other one equally
+    often (:func:`_balanced_orders`), so that no method always inherits the state
+    one other leaves behind. A method that fails is reported
     failed and left out of the later rounds; the others go on. Each method's
     warnings (and kept inputs) are recorded on its own, from its construction on.
     On CUDA the steps are timed with CUDA events (:class:`StepTimer`).
@@ -355,6 +357,34 @@ def time_interleaved(configs: list[Config]) -> list[Result]:
     return results
 
 
+@functools.cache
+def _balanced_orders(n: int) -> tuple[tuple[int, ...], ...]:
+    """Orders of ``n`` methods in which each method comes right after each other one
+    equally often (a Williams design): ``n`` orders for even ``n``, ``2n`` for odd.
+
+    A step leaves the allocator, the caches and the page tables as its method used
+    them, and the next step inherits that: a method that always followed one that
+    frees hundreds of megabytes (plain autograd at depth 128) would pay for the
+    pages its predecessor gave back at every step. Rotating one order does not
+    help, as it keeps every method's predecessor.
+    """
+    if n < 1:
+        return ((),)
+    # 0, 1, n-1, 2, n-2, ...: its successive differences take every value mod n once.
+    first = [0]
+    low, high = 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    orders = [tuple((k + shift) % n for k in first) for shift in range(n)]
+    if n % 2:
+        orders += [order[::-1] for order in orders]
+    return tuple(orders)
+
+
 def _time_interleaved(configs: list[Config], recorders: list[_Recorder]) -> list[Result]:
     first = configs[0]
     if first.threads is not None:
@@ -376,9 +406,10 @@ def _time_interleaved(configs: list[Config], recorders: list[_Recorder]) -> list
         running[i] = (model, batch)
         results[i].batch_size, results[i].parameters = _sizes(model, batch)
     for round_ in range(first.repeats):
-        order = list(running)
-        shift = round_ % len(order) if order else 0
-        for i in order[shift:] + order[:shift]:
+        methods = list(running)
+        orders = _balanced_orders(len(methods))
+        order = [methods[k] for k in orders[round_ % len(orders)]] if methods else []
+        for i in order:
             model, batch = running[i]
             try:
                 with recorders[i].recording():

@@ -16,13 +16,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from invertnet._grad_mode import without_grad
 from invertnet._rng import call_recorded
-from invertnet._torch_private import held_only_by_caller
+from invertnet._torch_private import gradients, held_only_by_caller
 
 __all__ = ["Combine", "Step", "CouplingBase"]
 
@@ -392,10 +393,7 @@ class CouplingBase(nn.Module):
     def _last_writers(steps: Sequence[Step], reverse: bool) -> dict[int, int]:
         """For each part, the position of the step that writes it last (in the order
         the steps run: reversed for the inverse)."""
-        order = list(enumerate(steps))
-        if reverse:
-            order.reverse()
-        return {step.target: i for i, step in order}
+        return _last_writers(tuple(steps), reverse)
 
     def _output_buffers(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         """Buffers to build the result in, when no graph is recorded (as in a wrapper's
@@ -545,7 +543,7 @@ class CouplingBase(nn.Module):
         part_needs = (
             [bool(inputs_need_grad[0])] * 2 if n == 1 else [bool(f) for f in inputs_need_grad]
         )
-        source_needs = _source_gradients_needed(steps, part_needs, bool(params))
+        source_needs = _source_gradients_needed(tuple(steps), tuple(part_needs), bool(params))
         if out is not None:  # each buffer to be taken is taken once, however often asked
             out = [_Once(o) if callable(o) else o for o in out]
         # Wrappers pass detached outputs: detach only what still has a graph.
@@ -589,11 +587,10 @@ class CouplingBase(nn.Module):
                 outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
                 needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
                 if needed:
-                    found = torch.autograd.grad(
+                    found = gradients(
                         [o for o, _ in needed],
                         (source, *params) if source_needs[i] else params,
                         [g for _, g in needed],
-                        allow_unused=True,
                     )
                     # The source's gradient held by one local alone, so that it may be
                     # accumulated into in place.
@@ -640,9 +637,35 @@ class CouplingBase(nn.Module):
         return step.combine.invert(a_new, m)
 
 
+def _cached(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` memoised on its arguments where they can be hashed (a coupling
+    class's steps are usually one constant tuple, asked about at every block; a
+    user's :class:`Combine` that defines ``__eq__`` alone cannot be), computed
+    afresh otherwise. Callers must not modify what it returns."""
+    memo = functools.lru_cache(maxsize=256)(function)
+
+    @functools.wraps(function)
+    def cached(*args: Any) -> Any:
+        try:
+            return memo(*args)
+        except TypeError:  # unhashable arguments
+            return function(*args)
+
+    return cached
+
+
+@_cached
+def _last_writers(steps: tuple[Step, ...], reverse: bool) -> dict[int, int]:
+    order = list(enumerate(steps))
+    if reverse:
+        order.reverse()
+    return {step.target: i for i, step in order}
+
+
+@_cached
 def _source_gradients_needed(
-    steps: Sequence[Step], part_needs: Sequence[bool], has_params: bool
-) -> list[bool]:
+    steps: tuple[Step, ...], part_needs: tuple[bool, ...], has_params: bool
+) -> tuple[bool, ...]:
     """For each step, whether the fused backward needs the gradient with respect to
     its source: whether that part's gradient, from there on, reaches an input whose
     gradient is wanted or a later-run step's sub-module with parameters (which
@@ -659,7 +682,7 @@ def _source_gradients_needed(
         # sub-module's backward (for its parameters and its source).
         feeds = wanted[-1] or (step.module is not None and has_params)
         needed[step.target] = needed[step.target] or feeds
-    return wanted
+    return tuple(wanted)
 
 
 def _with_log_det_gradient(
