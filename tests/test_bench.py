@@ -541,6 +541,28 @@ def test_paired_timing_tool_rejects_zero_pairs(capsys: pytest.CaptureFixture[str
     assert "--pairs and --depths must be positive integers" in capsys.readouterr().err
 
 
+def test_block_overhead_tool_runs_the_same_couplings_under_each_method(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tool = _load_tool("block_overhead")
+    stacks = tool.build_stacks(depth=3, width=2, batch_norm=True)
+    assert {"invertnet", "invertnet keep_input"} <= set(stacks)
+    couplings = [w.module for w in stacks["invertnet"].blocks]
+    assert [w.module for w in stacks["invertnet keep_input"].blocks] == couplings
+    x = torch.randn(4, 4)
+    expected = stacks["invertnet keep_input"](x)
+    torch.testing.assert_close(stacks["invertnet"](x), expected, rtol=0, atol=0)
+    if "revlib" in stacks:
+        torch.testing.assert_close(stacks["revlib"](x), expected)
+    assert tool.main(["--depth", "2", "--rounds", "1", "--number", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "invertnet keep_input" in printed and "us per block" in printed
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--batch-size", "1"])
+    assert exit_.value.code == 2
+    assert "--batch-size >= 2" in capsys.readouterr().err
+
+
 # -- kept inputs and memory growth: flagged, never shown as flat ----------------
 class _HoldInputs(torch.nn.Module):
     """Keeps a view of every input it sees: the wrapper after it cannot free them."""

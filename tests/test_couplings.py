@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pytest
 import torch
 from torch import nn
@@ -159,20 +161,31 @@ def test_split_dim_out_of_range_is_a_value_error() -> None:
         AdditiveCoupling(nn.Tanh(), split_dim=3)(torch.randn(2, 4))
 
 
+@pytest.mark.parametrize("seed", range(20))
 @pytest.mark.parametrize(
-    "block",
+    "make_block",
     [
-        AdditiveCoupling(nn.Linear(3, 3)),
-        AffineCoupling(nn.Linear(3, 3), adapter=AffineAdapterNaive),
+        lambda: AdditiveCoupling(nn.Linear(3, 3)),
+        lambda: AffineCoupling(nn.Linear(3, 3), adapter=AffineAdapterNaive),
     ],
     ids=["additive", "affine"],
 )
-def test_pair_form_equals_split_form(block: nn.Module) -> None:
+def test_pair_form_equals_split_form(make_block: Callable[[], nn.Module], seed: int) -> None:
+    # Built and fed under a seed of its own: an unseeded block drew its weights from
+    # whatever state the tests before it left, and some float32 draws give the naive
+    # affine scale exp(h) values far from 1, whose inverse loses more than the
+    # tolerance. The round trip is checked in float64, where rounding is far below
+    # it whatever the draw; the pair and split forms are compared in float32 too.
+    torch.manual_seed(seed)
+    block = make_block()
     x = torch.randn(4, 6)
     y1, y2 = block(x[:, :3], x[:, 3:])
     torch.testing.assert_close(torch.cat([y1, y2], dim=1), block(x))
+    block, x = block.double(), x.double()
+    y1, y2 = block(x[:, :3], x[:, 3:])
+    torch.testing.assert_close(torch.cat([y1, y2], dim=1), block(x))
     x1, x2 = block.inverse(y1, y2)
-    torch.testing.assert_close(torch.cat([x1, x2], dim=1), x, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([x1, x2], dim=1), x, rtol=1e-10, atol=1e-12)
 
 
 def test_three_inputs_are_rejected() -> None:

@@ -201,3 +201,56 @@ def test_held_only_by_caller_counts_every_other_holder() -> None:
 def test_held_only_by_caller_refuses_views_graph_tensors_and_subclasses(make) -> None:
     t = make()
     assert not private.held_only_by_caller(t)
+
+
+def _small_graph() -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(3, 2)
+    unused = torch.nn.Parameter(torch.randn(4))
+    x = torch.randn(5, 3, requires_grad=True)
+    h = layer(x)
+    return (h.tanh(), h.square()), (x, layer.weight, layer.bias, unused)
+
+
+def test_gradients_equal_autograd_grad_with_unused_inputs_as_none() -> None:
+    outputs, inputs = _small_graph()
+    grad_outputs = tuple(torch.randn_like(o) for o in outputs)
+    wanted = torch.autograd.grad(
+        outputs, inputs, grad_outputs, allow_unused=True, retain_graph=True
+    )
+    found = private.gradients(outputs, inputs, grad_outputs)
+    assert found[3] is None and wanted[3] is None
+    for f, w in zip(found[:3], wanted[:3]):
+        assert torch.equal(f, w)
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        private.gradients(outputs, inputs, grad_outputs)  # the graph was freed
+
+
+def test_gradients_run_the_engine_directly_for_plain_tensors_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[str] = []
+    real_grad = torch.autograd.grad
+
+    def counting_grad(*args: Any, **kwargs: Any) -> Any:
+        calls.append("grad")
+        return real_grad(*args, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    outputs, inputs = _small_graph()
+    private.gradients(outputs, inputs, tuple(torch.ones_like(o) for o in outputs))
+    assert calls == []
+    # A gradient of another dtype goes through torch.autograd.grad, whatever it does
+    # with it.
+    outputs, inputs = _small_graph()
+    grads = (torch.ones_like(outputs[0], dtype=torch.float64), torch.ones_like(outputs[1]))
+    found = private.gradients(outputs, inputs, grads)
+    assert calls == ["grad"]
+    outputs, inputs = _small_graph()
+    wanted = real_grad(outputs, inputs, grads, allow_unused=True)
+    assert all((f is None and w is None) or torch.equal(f, w) for f, w in zip(found, wanted))
+    # No inputs: torch.autograd.grad's own error (its wording and class changed over
+    # releases), not a pass over every leaf.
+    outputs, _ = _small_graph()
+    with pytest.raises((RuntimeError, ValueError), match="empty"):
+        private.gradients(outputs, (), tuple(torch.ones_like(o) for o in outputs))
