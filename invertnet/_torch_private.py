@@ -144,11 +144,7 @@ def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
     extra = _python_references(t) - _python_references_of_one_local()
     if extra != references:
         return False
-    unshared = _unshared_counts(t.device.type)
-    return (
-        t._use_count() == unshared.tensor
-        and torch._C._storage_Use_Count(t.untyped_storage()._cdata) == unshared.storage
-    )
+    return holder_counts(t) == _unshared_counts(t.device.type)
 
 
 def storage_key(x: torch.Tensor) -> int:
@@ -247,10 +243,10 @@ def gradients(
     return _engine_run_backward(
         tuple(outputs),
         tuple(grad_outputs),
-        False,
-        False,
+        False,  # retain_graph
+        False,  # create_graph
         tuple(inputs),
-        True,
+        True,  # allow_unused
         accumulate_grad=False,
     )
 

@@ -404,17 +404,23 @@ def test_interleaved_timing_takes_memory_and_time_from_separate_runs(
     assert "6 steps (3 rounds, methods alternating)" in render_rst(document)
 
 
-def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    order: list[str] = []
+def _record_stepped_models(monkeypatch: pytest.MonkeyPatch) -> list[torch.nn.Module]:
+    """The models the benchmark's training steps run, in order, as they run."""
+    stepped: list[torch.nn.Module] = []
     real_step = bench_measure.train_step
 
     def recording_step(model: torch.nn.Module, batch: Any, **kwargs: Any) -> None:
-        order.append("plain" if model.blocks[0].disable else "invertnet")
+        stepped.append(model)
         real_step(model, batch, **kwargs)
 
     monkeypatch.setattr(bench_measure, "train_step", recording_step)
+    return stepped
+
+
+def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    stepped = _record_stepped_models(monkeypatch)
     base = Config("additive-conv", 1, "plain", batch_size=2, repeats=4, warmup=1)
     configs = [base, replace(base, method="magic"), replace(base, method="invertnet")]
     plain, magic, light = bench_measure.time_interleaved(configs)
@@ -423,7 +429,9 @@ def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
     for result in (plain, light):
         assert result.error is None and len(result.step_times_s) == 4
         assert result.batch_size == 2 and result.parameters
-    # Two untimed steps each (gradients, warm-up), then rounds that start one later.
+    # Two untimed steps each (gradients, warm-up), then rounds in balanced orders:
+    # for two methods, alternating.
+    order = ["plain" if model.blocks[0].disable else "invertnet" for model in stepped]
     timed = order[4:]
     assert timed == ["plain", "invertnet", "invertnet", "plain"] * 2
 
@@ -442,18 +450,11 @@ def test_time_interleaved_gives_no_method_always_the_same_predecessor(
 ) -> None:
     # With plain, checkpoint and invertnet rotated in one order, invertnet always ran
     # right after checkpoint.
-    order: list[int] = []
-    real_step = bench_measure.train_step
-
-    def recording_step(model: torch.nn.Module, batch: Any, **kwargs: Any) -> None:
-        order.append(id(model))
-        real_step(model, batch, **kwargs)
-
-    monkeypatch.setattr(bench_measure, "train_step", recording_step)
+    stepped = _record_stepped_models(monkeypatch)
     base = Config("additive-conv", 1, "plain", batch_size=2, repeats=6, warmup=0)
     methods = ("plain", "checkpoint", "invertnet")
     bench_measure.time_interleaved([replace(base, method=m) for m in methods])
-    timed = order[len(methods) :]
+    timed = [id(model) for model in stepped[len(methods) :]]
     rounds = [timed[k : k + 3] for k in range(0, len(timed), 3)]
     predecessors: dict[int, set[int]] = {}
     for one in rounds:

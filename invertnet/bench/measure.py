@@ -368,7 +368,7 @@ def _balanced_orders(n: int) -> tuple[tuple[int, ...], ...]:
     pages its predecessor gave back at every step. Rotating one order does not
     help, as it keeps every method's predecessor.
     """
-    if n < 1:
+    if n < 1:  # every method failed: empty rounds
         return ((),)
     # 0, 1, n-1, 2, n-2, ...: its successive differences take every value mod n once.
     first = [0]
@@ -408,8 +408,7 @@ def _time_interleaved(configs: list[Config], recorders: list[_Recorder]) -> list
     for round_ in range(first.repeats):
         methods = list(running)
         orders = _balanced_orders(len(methods))
-        order = [methods[k] for k in orders[round_ % len(orders)]] if methods else []
-        for i in order:
+        for i in (methods[k] for k in orders[round_ % len(orders)]):
             model, batch = running[i]
             try:
                 with recorders[i].recording():

@@ -389,12 +389,6 @@ class CouplingBase(nn.Module):
                 o.copy_(p)
         return whole
 
-    @staticmethod
-    def _last_writers(steps: Sequence[Step], reverse: bool) -> dict[int, int]:
-        """For each part, the position of the step that writes it last (in the order
-        the steps run: reversed for the inverse)."""
-        return _last_writers(tuple(steps), reverse)
-
     def _output_buffers(self, xs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...] | None:
         """Buffers to build the result in, when no graph is recorded (as in a wrapper's
         forward): the halves are then written in place, not concatenated."""
@@ -439,7 +433,7 @@ class CouplingBase(nn.Module):
         steps = self.steps()
         out = self._output_buffers(xs)
         out_parts = self._out_parts(out, len(xs))
-        last = self._last_writers(steps, reverse=False)
+        last = _last_writers(tuple(steps), reverse=False)
         for i, step in enumerate(steps):
             t = step.target
             m = self._evaluate(step, parts[step.source], parts[t])
@@ -462,7 +456,7 @@ class CouplingBase(nn.Module):
         steps = self.steps()
         out = self._output_buffers(ys)
         out_parts = self._out_parts(out, len(ys))
-        last = self._last_writers(steps, reverse=True)
+        last = _last_writers(tuple(steps), reverse=True)
         for i in reversed(range(len(steps))):
             step, t = steps[i], steps[i].target
             m = self._evaluate(step, parts[step.source], parts[t])
@@ -554,7 +548,7 @@ class CouplingBase(nn.Module):
         # buffer, not concatenated from them (two inputs get theirs as they are).
         grad_whole = (torch.empty_like(outputs[0]),) if n == 1 and part_needs[0] else None
         grad_buffers = self._out_parts(grad_whole, n)
-        last = self._last_writers(steps, reverse=True)
+        last = _last_writers(tuple(steps), reverse=True)
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         for i in reversed(range(len(steps))):
             step = steps[i]
@@ -645,17 +639,19 @@ def _cached(function: Callable[..., Any]) -> Callable[..., Any]:
     memo = functools.lru_cache(maxsize=256)(function)
 
     @functools.wraps(function)
-    def cached(*args: Any) -> Any:
+    def cached(*args: Any, **kwargs: Any) -> Any:
         try:
-            return memo(*args)
+            return memo(*args, **kwargs)
         except TypeError:  # unhashable arguments
-            return function(*args)
+            return function(*args, **kwargs)
 
     return cached
 
 
 @_cached
 def _last_writers(steps: tuple[Step, ...], reverse: bool) -> dict[int, int]:
+    """For each part, the position of the step that writes it last (in the order the
+    steps run: reversed for the inverse)."""
     order = list(enumerate(steps))
     if reverse:
         order.reverse()
