@@ -44,6 +44,12 @@ __all__ = [
     "queue_end_of_backward",
     "sole_holder_counts",
     "storage_key",
+    "set_version",
+    "delayed_error",
+    "ModuleHooks",
+    "module_hooks",
+    "forward_ad_active",
+    "functorch_transforms_active",
     "version",
 ]
 
@@ -159,6 +165,122 @@ def storage_key(x: torch.Tensor) -> int:
 def version(x: torch.Tensor) -> int:
     """The version counter of ``x``, bumped by every in-place write to it."""
     return x._version
+
+
+def set_version(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
+    """Set the version counters of ``tensors`` back to ``versions``.
+
+    A wrapper that freed an input and wrote the rebuilt values back into the same
+    tensor hides those writes this way: to everyone else the tensor is unchanged,
+    so that a version guard (autograd's, or a wrapper's on its outputs) fires only
+    for writes made by somebody else. This is the use PyTorch's
+    ``_unsafe_preserve_version_counter`` documents.
+    """
+    if not tensors:
+        return
+    if _set_version_takes_tuples():
+        torch._C._autograd._unsafe_set_version_counter(tuple(tensors), tuple(versions))
+    else:
+        for t, v in zip(tensors, versions):
+            torch._C._autograd._unsafe_set_version_counter(t, v)
+
+
+@functools.cache
+def _set_version_takes_tuples() -> bool:
+    # PyTorch 2.5 and later take tuples, 2.4 one tensor at a time. Found out once,
+    # on a tensor of no consequence: a failed call formats its arguments into the
+    # error message, which would read their values on every call.
+    probe = torch.zeros(1)
+    try:
+        torch._C._autograd._unsafe_set_version_counter((probe,), (0,))
+    except TypeError:
+        return False
+    return True
+
+
+def functorch_transforms_active() -> bool:
+    """Whether a :mod:`torch.func` transform (``grad``, ``vjp``, ``jvp``, ``vmap``,
+    ``jacrev``...) is running: a custom Function's forward then sees wrapped
+    tensors, which the memory-saving layers cannot free or reconstruct."""
+    return bool(torch._C._are_functorch_transforms_active())
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level (:func:`torch.autograd.forward_ad.dual_level`)
+    is open, in which dual tensors may carry tangents."""
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0
+
+
+class ModuleHooks(NamedTuple):
+    """The hooks that ``module(*x)`` would run around ``module.forward``: the
+    module's own, after the global ones (``register_module_forward_hook`` and
+    friends), in the order :meth:`torch.nn.Module.__call__` runs them. Each entry
+    is ``(hook, with_kwargs)``; backward hooks carry ``with_kwargs=False``."""
+
+    forward_pre: list[tuple[Callable[..., Any], bool]]
+    forward: list[tuple[Callable[..., Any], bool]]
+    backward_pre: list[tuple[Callable[..., Any], bool]]
+    backward: list[tuple[Callable[..., Any], bool]]
+    #: Whether a backward hook is of the deprecated, non-"full" kind
+    #: (``register_backward_hook``).
+    old_style_backward: bool
+
+
+def module_hooks(module: torch.nn.Module) -> ModuleHooks | None:
+    """The call hooks of ``module`` (see :class:`ModuleHooks`), or ``None`` when it has
+    none, which is the common case and costs a few dictionary checks."""
+    from torch.nn.modules import module as nn_module
+
+    own = (
+        module._forward_pre_hooks,
+        module._forward_hooks,
+        module._backward_pre_hooks,
+        module._backward_hooks,
+    )
+    glob = (
+        nn_module._global_forward_pre_hooks,
+        nn_module._global_forward_hooks,
+        nn_module._global_backward_pre_hooks,
+        nn_module._global_backward_hooks,
+    )
+    if not any(own) and not any(glob):
+        return None
+    pre_kwargs = module._forward_pre_hooks_with_kwargs
+    post_kwargs = module._forward_hooks_with_kwargs
+    # Not in PyTorch 2.4, which has no global forward hooks with kwargs.
+    global_post_kwargs = getattr(nn_module, "_global_forward_hooks_with_kwargs", {})
+    return ModuleHooks(
+        forward_pre=[(h, False) for h in glob[0].values()]
+        + [(h, key in pre_kwargs) for key, h in own[0].items()],
+        forward=[(h, key in global_post_kwargs) for key, h in glob[1].items()]
+        + [(h, key in post_kwargs) for key, h in own[1].items()],
+        backward_pre=[(h, False) for h in (*glob[2].values(), *own[2].values())],
+        backward=[(h, False) for h in (*glob[3].values(), *own[3].values())],
+        old_style_backward=bool(own[3]) and module._is_full_backward_hook is False,
+    )
+
+
+def delayed_error(
+    message: str, tensors: Sequence[torch.Tensor | None]
+) -> tuple[torch.Tensor | None, ...]:
+    """Aliases of ``tensors`` whose backward raises ``message``: what a backward pass
+    that cannot be differentiated returns under ``create_graph=True``, so that the
+    error comes only if somebody differentiates through it, and names the layer
+    (``torch.autograd.function.once_differentiable`` raises a message of its own).
+    """
+    err = torch._C._functions.DelayedError(message, len(tensors))
+
+    def requiring_grad(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        alias = t.detach()
+        alias.requires_grad_(True)
+        return alias
+
+    found = err(*(requiring_grad(t) for t in tensors))
+    return found if isinstance(found, tuple) else (found,)
 
 
 def is_output_of(x: torch.Tensor, function: type[torch.autograd.Function]) -> bool:

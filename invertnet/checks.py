@@ -88,10 +88,44 @@ def _warn_shared(tensors: tuple[torch.Tensor, ...], what: str) -> None:
         )
 
 
+def _module_dtypes(module: nn.Module) -> list[torch.dtype]:
+    """The floating dtypes of the module's parameters (of its buffers if it has no
+    floating parameters), in order of first appearance."""
+    for tensors in (module.parameters(), module.buffers()):
+        dtypes: list[torch.dtype] = []
+        for t in tensors:
+            if t.is_floating_point() and t.dtype not in dtypes:
+                dtypes.append(t.dtype)
+        if dtypes:
+            return dtypes
+    return []
+
+
+def _input_dtype(module: nn.Module, test_input_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype to test ``module`` in; refuse one its parameters do not have."""
+    dtypes = _module_dtypes(module)
+    if test_input_dtype is None:
+        return dtypes[0] if dtypes else torch.get_default_dtype()
+    if not isinstance(test_input_dtype, torch.dtype):
+        raise TypeError(
+            "test_input_dtype must be a torch.dtype (such as torch.float64) or None for "
+            f"the module's own dtype, got {test_input_dtype!r}"
+        )
+    if dtypes and test_input_dtype not in dtypes:
+        have = ", ".join(str(d) for d in dtypes)
+        raise ValueError(
+            f"is_invertible_module: test_input_dtype={test_input_dtype} but the module's "
+            f"floating parameters (or buffers) are {have}; the round trip would fail on the "
+            "dtype mismatch, not on the inverse. Leave test_input_dtype out (None) to test "
+            f"in the module's dtype, or convert the module (module.to({test_input_dtype}))"
+        )
+    return test_input_dtype
+
+
 def is_invertible_module(
     module_in: nn.Module,
     test_input_shape: Shape,
-    test_input_dtype: torch.dtype = torch.float32,
+    test_input_dtype: torch.dtype | None = None,
     atol: float = 1e-6,
     random_seed: int = 42,
     device: torch.device | str | None = None,
@@ -110,8 +144,13 @@ def is_invertible_module(
         The module (or an :class:`~invertnet.InvertibleModuleWrapper`) to test.
     test_input_shape : tuple of int, or tuple of tuples of int
         Shape of the input, or one shape per input for several inputs.
-    test_input_dtype : torch.dtype
-        Dtype of the random inputs.
+    test_input_dtype : torch.dtype, optional
+        Dtype of the random inputs. ``None`` (the default; memcnn's default is
+        ``torch.float32``) means the module's dtype: that of its first floating
+        parameter, else of its first floating buffer, else
+        :func:`torch.get_default_dtype`. A float64 module is thus tested in
+        float64, not reported non-invertible because float32 inputs do not match
+        its parameters.
     atol : float
         Absolute tolerance of the round trips.
     random_seed : int
@@ -128,7 +167,12 @@ def is_invertible_module(
     Raises
     ------
     ValueError
-        If ``test_input_shape`` is not a shape or a tuple of shapes.
+        If ``test_input_shape`` is not a shape or a tuple of shapes, or if
+        ``test_input_dtype`` is given and is not the dtype of any of the module's
+        floating parameters (of its floating buffers, if it has no floating
+        parameters): the verdict would be about the mismatch, not the inverse.
+    TypeError
+        If ``test_input_dtype`` is neither ``None`` nor a :class:`torch.dtype`.
 
     Warns
     -----
@@ -146,22 +190,22 @@ def is_invertible_module(
     True
     >>> is_invertible_module(torch.nn.Linear(4, 4), (3, 4))  # no inverse
     False
+    >>> is_invertible_module(AdditiveCoupling(torch.nn.Linear(2, 2)).double(), (3, 4))
+    True
     """
     shapes = _normalise_shapes(test_input_shape)
     if isinstance(module_in, InvertibleModuleWrapper):
         module_in = module_in.module
     if not callable(getattr(module_in, "inverse", None)):
         return False
+    dtype = _input_dtype(module_in, test_input_dtype)
     if device is None:
         first = next(iter(module_in.parameters()), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
     generator = torch.Generator(device=device).manual_seed(random_seed)
     with _module_state_preserved(module_in, device), torch.no_grad():
-        xs = tuple(
-            torch.rand(s, dtype=test_input_dtype, device=device, generator=generator)
-            for s in shapes
-        )
+        xs = tuple(torch.rand(s, dtype=dtype, device=device, generator=generator) for s in shapes)
         try:
             ys = _as_tuple(module_in(*xs))
             xs_back = _as_tuple(module_in.inverse(*ys))

@@ -134,13 +134,15 @@ def run_and_grads(
     """Run ``call(*inputs)`` (default ``net``), back-propagate a fixed random projection.
 
     Returns the detached outputs, the input gradients and the parameter gradients.
-    Inputs are cloned leaves, so each call starts from the same values.
+    Inputs are cloned leaves, so each call starts from the same values; those that
+    require grad are passed as activations (``leaf * 1``), which a wrapper frees and
+    rebuilds, as it does inside a model (the caller's own leaves it only hides).
     """
     net.zero_grad(set_to_none=True)
     leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
     if seed is not None:
         torch.manual_seed(seed)
-    out = (call or net)(*leaves)
+    out = (call or net)(*(leaf * 1 if leaf.requires_grad else leaf for leaf in leaves))
     outs = list(out) if isinstance(out, tuple) else [out]
     gen = torch.Generator().manual_seed(1234)
     loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)

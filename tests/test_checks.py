@@ -238,3 +238,50 @@ def test_device_argument() -> None:
     block = AdditiveCoupling(nn.Linear(2, 2))
     assert is_invertible_module(block, (3, 4), atol=1e-5, device="cpu")
     assert is_invertible_module(block, (3, 4), atol=1e-5, device=torch.device("cpu"))
+
+
+def test_a_float64_module_is_tested_in_float64_by_default() -> None:
+    # The float32 default of memcnn made a float64 module "not invertible".
+    block = AdditiveCoupling(nn.Linear(2, 2)).double()
+    assert _check_no_warning(block, (3, 4), atol=1e-12) is True
+    assert _check_no_warning(InvertibleModuleWrapper(block), (3, 4), atol=1e-12) is True
+
+
+class _Buffered(_Recorder):
+    """No parameters; a float64 buffer sets the dtype."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("offset", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+
+def test_default_dtype_follows_parameters_then_buffers_then_the_default() -> None:
+    recorder = _Recorder()  # nothing to follow: the default dtype
+    assert is_invertible_module(recorder, (3,))
+    assert recorder.seen[0].dtype == torch.get_default_dtype()
+    buffered = _Buffered()
+    assert is_invertible_module(buffered, (3,))
+    assert buffered.seen[0].dtype == torch.float64
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        recorder = _Recorder()
+        assert is_invertible_module(recorder, (3,))
+        assert recorder.seen[0].dtype == torch.float64
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_a_dtype_the_module_does_not_have_is_refused() -> None:
+    block = AdditiveCoupling(nn.Linear(2, 2)).double()
+    with pytest.raises(
+        ValueError,
+        match=r"test_input_dtype=torch.float32 but the module's floating parameters "
+        r"\(or buffers\) are torch.float64.*Leave test_input_dtype out",
+    ):
+        is_invertible_module(block, (3, 4), test_input_dtype=torch.float32)
+    # The module's own dtype, given explicitly (memcnn's keyword), is accepted.
+    assert is_invertible_module(block, (3, 4), test_input_dtype=torch.float64, atol=1e-12)
+    with pytest.raises(TypeError, match="test_input_dtype must be a torch.dtype"):
+        is_invertible_module(block, (3, 4), test_input_dtype="float64")  # type: ignore[arg-type]

@@ -199,3 +199,33 @@ def test_compiled_submodules_give_plain_gradients_with_dropout() -> None:
     expected = _step(plain, plain, x)
     torch._dynamo.reset()
     _assert_same(got, expected)
+
+
+def test_a_compiled_training_step_that_calls_backward_matches_eager() -> None:
+    # torch.compile of the whole step (forward, loss.backward(), optimizer.step()):
+    # backward runs from the compiled frame, and the wrappers' backward must not be
+    # traced (it read a freed input's metadata and blamed keep_input).
+    def make() -> tuple[nn.Module, torch.optim.Optimizer]:
+        torch.manual_seed(0)
+        blocks = [InvertibleModuleWrapper(AdditiveCoupling(_mlp(WIDTH // 2))) for _ in range(2)]
+        model = nn.Sequential(nn.Linear(WIDTH, WIDTH), *blocks, nn.Linear(WIDTH, 1))
+        return model, torch.optim.SGD(model.parameters(), lr=0.1)
+
+    def step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor) -> torch.Tensor:
+        opt.zero_grad()
+        loss = model(x).square().mean()
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    torch._dynamo.reset()
+    (model, opt), (eager, eager_opt) = make(), make()
+    compiled_step = torch.compile(step)
+    x = torch.randn(4, WIDTH)
+    for _ in range(2):
+        torch.testing.assert_close(
+            compiled_step(model, opt, x), step(eager, eager_opt, x), rtol=1e-5, atol=1e-6
+        )
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()

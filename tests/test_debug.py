@@ -9,8 +9,11 @@ import torch
 from torch import nn
 
 from invertnet import (
+    ActNorm,
     AdditiveCoupling,
+    Flow,
     InvertibleModuleWrapper,
+    Permutation,
     ReconstructionError,
     debug_reconstruction,
     set_debug_reconstruction,
@@ -18,6 +21,7 @@ from invertnet import (
 )
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import Step
+from invertnet.wrappers.debug import ReconstructionReport
 
 
 class Scale(nn.Module):
@@ -203,3 +207,115 @@ def test_bad_switch_values_are_rejected() -> None:
         set_finite_check(1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="enabled must be a bool"):
         set_debug_reconstruction("on")  # type: ignore[arg-type]
+
+
+# -- the report: how far each wrapper's reconstruction drifted ------------------------
+
+
+def _scales(*offsets: float) -> nn.Sequential:
+    return nn.Sequential(
+        *(
+            InvertibleModuleWrapper(Scale(torch.full((6,), 2.0, dtype=torch.float64), offset))
+            for offset in offsets
+        )
+    )
+
+
+def test_report_records_every_wrapper_within_the_tolerance() -> None:
+    net = _scales(0.0, 1e-3, 2e-3)  # the inverses' errors: 0, 1e-3, 2e-3
+    x = _input(4, 6)
+    with torch.no_grad():
+        x.copy_(torch.linspace(-4.0, 2.0, 24, dtype=torch.float64).reshape(4, 6))
+    with debug_reconstruction(atol=1e-2, rtol=0.0, model=net) as report:
+        y = net(x)
+    assert isinstance(report, ReconstructionReport) and len(report) == 0
+    y.sum().backward()  # within the tolerance: nothing raised, all recorded
+    worst = report.by_module()
+    assert list(worst) == [f"InvertibleModuleWrapper(Scale) '{i}'" for i in (2, 1, 0)]
+    r2, r1, r0 = worst.values()
+    # Block 2 rebuilds its input 2e-3 off; block 1 adds 1e-3 to half of that; block
+    # 0 halves it again. Relative to the inputs' largest values, 16, 8 and 4.
+    assert r2.max_abs_error == pytest.approx(2e-3, rel=1e-9)
+    assert r1.max_abs_error == pytest.approx(2e-3, rel=1e-9)
+    assert r0.max_abs_error == pytest.approx(1e-3, rel=1e-9)
+    assert r2.rel_error == pytest.approx(2e-3 / 16, rel=1e-9)
+    assert r1.rel_error == pytest.approx(2e-3 / 8, rel=1e-9)
+    assert r0.rel_error == pytest.approx(1e-3 / 4, rel=1e-9)
+    assert all(r.within_tolerance and r.nonfinite == 0 and r.input_index == 0 for r in report)
+    assert all(r.dtype == torch.float64 for r in report)
+    assert report.max_abs_error == pytest.approx(2e-3, rel=1e-9)
+    assert report.worst() is r1
+    assert "| InvertibleModuleWrapper(Scale) '2' | 0 | 0.002 |" in report.table()
+    report.clear()
+    assert len(report) == 0 and report.worst() is None and report.max_rel_error == 0.0
+
+
+def test_report_keeps_the_failing_record_before_raising() -> None:
+    net = _scales(0.0, 0.1)
+    with debug_reconstruction(model=net) as report:
+        y = net(_input(4, 6))
+    with pytest.raises(ReconstructionError):
+        y.sum().backward()
+    (record,) = report.records
+    assert record.module_name.endswith("'1'") and not record.within_tolerance
+    assert record.max_abs_error == pytest.approx(0.1, rel=1e-9)
+
+
+def test_raise_errors_false_records_every_wrapper_and_raises_nothing() -> None:
+    net = _scales(0.1, 0.0, 0.1)
+    with debug_reconstruction(model=net, raise_errors=False) as report:
+        y = net(_input(4, 6))
+    y.sum().backward()
+    failed = {name: not r.within_tolerance for name, r in report.by_module().items()}
+    assert failed == {
+        "InvertibleModuleWrapper(Scale) '2'": True,
+        "InvertibleModuleWrapper(Scale) '1'": True,  # rebuilt from block 2's wrong input
+        "InvertibleModuleWrapper(Scale) '0'": True,
+    }
+    with (
+        pytest.raises(TypeError, match="raise_errors must be a bool"),
+        debug_reconstruction(raise_errors=1),  # type: ignore[arg-type]
+    ):
+        pass
+
+
+def test_global_switch_returns_its_report() -> None:
+    net = _scales(0.0, 1e-3)
+    report = set_debug_reconstruction(True, atol=1e-2, model=net)
+    assert report is not None
+    net(_input(4, 6)).sum().backward()
+    net(_input(4, 6)).sum().backward()
+    assert len(report) == 4 and len(report.by_module()) == 2  # two passes, two wrappers
+    assert set_debug_reconstruction(False) is None
+
+
+def test_report_names_flow_blocks_and_shows_drift_growing_down_the_flow() -> None:
+    torch.manual_seed(0)
+    blocks: list[nn.Module] = []
+    for _ in range(6):  # additive couplings adding large values: float32 loses digits
+        f = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 4))
+        with torch.no_grad():
+            f[2].weight.mul_(5.0)
+            f[2].bias.mul_(5.0)
+        blocks += [ActNorm(8), AdditiveCoupling(f), Permutation(8)]
+    flow = Flow(blocks, (8,))
+    x = torch.randn(64, 8)
+    with torch.no_grad():
+        flow(x)
+    with debug_reconstruction(model=flow, raise_errors=False) as report:
+        loss = -flow.log_prob(x).mean()
+    loss.backward()
+    names = list(report.by_module())
+    # 18 blocks: the groups start at 0 (kept, the caller's input), 1, 5, 9, 13, 17.
+    assert names[0] == "InvertibleModuleWrapper(_FusedLogDetChain) 'blocks.17'"
+    assert names[1] == "InvertibleModuleWrapper(_FusedLogDetChain) 'blocks.13' to 'blocks.16'"
+    assert names[-1] == "InvertibleModuleWrapper(_FusedLogDetChain) 'blocks.1' to 'blocks.4'"
+    errors = [r.rel_error for r in report.by_module().values()]
+    # Each input is rebuilt from the rebuilt one above it: the error compounds.
+    assert errors[0] == 0.0  # block 17, a permutation: exact
+    assert errors[-1] > 20 * errors[1] > 0
+    assert not all(r.within_tolerance for r in report)
+    with debug_reconstruction():  # raising, and without a model: the blocks' indices
+        loss = -flow.log_prob(x).mean()
+    with pytest.raises(ReconstructionError, match=r"\(flow blocks 1 to 4\).*keep_every"):
+        loss.backward()

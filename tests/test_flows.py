@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 import torch
@@ -242,6 +242,42 @@ def test_bad_block_arguments() -> None:
         InvertibleConv1x1(0)
     with pytest.raises(ValueError, match="factor must be a positive int"):
         Squeeze(1.5)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def float64_default() -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def test_conv1x1_is_built_in_the_default_dtype(float64_default: None) -> None:
+    # It stored float32 parameters next to a float64 mask: the forward pass crashed
+    # ("expected m1 and m2 to have the same dtype").
+    torch.manual_seed(0)
+    conv = InvertibleConv1x1(4)
+    assert {t.dtype for t in conv.state_dict().values()} == {torch.float64}
+    x = torch.randn(3, 4, 2, 2)
+    y, log_det = conv.forward_and_log_det(x)
+    assert y.dtype == log_det.dtype == torch.float64
+    torch.testing.assert_close(conv.inverse(y), x, rtol=1e-12, atol=1e-12)
+    assert is_invertible_module(conv, (3, 4, 2, 2), atol=1e-12)
+    flow = Flow(glow(2, channels=1), (1, 4, 4))  # the whole flow, memory-saving
+    flow.log_prob(torch.randn(4, 1, 4, 4)).mean().backward()
+
+
+@pytest.mark.parametrize("convert", ["double", "to"])
+def test_conv1x1_converts_every_parameter_and_buffer(convert: str) -> None:
+    torch.manual_seed(0)
+    conv = InvertibleConv1x1(4)
+    assert {t.dtype for t in conv.state_dict().values()} == {torch.float32}
+    conv = conv.double() if convert == "double" else conv.to(torch.float64)
+    assert {t.dtype for t in conv.state_dict().values()} == {torch.float64}
+    x = torch.randn(3, 4, dtype=torch.float64)
+    torch.testing.assert_close(conv.inverse(conv(x)), x, rtol=1e-12, atol=1e-12)
 
 
 def test_conv1x1_weight_starts_as_a_rotation_and_inverse_weight_inverts_it() -> None:
@@ -581,3 +617,75 @@ def test_dropout_in_coupling_networks_gets_the_same_masks_in_backward() -> None:
     torch.testing.assert_close(gx_saving, gx_plain, rtol=1e-12, atol=1e-12)
     for a, b in zip(gp_saving, gp_plain):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+# -- 4. keep_every: bounded reconstruction drift ----------------------------------------
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, True, "2"])
+def test_keep_every_must_be_a_positive_int(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"keep_every must be None .* or a positive int N"):
+        Flow(realnvp(1), (2,), keep_every=bad)  # type: ignore[arg-type]
+
+
+def ill_conditioned(depth: int, width: int = 8, gain: float = 5.0) -> list[nn.Module]:
+    """Steps of ActNorm, an additive coupling adding ``gain``-sized values, and a
+    permutation: each inverse subtracts large values from large values, so float32
+    reconstruction loses digits at every block and the errors compound."""
+    blocks: list[nn.Module] = []
+    for _ in range(depth):
+        f = nn.Sequential(nn.Linear(width // 2, 16), nn.Tanh(), nn.Linear(16, width // 2))
+        with torch.no_grad():
+            f[2].weight.mul_(gain)
+            f[2].bias.mul_(gain)
+        blocks += [ActNorm(width), AdditiveCoupling(f), Permutation(width)]
+    return blocks
+
+
+def worst_gradient_difference(flow: Flow, reference: Flow, x: torch.Tensor) -> float:
+    _, grads = gradients(flow, x)
+    _, wanted = gradients(reference, x)
+    return max(float((g - w).norm() / w.norm()) for g, w in zip(grads, wanted))
+
+
+def test_keep_every_brings_deep_float32_gradients_back_to_keep_input() -> None:
+    torch.manual_seed(0)
+    blocks = ill_conditioned(8)  # 24 blocks
+    x = torch.randn(64, 8)
+    plain = Flow(blocks, (8,), keep_input=True)
+    with torch.no_grad():
+        plain(x)  # ActNorm's initialisation; the flows below share the blocks
+    drifting = worst_gradient_difference(Flow(blocks, (8,)), plain, x)
+    bounded = worst_gradient_difference(Flow(blocks, (8,), keep_every=6), plain, x)
+    assert drifting > 1e-5, "the flow does not drift: the test proves nothing"
+    assert bounded < drifting / 100
+    assert bounded < 1e-5
+
+
+def test_keep_every_gradients_are_exact_in_float64() -> None:
+    torch.manual_seed(0)
+    plain = Flow(realnvp(4), (2,), keep_input=True).double()
+    x = torch.randn(16, 2, dtype=torch.float64)
+    saving = saving_twin(plain, x)
+    bounded = Flow(saving.blocks, (2,), keep_every=2)
+    assert_gradients_equal(bounded, plain, x, 1e-12)
+
+
+def test_keep_every_keeps_every_nth_input_and_frees_the_others() -> None:
+    torch.manual_seed(0)
+    flow = Flow(realnvp(4), (2,), keep_every=6)  # 12 blocks
+    x = torch.randn(8, 2)
+    with torch.no_grad():
+        flow(x)
+    starts = [w.module.first for w in flow._wrappers]
+    assert starts == [0, 1, 5, 6, 10]  # a group starts at block 6, the one kept
+    seen = block_inputs(flow)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputKeptWarning)  # kept by choice: no warning
+        loss = -flow.log_prob(x).mean()
+    kept = [t.untyped_storage().nbytes() > 0 for t in seen]
+    assert kept == [start % 6 == 0 for start in starts] == [True, False, False, True, False]
+    loss.backward()
+    assert all(t.untyped_storage().nbytes() > 0 for t in seen)
+    assert flow.keep_every == 6 and "keep_every=6" in repr(flow)
+    assert Flow(realnvp(1), (2,)).keep_every is None

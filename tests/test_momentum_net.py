@@ -377,7 +377,7 @@ def test_partial_backward_then_full_backward_with_retain_graph() -> None:
 
 
 def test_rng_state_is_recorded_once_for_calls_that_draw_nothing() -> None:
-    from invertnet._rng import RNGTape, call_recorded
+    from invertnet._runtime.rng import RNGTape, call_recorded
 
     tape = RNGTape([torch.zeros(1)])
     with tape.recording():

@@ -228,7 +228,8 @@ def test_debug_mode_rejects_every_wrong_inverse(
 ) -> None:
     torch.manual_seed(0)
     wrong = InvertibleModuleWrapper(WrongInverse(COUPLINGS[coupling](1, 0.9), kind, eps, index))
-    x = torch.randn(3, 4, 2, requires_grad=True)
+    # An activation: rebuilt by the inverse (a leaf of the caller's is handed back).
+    x = torch.randn(3, 4, 2, requires_grad=True) * 1
     with debug_reconstruction():
         y = wrong(x)
     try:

@@ -323,10 +323,11 @@ def test_fused_backward_takes_an_input_memory_only_after_the_sub_module_backward
     else:
         module = AffineCoupling(f, g, adapter=AffineAdapterNaive)
     halves = [torch.randn(3, 4) for _ in range(2)]
+    # Activations (x * 1), which the wrapper frees and rebuilds; leaves it would hide.
     if apart:
-        xs = [h.clone().requires_grad_() for h in halves]
+        xs = [h.clone().requires_grad_() * 1 for h in halves]
     else:
-        xs = [torch.cat(halves, dim=1).requires_grad_()]
+        xs = [torch.cat(halves, dim=1).requires_grad_() * 1]
     watched.extend(xs)
     full = [_nbytes(x) for x in xs]
     reference = [p.detach().clone() for p in module.parameters()]

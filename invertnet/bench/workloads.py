@@ -314,9 +314,10 @@ class TwoStreams(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Owned copies rather than views of x, so that the first wrapper may free them
         # (contiguous() would return a half that is already contiguous, as a batch of
-        # one's channel halves are, as a view).
+        # one's channel halves are, as a view); marked, since without a grad_fn a
+        # wrapper would take them for the caller's data and only hide them.
         x1, x2 = (
-            half.clone(memory_format=torch.contiguous_format)
+            invertnet.allow_free(half.clone(memory_format=torch.contiguous_format))
             for half in torch.chunk(x, 2, dim=self.split_dim)
         )
         for block in self.blocks:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from invertnet._grad_mode import without_grad
-from invertnet._rng import call_recorded
+from invertnet._runtime.rng import call_recorded
 from invertnet._torch_private import gradients, held_only_by_caller
 
 __all__ = ["Combine", "Step", "CouplingBase"]

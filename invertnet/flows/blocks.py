@@ -270,7 +270,9 @@ class InvertibleConv1x1(_FlowBlock):
         \log|\det \partial y / \partial x| = n \sum_c \mathrm{log\_s}_c
 
     costs nothing to evaluate (``n`` is the spatial size) and ``W`` stays
-    invertible. ``W`` starts as a random rotation.
+    invertible. ``W`` starts as a random rotation. The parameters and buffers are
+    created in the default dtype (:func:`torch.get_default_dtype`), like those of
+    :class:`torch.nn.Linear`; convert the block with ``.to(dtype)`` or ``.double()``.
 
     Parameters
     ----------
@@ -297,15 +299,19 @@ class InvertibleConv1x1(_FlowBlock):
         super().__init__()
         c = _check_positive_int("InvertibleConv1x1", "num_channels", num_channels)
         self.num_channels = c
+        # Factorised in float64, then stored in the default dtype (as nn.Linear's
+        # weight is), every parameter and buffer alike: a later .to(dtype) or
+        # .double() converts them all together.
+        dtype = torch.get_default_dtype()
         rotation = torch.linalg.qr(torch.randn(c, c, generator=generator, dtype=torch.float64))[0]
         permutation, lower, upper = torch.linalg.lu(rotation)
         diagonal = torch.diagonal(upper)
-        self.register_buffer("permutation", permutation.float())
-        self.register_buffer("sign_s", torch.sign(diagonal).float())
-        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c), -1))
-        self.lower = nn.Parameter(torch.tril(lower, -1).float())
-        self.upper = nn.Parameter(torch.triu(upper, 1).float())
-        self.log_s = nn.Parameter(torch.log(torch.abs(diagonal)).float())
+        self.register_buffer("permutation", permutation.to(dtype))
+        self.register_buffer("sign_s", torch.sign(diagonal).to(dtype))
+        self.register_buffer("lower_mask", torch.tril(torch.ones(c, c, dtype=dtype), -1))
+        self.lower = nn.Parameter(torch.tril(lower, -1).to(dtype))
+        self.upper = nn.Parameter(torch.triu(upper, 1).to(dtype))
+        self.log_s = nn.Parameter(torch.log(torch.abs(diagonal)).to(dtype))
 
     def extra_repr(self) -> str:
         return f"{self.num_channels}"

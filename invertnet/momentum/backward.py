@@ -14,19 +14,37 @@ does for ordinary layers: one node would have to return every layer's gradients
 at once, a transient the size of all the parameters. The nodes pass the state and
 its gradients to each other through the :class:`_Run` they share; the tensors that
 link them in the graph are empty and only order them.
+
+Between the forward pass and backward the user's code runs, and may change what
+the recomputation depends on. Each call of a function (and of ``init_function``)
+is recorded in a :class:`~invertnet._runtime.forward_state.ForwardState` and
+recomputed inside :meth:`~invertnet._runtime.forward_state.ForwardState.replayed`:
+the random state (dropout), autocast, the training flags of the forward pass
+(``model.eval()`` called before backward), the tensors the modules held then
+(those :func:`torch.func.functional_call` swapped in for the call), and buffers
+as the forward pass left them; a parameter written in place meanwhile
+(``optimizer.step()``) raises, before any gradient is computed.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import functools
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from invertnet._rng import RNGTape, call_recorded
+from invertnet._runtime.forward_state import (
+    AutocastState,
+    ForwardState,
+    submodules,
+    trainable_parameters,
+)
+from invertnet._runtime.rng import RNGTape, call_recorded
+from invertnet._torch_private import delayed_error, forward_ad_active, functorch_transforms_active
 from invertnet.momentum.arguments import (
     ArgumentRecord,
     Slot,
@@ -41,12 +59,169 @@ from invertnet.momentum.exact import (
     MomentumState,
     RangeCheck,
 )
-from invertnet.wrappers._recompute import AutocastState, buffers_unchanged
 
 if TYPE_CHECKING:
     from invertnet.momentum.net import MomentumNet
 
-__all__ = ["run_without_activations"]
+__all__ = ["before_plain_call", "run_without_activations"]
+
+#: The name of the layer in the errors of the forward-state record.
+_LAYER = "MomentumNet(use_backprop=False)"
+
+_DOUBLE_BACKWARD = (
+    f"{_LAYER}: differentiating its gradients (double backward, after backward or "
+    "torch.autograd.grad with create_graph=True) is not supported. Backward recomputes "
+    "each layer from its reconstructed input and returns gradients that carry no graph "
+    "of their own, so their derivatives would come out zero or wrong. Use "
+    "use_backprop=True for higher-order derivatives (gradient penalties, Hessian-vector "
+    "products, MAML without the first-order approximation)"
+)
+
+
+@dataclass(eq=False)
+class _Step:
+    """One call of a function (or of ``init_function``) in the forward pass."""
+
+    # The record of what it ran under, replayed for its recomputation.
+    state: ForwardState
+    # Its trainable parameters when it ran (those functional_call swapped in, say),
+    # inputs of its autograd node.
+    params: tuple[torch.Tensor, ...]
+    # Its modules that hold buffers (see _pending).
+    with_buffers: tuple[torch.nn.Module, ...]
+    # Whether it wrote over its input (nn.ReLU(inplace=True) first, x.mul_(...)).
+    writes_input: bool = False
+
+    def release(self) -> None:
+        """Mark the step's backward as ended: its modules may run again freely."""
+        self.state.awaiting_backward = False
+
+
+# The last step to have run each module that holds buffers, by the module's id: a
+# module run again before the backward of an earlier call (the same module at
+# several layers, or a network called twice before one backward, as a siamese
+# pair is) updates its running statistics in place, so that earlier step must
+# first keep a copy of what its forward pass left (ForwardState.keep_buffer_values).
+# By module rather than by buffer, for one entry per BatchNorm rather than three;
+# the entries go with the steps, and an id cannot be reused while its step, which
+# holds the module, lives.
+_pending: weakref.WeakValueDictionary[int, ForwardState] = weakref.WeakValueDictionary()
+
+
+def _keep_earlier_buffers(with_buffers: Iterable[torch.nn.Module]) -> None:
+    """Before ``with_buffers`` run again: the calls that ran them last and await
+    their backward keep copies of their buffers (see :data:`_pending`)."""
+    for module in with_buffers:
+        earlier = _pending.get(id(module))
+        if earlier is not None and earlier.awaiting_backward:
+            earlier.keep_buffer_values()
+
+
+def before_plain_call(net: MomentumNet) -> None:
+    """Called before ``net`` runs its plain iteration in training mode.
+
+    Without grad the functions run directly, and in training mode they update
+    their running statistics: an earlier call of the memory-saving pass that
+    awaits its backward must first keep copies of what its forward pass left,
+    or its backward would find the buffers changed and raise. Costs one check
+    of an empty dictionary when no call awaits its backward.
+    """
+    if _pending:
+        _keep_earlier_buffers(m for m in submodules(net) if m._buffers)
+
+
+def _prepare(name: str, module: torch.nn.Module, run: _Run) -> _Step:
+    modules = submodules(module)
+    state = ForwardState(f"{_LAYER} {name}", modules, run.tape, run.autocast)
+    with_buffers = tuple(m for m in modules if m._buffers)
+    return _Step(state, trainable_parameters(modules), with_buffers)
+
+
+def _call_recorded(
+    step: _Step, key: Any, x: torch.Tensor, fn: Callable[..., torch.Tensor], *args: Any
+) -> Any:
+    """Run ``fn(*args)``, the call of ``step`` on the input ``x``, and record it."""
+    _keep_earlier_buffers(step.with_buffers)
+    version = x._version
+    with step.state.recording():
+        y = call_recorded(key, fn, *args)
+    # Host metadata only: the version counter says whether it wrote over x.
+    step.writes_input = x._version != version
+    step.state.seal()
+    for module in step.with_buffers:
+        _pending[id(module)] = step.state
+    return y
+
+
+@contextlib.contextmanager
+def _recomputing(step: _Step, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, tuple]]:
+    """Recompute ``step`` in its forward pass's state, with grad.
+
+    Yields the input to call the function on, and leaves standing for its
+    trainable parameters, swapped for the call into every module that holds
+    them. The input is a copy of ``x`` where the function writes over its input
+    (``x`` is a leaf, which autograd will not let it write into).
+
+    With leaves of its own for the parameters, the recomputation's backward
+    gives gradients to nothing but them: a hook registered on a parameter runs
+    once, when the node returns the parameter's gradient (not also inside the
+    recomputation's backward), and for a tensor that
+    :func:`torch.func.functional_call` computed from others (first-order MAML's
+    fast weights) the recomputed graph stops at it, so that its gradient goes
+    back through its history once, when the node returns it.
+    """
+    with step.state.replayed(), torch.enable_grad():
+        swapped = []
+        leaves = ()
+        if step.params:
+            by_id = {id(p): p.detach().requires_grad_(True) for p in step.params}
+            for module in step.state.modules:
+                tensors = module._parameters
+                for name, p in tensors.items():
+                    leaf = by_id.get(id(p))
+                    if leaf is not None:
+                        swapped.append((tensors, name, p))
+                        tensors[name] = leaf  # type: ignore[assignment]
+            leaves = tuple(by_id[id(p)] for p in step.params)
+        try:
+            yield (x.clone() if step.writes_input else x), leaves
+        finally:
+            for tensors, name, p in swapped:
+                tensors[name] = p
+
+
+# Whether the backward pass now running keeps the graph (retain_graph). Unknown
+# on a PyTorch without the query: then the steps are kept, which costs only
+# copies of buffers that a later call would otherwise not need.
+_keep_graph: Callable[[], bool] = getattr(
+    torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
+)
+
+
+def _first_order(backward: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
+    """Run ``backward`` without grad; under ``create_graph=True`` return gradients
+    whose own backward raises :data:`_DOUBLE_BACKWARD`.
+
+    What :func:`torch.autograd.function.once_differentiable` does, with an error
+    that names the layer and the fix instead of PyTorch's generic one, and for
+    every gradient: ``once_differentiable`` marks them only when an incoming
+    gradient requires grad, so the gradients of ``y.sum()`` would come back
+    without a graph, and differentiating them would fail with a message that
+    names neither (or, with ``allow_unused=True``, return ``None``).
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
+        with torch.no_grad():
+            result = backward(ctx, *grads)
+        if not torch.is_grad_enabled():
+            return result
+        marked = iter(
+            delayed_error(_DOUBLE_BACKWARD, [r for r in result if isinstance(r, torch.Tensor)])
+        )
+        return tuple(next(marked) if isinstance(r, torch.Tensor) else r for r in result)
+
+    return wrapper
 
 
 @dataclass
@@ -60,10 +235,15 @@ class _Run:
     grad_slots: list[Slot]
     fixed: FixedPoint
     core: ExactMomentum
+    # Shared by the steps' records: one tape and one autocast setting per call.
     tape: RNGTape
     autocast: tuple[AutocastState, ...]
     # Forward only: the magnitudes the steps reached, checked once at the end.
     checks: RangeCheck
+    # The calls of init_function and of each function, for their recomputation;
+    # None once the backward that used them has released them.
+    init_step: _Step | None = None
+    steps: list[_Step | None] = field(default_factory=list)
     # The state, and the layer whose input it holds; None once it is not needed.
     state: MomentumState | None = None
     layer: int = 0
@@ -82,16 +262,17 @@ class _Run:
     # must find again (see invertnet.momentum.arguments.ArgumentRecord).
     record: ArgumentRecord | None = None
 
-    @contextlib.contextmanager
-    def recomputing(self, module: torch.nn.Module) -> Iterator[None]:
-        """Recompute under the forward's autocast and RNG, leaving buffers alone."""
-        with (
-            AutocastState.restored(self.autocast),
-            buffers_unchanged(module),
-            self.tape.replaying(),
-            torch.enable_grad(),
-        ):
-            yield
+    def check_steps(self) -> None:
+        """Raise, before any layer is recomputed, if a step cannot be replayed.
+
+        Each recomputation checks its own step again; checking all of them when
+        backward reaches the network means that no gradient of its parameters is
+        accumulated by a backward that then fails (plain autograd would raise at
+        the first layer whose weights changed, after the layers above it).
+        """
+        for step in (self.init_step, *self.steps):
+            if step is not None:
+                step.state.check()
 
     def state_at(self, layer: int) -> MomentumState:
         """The state, checked to hold the input of ``layer`` (backward order).
@@ -122,8 +303,30 @@ class _Run:
         )
 
 
-def _trainable(module: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-    return tuple(p for p in module.parameters() if p.requires_grad)
+def _refuse_transforms() -> None:
+    """Raise where the memory-saving training pass cannot give autograd's result.
+
+    Its forward pass runs the functions inside one custom autograd node per layer,
+    without a graph, and backward reconstructs their inputs: a :mod:`torch.func`
+    transform or a forward-mode tangent would have to follow values that are
+    rebuilt rather than computed, and the nodes define neither a batching rule nor
+    a forward derivative. Raised before anything runs, with the fix, rather than
+    PyTorch's errors about ``setup_context`` or ``jvp``. Reading the two flags
+    is host metadata; the check runs eagerly, in the frame that torch.compile
+    leaves uncompiled, so that it costs a compiled model no graph break.
+    """
+    if functorch_transforms_active():
+        feature = "torch.func transforms (grad, vjp, jvp, vmap, jacrev, ...)"
+    elif forward_ad_active():
+        feature = "forward-mode AD (a torch.autograd.forward_ad.dual_level is open)"
+    else:
+        return
+    raise RuntimeError(
+        f"MomentumNet(use_backprop=False): {feature} cannot run through the memory-saving "
+        "training pass, which runs the functions outside autograd and reconstructs their "
+        "inputs in backward. Use use_backprop=True, or call the network in eval mode or "
+        "under torch.no_grad(), where both modes run the plain iteration"
+    )
 
 
 # torch.compile: the whole call runs eagerly, functions included. The exact
@@ -137,6 +340,7 @@ def run_without_activations(
     net: MomentumNet, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> torch.Tensor:
     """Run ``net`` on ``x`` keeping only what exact reversal needs for backward."""
+    _refuse_transforms()
     fixed = FixedPoint(x.dtype)
     run = _Run(
         net=net,
@@ -151,11 +355,17 @@ def run_without_activations(
     )
     grad_args = slot_tensors(args, kwargs, run.grad_slots)
     init = net.init_function
-    link = _Start.apply(run, x, *(_trainable(init) if init is not None else ()))
+    if init is not None:
+        run.init_step = _prepare("init_function", init, run)
+    link = _Start.apply(run, x, *(run.init_step.params if run.init_step is not None else ()))
     run.record = ArgumentRecord(args, kwargs)
     try:
         for t, f in enumerate(net.functions):
-            link = _Layer.apply(run, t, link, *grad_args, *_trainable(f))
+            # The parameters the function holds now, before it runs: those that
+            # functional_call swapped in are the ones to differentiate.
+            step = _prepare(f"functions[{t}]", f, run)
+            run.steps.append(step)
+            link = _Layer.apply(run, t, link, *grad_args, *step.params)
     except Exception as error:
         # A function that fails on an input out of range: name what left the range.
         try:
@@ -207,25 +417,44 @@ def _unowned_leaves(y: torch.Tensor, wanted: tuple[torch.Tensor, ...]) -> list[t
 
 def _vjp(
     y: torch.Tensor,
-    wanted: tuple[torch.Tensor, ...],
+    leaves: tuple[torch.Tensor, ...],
     grad_y: torch.Tensor,
-    unowned: list[torch.Tensor],
-) -> tuple[torch.Tensor | None, ...]:
-    """Gradients of ``wanted``, returned; those of ``unowned``, accumulated.
+    params: tuple[torch.Tensor, ...],
+) -> list[torch.Tensor | None]:
+    """Gradients of ``leaves``, returned; those of tensors ``y`` reaches besides, accumulated.
 
+    ``leaves`` are the recomputation's own: its input, the extra-argument leaves,
+    and last the leaves standing for ``params`` (see :func:`_recomputing`).
     ``grad_y`` is the gradient for ``y``, in its dtype.
 
-    ``unowned`` tensors get their gradients as autograd would give them in the
-    plain mode: accumulated into ``.grad`` (hooks included) by a second pass
-    through the recomputed graph. The graph is retained by both passes, since a
-    closure may reach into the graph of the enclosing computation, which the
-    backward that is running still has to go through.
+    Tensors that the function reaches without owning them
+    (:func:`_unowned_leaves`) get their gradients as autograd would give them in
+    the plain mode: accumulated into ``.grad`` (hooks included). The same
+    backward pass computes those of ``leaves``, read from their ``.grad``: one
+    pass, so that the hooks of the function's modules (full backward hooks) run
+    once, as in the plain mode. The graph is retained, since a closure may reach
+    into the graph of the enclosing computation, which the backward that is
+    running still has to go through. A parameter reached directly rather than
+    through its leaf (a module that keeps its own list of its weights, as the
+    recurrent ones do) is given the gradient it gets that way as well.
     """
     if not y.requires_grad:
-        return (None,) * len(wanted)
-    found = torch.autograd.grad(y, wanted, grad_y, allow_unused=True, retain_graph=bool(unowned))
-    if unowned:
-        torch.autograd.backward(y, grad_y, inputs=unowned, retain_graph=True)
+        return [None] * len(leaves)
+    others = _unowned_leaves(y, leaves)
+    if not others:
+        return list(torch.autograd.grad(y, leaves, grad_y, allow_unused=True))
+    at = {id(p): len(leaves) - len(params) + i for i, p in enumerate(params)}
+    if all(id(t) in at for t in others):
+        found = list(torch.autograd.grad(y, (*leaves, *others), grad_y, allow_unused=True))
+        for t, grad in zip(others, found[len(leaves) :]):
+            i = at[id(t)]
+            if grad is not None:
+                found[i] = grad if found[i] is None else found[i] + grad
+        return found[: len(leaves)]
+    torch.autograd.backward(y, grad_y, inputs=[*leaves, *others], retain_graph=True)
+    found = [leaf.grad for leaf in leaves]
+    for leaf in leaves:  # the extra-argument leaves serve every layer
+        leaf.grad = None
     return found
 
 
@@ -236,43 +465,42 @@ class _Start(torch.autograd.Function):
     def forward(ctx: Any, run: _Run, x: torch.Tensor, *init_params: torch.Tensor) -> torch.Tensor:
         net, fixed = run.net, run.fixed
         position = fixed.to_fixed(x, "the input x", run.checks)
-        if net.init_function is not None:
+        if run.init_step is not None:
             # init_function sees x as the functions do: rounded to fixed point.
             x_0 = (position * fixed.unit).to(x.dtype)
-            with run.tape.recording():
-                v_0 = call_recorded("init", net.call_init, x_0)
+            v_0 = _call_recorded(run.init_step, "init", x_0, net.call_init, x_0)
             velocity = fixed.to_fixed(v_0, "the initial velocity init_function(x)", run.checks)
         else:
             velocity = torch.zeros_like(position)
-        known = None if net.init_function is not None else 0.0
+        known = None if run.init_step is not None else 0.0
         run.state = run.core.start(position, velocity, velocity_peak=known)
         run.inputs = run.core.inputs(run.state)
         run.layer = 0
         ctx.run = run
-        ctx.init_params = init_params
         return x.new_empty(0)
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
         state = run.state_at(0)
         assert run.grad_x is not None and run.grad_v_total is not None
-        grad_x, grad_init = run.grad_x, [None] * len(ctx.init_params)
-        init = run.net.init_function
-        if init is not None:
+        grad_x, grad_init = run.grad_x, []
+        step = run.init_step
+        if step is not None:
             x_0 = run.core.inputs(state).requires_grad_(True)
             grad_v = run.grad_v_total - grad_x
             # The vjp too: restoring the buffers after it keeps the versions that
             # autograd saved (BatchNorm saves its running statistics).
-            with run.recomputing(init):
-                v_0 = call_recorded("init", run.net.call_init, x_0)
-                wanted = (x_0, *ctx.init_params)
-                unowned = _unowned_leaves(v_0, wanted)
-                found = _vjp(v_0, wanted, grad_v.to(v_0.dtype), unowned)
+            with _recomputing(step, x_0) as (given, params):
+                v_0 = call_recorded("init", run.net.call_init, given)
+                found = _vjp(v_0, (x_0, *params), grad_v.to(v_0.dtype), step.params)
             if found[0] is not None:
                 grad_x.add_(found[0])
-            grad_init = list(found[1:])
+            grad_init = found[1:]
+            if not _keep_graph():
+                step.release()
+                run.init_step = None
         run.state = run.grad_x = run.grad_v_total = None
         dtype = run.fixed.dtype
         return (None, grad_x.to(dtype) if ctx.needs_input_grad[1] else None, *grad_init)
@@ -286,15 +514,14 @@ class _Layer(torch.autograd.Function):
         ctx: Any, run: _Run, t: int, link: torch.Tensor, *tensors: torch.Tensor
     ) -> torch.Tensor:
         net, core = run.net, run.core
-        state = run.state
-        assert state is not None and run.inputs is not None and run.layer == t
+        state, step = run.state, run.steps[t]
+        assert state is not None and step is not None
+        assert run.inputs is not None and run.layer == t
         x_t = run.inputs
-        with run.tape.recording():
-            y = call_recorded(t, net.call_function, t, x_t, run.args, run.kwargs)
+        y = _call_recorded(step, t, x_t, net.call_function, t, x_t, run.args, run.kwargs)
         run.inputs = core.advance(state, y, net.is_residual, t, run.checks)
         run.layer = t + 1
         ctx.run, ctx.t = run, t
-        ctx.params = tensors[len(run.grad_slots) :]
         if t < len(net.functions) - 1:
             return link.new_empty(0)
         # Once per forward pass, before it returns: one read on the CPU, a device-side
@@ -310,7 +537,7 @@ class _Layer(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
         t: int = ctx.t
@@ -320,21 +547,25 @@ class _Layer(torch.autograd.Function):
         state = run.state_at(t + 1)
         grad_x, grad_v_total = run.grad_x, run.grad_v_total
         assert grad_x is not None and grad_v_total is not None
-        f = net.functions[t]
+        step = run.steps[t]
+        assert step is not None  # released only by a backward that freed the graph
 
         # x_{t+1} = x_t + v_{t+1} and v_{t+1} = gamma v_t + (1 - gamma) f_t(x_t).
         x_t, grad_y = core.retreat_position(state, grad_v_total)
         x_t.requires_grad_(True)
-        with run.recomputing(f):
-            y = call_recorded(t, net.call_function, t, x_t, run.leaf_args, run.leaf_kwargs)
+        with _recomputing(step, x_t) as (given, params):
+            y = call_recorded(t, net.call_function, t, given, run.leaf_args, run.leaf_kwargs)
             if grad_y.dtype != y.dtype:  # f changed the dtype (autocast): round once
                 grad_y = (grad_v_total * core.mix).to(y.dtype)
-            wanted = (x_t, *run.arg_leaves, *ctx.params)
-            unowned = _unowned_leaves(y, wanted)
-            found = _vjp(y, wanted, grad_y, unowned)
+            found = _vjp(y, (x_t, *run.arg_leaves, *params), grad_y, step.params)
         core.retreat_velocity(state, y, net.is_residual)
         run.layer = t
         core.backpropagate(grad_x, grad_v_total, found[0], net.is_residual)
+        if not _keep_graph():
+            # The graph goes after this backward: nothing will replay the step, and
+            # its buffers need no copy when their modules run again.
+            step.release()
+            run.steps[t] = None
 
         needs = ctx.needs_input_grad
         if not needs[2]:
@@ -348,6 +579,9 @@ class _Layer(torch.autograd.Function):
 
 def _begin_backward(ctx: Any, run: _Run, grad_output: torch.Tensor) -> None:
     """Restore the final state saved by the last layer and seed the state gradients."""
+    # First, before anything is computed: a step that cannot be replayed raises
+    # with no gradient given to any of the network's parameters.
+    run.check_steps()
     position, velocity, *store_tensors = ctx.saved_tensors
     store = BitStore.from_tensors(store_tensors, ctx.layout)
     # Copies: undoing the steps writes over the state, and a backward with

@@ -111,6 +111,15 @@ class MomentumNet(nn.Module):
     training pass runs the functions without them, as ``transformers`` does
     under gradient checkpointing (see :mod:`invertnet.momentum.caches`).
 
+    The second call runs in the state of the first: its random state (dropout
+    masks), autocast, the training flags of its modules (``model.eval()`` before
+    backward changes nothing), and the tensors its modules held (those
+    :func:`torch.func.functional_call` passed get the gradients). A parameter
+    changed in place before backward (``optimizer.step()``) raises, as in plain
+    autograd; so do double backward, forward-mode AD and :mod:`torch.func`
+    transforms in training. The guide's "Between forward and backward" lists
+    every pattern.
+
     Examples
     --------
     The quickstart of momentumnet runs unchanged:
@@ -236,6 +245,11 @@ class MomentumNet(nn.Module):
             args, kwargs = without_kv_caches(args, kwargs)
             warn_if_capturing()
             return run_without_activations(self, x, args, kwargs)
+        if not self.use_backprop and self.training and not torch.compiler.is_compiling():
+            from invertnet.momentum.backward import before_plain_call
+
+            # Training mode without grad: running statistics are updated.
+            before_plain_call(self)
         return self._forward_plain(x, args, kwargs)
 
     def _needs_graph(self, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
@@ -256,12 +270,17 @@ class MomentumNet(nn.Module):
     ) -> torch.Tensor:
         keep, mix = self._gamma.value, self._gamma.complement
         position = x.to(STATE_DTYPE)
+        # Every function gets a tensor of its own (copy=True): a float64 position
+        # converts to itself, and a function that writes over its input
+        # (nn.ReLU(inplace=True) first) would otherwise change the state, or the
+        # caller's x, in float64 only. The memory-saving mode gives the same.
         if self._init_function is not None:
-            velocity = self.call_init(x).to(STATE_DTYPE)
+            velocity = self.call_init(position.to(x.dtype, copy=True)).to(STATE_DTYPE)
         else:
             velocity = torch.zeros_like(position)
         for t in range(len(self._functions)):
-            step = self.call_function(t, position.to(x.dtype), args, kwargs).to(STATE_DTYPE)
+            given = position.to(x.dtype, copy=True)
+            step = self.call_function(t, given, args, kwargs).to(STATE_DTYPE)
             if not self.is_residual:
                 step = step - position
             velocity = keep * velocity + mix * step

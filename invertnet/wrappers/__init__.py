@@ -8,12 +8,15 @@ from invertnet.wrappers.debug import (
     set_finite_check,
 )
 from invertnet.wrappers.invertible import InvertibleModuleWrapper
+from invertnet.wrappers.policy import allow_free, keep_inputs_every
 
 __all__ = [
     "InputKeptWarning",
     "InvertibleModuleWrapper",
     "ReconstructionError",
+    "allow_free",
     "debug_reconstruction",
+    "keep_inputs_every",
     "set_debug_reconstruction",
     "set_finite_check",
 ]

@@ -28,6 +28,7 @@ from invertnet._torch_private import (
     call_without_subclass,
     holder_counts,
     input_kind,
+    set_version,
     sole_holder_counts,
     version,
 )
@@ -37,7 +38,9 @@ __all__ = [
     "FreedInput",
     "FreedTensor",
     "InputKeptWarning",
+    "OWNED_ATTR",
     "free",
+    "hide",
     "freed_tensor_error",
     "why_not_freeable",
 ]
@@ -56,6 +59,10 @@ class InputKeptWarning(UserWarning):
 FREED_ATTR = "_invertnet_freed_by"
 # The wrapper argument that would have kept the tensor, for the error message.
 _KEEP_FLAG_ATTR = "_invertnet_keep_flag"
+#: Attribute set (to ``True``) on a tensor that an invertnet layer made itself and
+#: that nobody else can hold (a stack's own copy of the halves of its input): a
+#: wrapper may free it although it has no ``grad_fn``.
+OWNED_ATTR = "_invertnet_owned"
 
 
 def why_not_freeable(
@@ -93,10 +100,30 @@ def why_not_freeable(
             "its storage is also held elsewhere (a view of it, or an earlier operation "
             "that saved it for backward, such as a ReLU)"
         )
-    ptr = x.untyped_storage().data_ptr()
+    storage = x.untyped_storage()
+    if not storage.resizable():
+        return (
+            "its memory is not PyTorch's to free (a tensor made from a numpy array, a "
+            "memory-mapped file or DLPack)"
+        )
+    ptr = storage.data_ptr()
     if any(o.untyped_storage().data_ptr() == ptr for o in outputs):
         return "an output shares its storage"
     return None
+
+
+def may_free_memory(x: torch.Tensor) -> bool:
+    """Whether a freeable input may have its memory freed and be rebuilt in backward,
+    rather than hidden (:func:`hide`) and handed back exactly.
+
+    A tensor that autograd computed (it has a ``grad_fn``) is an activation inside
+    the model, rebuilt by backward before anything reads it. One without is data
+    the caller made (the batch, a leaf): the caller may read it again after
+    backward, and a rebuilt copy differs from it by rounding, which a batch reused
+    every step would accumulate. Such a tensor is hidden instead: one tensor,
+    whatever the depth. A layer's own copies (:data:`OWNED_ATTR`) are freed.
+    """
+    return x.grad_fn is not None or getattr(x, OWNED_ATTR, False)
 
 
 @dataclass(slots=True)
@@ -110,22 +137,36 @@ class FreedInput:
     version: int
     # Whether the tensor still carries the freed class and attributes (see unmark).
     marked: bool = True
+    # For a hidden tensor (see hide): its own data, handed back as it was.
+    hidden: torch.Tensor | None = None
 
     def restore(self, values: torch.Tensor) -> None:
         """Reallocate the storage, restore the shape and copy ``values`` in (nothing to
-        copy where ``values`` is the tensor itself, written after :meth:`reallocate`)."""
+        copy where ``values`` is the tensor itself, written after :meth:`reallocate`).
+        A hidden tensor gets its own data back instead, exactly.
+
+        The writes are hidden from the version counter: to everyone else the tensor
+        is the one they passed, so that a version guard (autograd's, or that of the
+        wrapper that returned it) fires only for writes made by somebody else.
+        """
         x = self.tensor
+        if self.hidden is not None:
+            self.reallocate()
+            return
         if values is not x:
             x = self.reallocate()
             with without_grad():
                 x.copy_(values)
-        # A later backward pass (num_bwd_passes > 1) checks for writes made after now.
-        self.version = version(x)
+        set_version([x], [self.version])
 
     def reallocate(self) -> torch.Tensor:
         """Give the tensor its memory and shape back (its values are undefined until
-        written) and make it usable again; return it."""
+        written, except for a hidden tensor, which gets its own data back) and make it
+        usable again; return it."""
         x = self.unmark()
+        if self.hidden is not None:
+            _set_data(x, self.hidden)
+            return x
         with without_grad():
             storage = x.untyped_storage()
             storage.resize_(self.nbytes)
@@ -142,6 +183,12 @@ class FreedInput:
             delattr(x, FREED_ATTR)
             delattr(x, _KEEP_FLAG_ATTR)
         return x
+
+    def __del__(self) -> None:
+        # A hidden tensor is the caller's own: if its graph goes without a backward
+        # (a forward pass whose loss is discarded), the caller gets it back as it was.
+        if self.hidden is not None and self.marked:
+            self.reallocate()
 
     @property
     def mutated(self) -> bool:
@@ -189,6 +236,38 @@ def _set_view(
     x.data = torch.empty(0, dtype=x.dtype, device=x.device).set_(storage, 0, size, stride)
 
 
+def _set_data(x: torch.Tensor, data: torch.Tensor) -> None:
+    # As in _set_view: `.data` keeps x's gradient accumulator and version counter.
+    x.data = data
+
+
+def hide(x: torch.Tensor, owner: str, keep_flag: str = "keep_input") -> FreedInput:
+    """Make ``x`` look freed, as :func:`free` does, keeping its memory aside.
+
+    Its data moves, without a copy, to a tensor held by the returned record;
+    ``x`` gets an empty storage of its own, so that using it before backward
+    raises the same error as a freed input, and storage queries (memcnn's check
+    ``x.storage().size() == 0``) answer as for one. Backward hands the data back,
+    bit for bit (:meth:`FreedInput.restore`).
+    """
+    record_size, record_stride = x.size(), x.stride()
+    nbytes = x.untyped_storage().nbytes()
+    hidden = x.data
+    with without_grad():
+        _set_data(x, torch.empty(freed_shape(record_size), dtype=x.dtype, device=x.device))
+    freed = FreedInput(x, record_size, record_stride, nbytes, 0, hidden=hidden)
+    return _mark(x, owner, keep_flag, freed)
+
+
+def _mark(x: torch.Tensor, owner: str, keep_flag: str, freed: FreedInput) -> FreedInput:
+    setattr(x, FREED_ATTR, owner)
+    setattr(x, _KEEP_FLAG_ATTR, keep_flag)
+    freed.version = version(x)
+    if type(x) is torch.Tensor:  # a subclass keeps its class, and its shape guard alone
+        x.__class__ = FreedTensor
+    return freed
+
+
 def free(x: torch.Tensor, owner: str, keep_flag: str = "keep_input") -> FreedInput:
     """Release ``x``'s memory, keeping its storage object for a later restore.
 
@@ -201,12 +280,7 @@ def free(x: torch.Tensor, owner: str, keep_flag: str = "keep_input") -> FreedInp
         storage = x.untyped_storage()
         storage.resize_(0)
         _set_view(x, storage, freed_shape(record_size), None)
-    setattr(x, FREED_ATTR, owner)
-    setattr(x, _KEEP_FLAG_ATTR, keep_flag)
-    freed = FreedInput(x, record_size, record_stride, nbytes, version(x))
-    if type(x) is torch.Tensor:  # a subclass keeps its class, and its shape guard alone
-        x.__class__ = FreedTensor
-    return freed
+    return _mark(x, owner, keep_flag, FreedInput(x, record_size, record_stride, nbytes, 0))
 
 
 def freed_tensor_error(x: torch.Tensor, what: str) -> RuntimeError:
@@ -245,7 +319,12 @@ _INTROSPECTION = frozenset(
         "element_size",
         "is_floating_point",
         "untyped_storage",
+        # memcnn's check that an input was freed: x.storage().size() == 0.
+        "storage",
         "data_ptr",
+        "nbytes.__get__",
+        "itemsize.__get__",
+        "is_contiguous",
         "__repr__",
         # Hooks on its gradient read nothing either.
         "register_hook",

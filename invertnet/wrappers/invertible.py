@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import os
@@ -14,23 +13,32 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.autograd.function import once_differentiable
 
-from invertnet._rng import RNGTape
-from invertnet._torch_private import is_output_of
-from invertnet.couplings.base import CouplingBase
-from invertnet.wrappers._finite import check_finite_when_backward_ends
-from invertnet.wrappers._recompute import (
+from invertnet._runtime.forward_state import (
     AutocastState,
-    BufferSnapshot,
+    ForwardState,
+    same_objects,
     submodules,
     trainable_parameters,
 )
+from invertnet._runtime.rng import RNGTape
+from invertnet._torch_private import (
+    ModuleHooks,
+    delayed_error,
+    forward_ad_active,
+    functorch_transforms_active,
+    is_output_of,
+    module_hooks,
+)
+from invertnet.couplings.base import CouplingBase
+from invertnet.wrappers._finite import check_finite_when_backward_ends
 from invertnet.wrappers._storage import (
     FREED_ATTR,
     FreedInput,
     InputKeptWarning,
     free,
+    hide,
+    may_free_memory,
     why_not_freeable,
 )
 from invertnet.wrappers.debug import (
@@ -72,14 +80,19 @@ class _Call:
     forward_direction: bool
     keep_input: bool
     num_inputs: int
-    # The wrapped module and those under it, whose buffers backward leaves alone.
+    # The wrapped module and those under it.
     modules: list[nn.Module]
     # Filled in by the forward pass: the inputs then the parameters, as passed.
     tensors: Tensors = ()
     outputs: Tensors = ()
+    # The version counters of the outputs and of the kept inputs after the forward
+    # pass, which backward checks as autograd checks what it saved.
+    versions: tuple[int, ...] = ()
     freed: dict[int, FreedInput] | None = None
-    tape: RNGTape | None = None
-    autocast: tuple[AutocastState, ...] = ()
+    # What the forward pass ran under (RNG, autocast, flags, parameters, buffers).
+    state: ForwardState | None = None
+    # The wrapped module's own call hooks (forward direction), if it has any.
+    hooks: ModuleHooks | None = None
     passes_left: int = 0
     # Debug mode (invertnet.debug_reconstruction): copies of the freed inputs.
     debug: DebugSettings | None = None
@@ -92,6 +105,10 @@ class _Call:
     @property
     def keep_flag(self) -> str:
         return "keep_input" if self.forward_direction else "keep_input_inverse"
+
+    @property
+    def layer(self) -> str:
+        return f"InvertibleModuleWrapper({type(self.module).__name__})"
 
     @property
     def run(self) -> Callable[..., Any]:
@@ -118,9 +135,9 @@ class _Call:
 
 
 @torch.compiler.disable
-def _prepare(call: _Call, inputs: Tensors) -> None:
-    """Check the inputs and record what backward must replay (RNG, autocast, debug)."""
-    wrapper = call.wrapper
+def _prepare(call: _Call, inputs: Tensors) -> tuple[int, ...]:
+    """Check the inputs and record what backward must replay (RNG, autocast, debug);
+    return the inputs' version counters."""
     for i, x in enumerate(inputs):
         owner = getattr(x, FREED_ATTR, None)
         if owner is not None:
@@ -130,17 +147,48 @@ def _prepare(call: _Call, inputs: Tensors) -> None:
                 "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
             )
     call.debug = current_settings()
-    call.tape = RNGTape(inputs) if wrapper.preserve_rng_state else None
-    call.autocast = AutocastState.capture(inputs)
+    # The random state is always taped: with preserve_rng_state=True to be replayed,
+    # and otherwise to find out whether the module drew random numbers, which its
+    # recomputation would then not reproduce.
+    call.state = ForwardState(
+        call.layer, call.modules, RNGTape(inputs), AutocastState.capture(inputs)
+    )
+    return tuple(x._version for x in inputs)
 
 
 @torch.compiler.disable
+def _finish_forward(
+    call: _Call, tensors: Tensors, outputs: Tensors, before: tuple[int, ...]
+) -> None:
+    """Check what the forward pass did, seal its record and free the inputs."""
+    inputs = tensors[: call.num_inputs]
+    _check_inputs_unwritten(call, inputs, before)
+    _check_rng_replayable(call)
+    state = call.state
+    assert state is not None
+    state.seal(previous=call.wrapper._last_state)
+    if not call.keep_input:
+        _free_inputs(call, inputs, outputs)
+    call.tensors = tensors
+    # Aliases share the storage: the next wrapper frees and restores it in place.
+    call.outputs = tuple(o.detach() for o in outputs)
+    call.versions = tuple(t._version for t in (*call.outputs, *inputs))
+    call.passes_left = call.wrapper.num_bwd_passes
+    call.wrapper._last_state = state
+
+
 def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
-    """Free the inputs that nothing else holds; warn (once) about the others."""
+    """Free the inputs that nothing else holds; warn (once) about the others.
+
+    Activations (inputs with a ``grad_fn``) are freed and rebuilt in backward; data
+    the caller made (the batch) is hidden and handed back bit for bit
+    (:func:`~invertnet.wrappers._storage.may_free_memory`).
+    """
     wrapper = call.wrapper
     # A tensor passed twice is kept at every position: checking it only from
     # its second occurrence on would see it already freed by the first.
     ids = [id(x) for x in inputs]
+    owner = f"InvertibleModuleWrapper({type(call.module).__name__})"
     for i, x in enumerate(inputs):
         own_alias = is_output_of(x, _InvertibleFunction)
         if ids.count(id(x)) > 1:
@@ -148,17 +196,62 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
         else:
             reason = why_not_freeable(x, outputs, own_alias)
         if reason is None:
-            if call.debug is not None:
+            rebuilt = may_free_memory(x)
+            if call.debug is not None and rebuilt:
                 if call.originals is None:
                     call.originals = {}
                 call.originals[i] = x.detach().clone()
             if call.freed is None:
                 call.freed = {}
-            call.freed[i] = free(
-                x, f"InvertibleModuleWrapper({type(call.module).__name__})", call.keep_flag
-            )
+            call.freed[i] = (free if rebuilt else hide)(x, owner, call.keep_flag)
         else:
             wrapper._warn_kept(i, reason)
+
+
+def _call_module(call: _Call, inputs: Tensors) -> Tensors:
+    """Run the module in the call's direction, with its own call hooks if it has any."""
+    hooks = call.hooks
+    if hooks is None:
+        return _as_tuple(call.run(*inputs), f"output of {type(call.module).__name__}")
+    return _as_tuple(_forward_with_hooks(call, hooks, inputs), f"output of {call.layer}")
+
+
+def _forward_with_hooks(call: _Call, hooks: ModuleHooks, inputs: Tensors) -> Any:
+    """``module(*inputs)``: its forward between its forward pre-hooks and hooks.
+
+    The wrapper calls the module's ``forward`` itself, so it runs the hooks that
+    ``module(*inputs)`` would have run, once, in the forward pass (their backward
+    counterparts run in backward, with the gradients plain autograd would give
+    them). A hook that replaces the inputs or the output is refused: the inverse
+    and the recomputation in backward could not see what it did.
+    """
+    module = call.module
+    for hook, with_kwargs in hooks.forward_pre:
+        result = hook(module, inputs, {}) if with_kwargs else hook(module, inputs)
+        if result is not None and not _same_tensors(result, inputs):
+            raise RuntimeError(
+                f"{call.layer}: a forward pre-hook on the wrapped module returned new "
+                "inputs; the wrapper cannot invert or recompute what a hook changes. "
+                "Register the hook on the wrapper instead "
+                "(wrapper.register_forward_pre_hook), which runs it before the block"
+            )
+    output = module.forward(*inputs)
+    for hook, with_kwargs in hooks.forward:
+        result = hook(module, inputs, {}, output) if with_kwargs else hook(module, inputs, output)
+        if result is not None and not _same_tensors(result, output):
+            raise RuntimeError(
+                f"{call.layer}: a forward hook on the wrapped module returned a new "
+                "output; the wrapper cannot invert or recompute what a hook changes. "
+                "Register the hook on the wrapper instead "
+                "(wrapper.register_forward_hook), which runs it after the block"
+            )
+    return output
+
+
+def _same_tensors(a: Any, b: Any) -> bool:
+    a = a if isinstance(a, (tuple, list)) else (a,)
+    b = b if isinstance(b, (tuple, list)) else (b,)
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
 
 
 @torch.compiler.disable
@@ -169,7 +262,44 @@ def _run_eagerly(call: _Call, inputs: Tensors) -> Tensors:
     a compiled forward draws its random numbers differently (Inductor's own
     generator), so dropout masks would not match and gradients would be wrong.
     """
-    return _as_tuple(call.run(*inputs), f"output of {type(call.module).__name__}")
+    state = call.state
+    assert state is not None
+    with state.recording():
+        return _call_module(call, inputs)
+
+
+def _check_inputs_unwritten(call: _Call, inputs: Tensors, before: tuple[int, ...]) -> None:
+    for i, (x, seen) in enumerate(zip(inputs, before)):
+        if x._version != seen:
+            raise RuntimeError(
+                f"{call.layer}.{call.direction} wrote over its input {i} in place (an "
+                "in-place operation such as nn.ReLU(inplace=True) or x.mul_() applied to "
+                "the input, or to a view of it); the recomputation in backward needs the "
+                "input as it was passed. Make that operation out of place "
+                "(inplace=False, x = x * 2)"
+            )
+
+
+def _check_rng_replayable(call: _Call) -> None:
+    """Drop the random state where the module drew nothing; refuse a module that
+    drew random numbers while ``preserve_rng_state=False``.
+
+    A module that draws under its own :func:`torch.random.fork_rng` without seeding
+    leaves the generators unmoved although it depends on their state: the layer
+    cannot see that (the docs say so), and debug mode finds it.
+    """
+    state = call.state
+    assert state is not None and state.tape is not None
+    if not state.tape.drawn_since_start():
+        # Nothing to replay: the record keeps no states, backward restores none.
+        state.tape = None
+    elif not call.wrapper.preserve_rng_state:
+        raise RuntimeError(
+            f"{call.layer}: the module drew random numbers (dropout, say) in its "
+            "forward pass, but the wrapper was built with preserve_rng_state=False, so "
+            "its recomputation in backward would draw different ones and give wrong "
+            "gradients. Pass preserve_rng_state=True (the default)"
+        )
 
 
 class _InvertibleFunction(torch.autograd.Function):
@@ -181,95 +311,232 @@ class _InvertibleFunction(torch.autograd.Function):
     @torch.compiler.disable(recursive=False)
     def forward(ctx: Any, call: _Call, *tensors: torch.Tensor) -> Tensors:
         inputs = tensors[: call.num_inputs]
-        _prepare(call, inputs)
-        if call.tape is None:
-            outputs = _as_tuple(call.run(*inputs), f"output of {type(call.module).__name__}")
+        before = _prepare(call, inputs)
+        if call.wrapper.preserve_rng_state:
+            outputs = _run_eagerly(call, inputs)
         else:
-            with call.tape.recording():
-                outputs = _run_eagerly(call, inputs)
-        if not call.keep_input:
-            _free_inputs(call, inputs, outputs)
-        call.tensors = tensors
-        # Aliases share the storage: the next wrapper frees and restores it in place.
-        call.outputs = tuple(o.detach() for o in outputs)
-        call.passes_left = call.wrapper.num_bwd_passes
+            # The tape only tells, afterwards, whether the module drew random numbers.
+            outputs = _call_module(call, inputs)
+        _finish_forward(call, tensors, outputs, before)
         ctx.call = call
+        # An output the loss does not use gets None, not zeros: its parameters then
+        # get None as under plain autograd, not zeros that Adam would still follow.
+        ctx.set_materialize_grads(False)
         return outputs
 
     @staticmethod
-    @once_differentiable
+    # A compiled training step (loss.backward() inside a torch.compile-d function)
+    # runs backward from the compiled frame: Dynamo must not trace the bookkeeping
+    # here, which reads freed tensors' metadata, any more than it does in forward.
+    @torch.compiler.disable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
-        name = type(call.module).__name__
-        freed_inputs = call.freed or {}
-        for freed in freed_inputs.values():
-            freed.unmark()  # ordinary tensors again, for the checks and the restore below
-        if call.passes_left <= 0:
-            raise RuntimeError(
-                f"InvertibleModuleWrapper({name}): backward was run more times than "
-                f"num_bwd_passes={call.wrapper.num_bwd_passes}; raise num_bwd_passes to the "
-                "number of backward passes you run through this graph"
-            )
-        for i, o in enumerate(call.outputs):
-            if o.numel() and o.untyped_storage().nbytes() == 0:
-                raise RuntimeError(
-                    f"InvertibleModuleWrapper({name}): output {i} is still freed; the wrapper "
-                    "that consumed it has not run its backward (was its output discarded?)"
-                )
-        for i, freed in freed_inputs.items():
-            if freed.mutated:
-                raise RuntimeError(
-                    f"InvertibleModuleWrapper({name}): input {i} was modified in place after "
-                    f"the wrapper freed it, so it cannot be restored; pass {call.keep_flag}=True "
-                    "if you need to use or modify the input after the call"
-                )
-        call.passes_left -= 1
-
-        needs = ctx.needs_input_grad[1:]
-        grad_outputs = tuple(
-            g if g.dtype == o.dtype else g.to(o.dtype) for g, o in zip(grad_outputs, call.outputs)
+        double_backward = torch.is_grad_enabled() and any(
+            g is not None and g.requires_grad for g in grad_outputs
         )
-        buffers = BufferSnapshot(call.modules)
-        try:
-            replaying = contextlib.nullcontext() if call.tape is None else call.tape.replaying()
-            with AutocastState.restored(call.autocast), replaying:
-                reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs)
-        finally:
-            buffers.restore()
-
         with torch.no_grad():
-            for i, freed in freed_inputs.items():
-                freed.restore(reconstructed[i])
-        # Checked after restoring, so that a failing input can be inspected.
-        label = module_name(call.debug, call.wrapper, call.module)
-        if call.debug is not None:
-            originals = call.originals or {}
-            for i, freed in freed_inputs.items():
-                check_reconstruction(label, i, freed.tensor, call.outputs, originals[i], call.debug)
-        elif finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
-            restored = {i: freed.tensor for i, freed in freed_inputs.items()}
-            check_finite_when_backward_ends(label, restored, call.outputs)
-        if call.passes_left == 0:
-            # Drop references so the memory goes when the graph does.
-            call.tensors = call.outputs = ()
-            call.modules = []
-            call.freed = call.originals = call.tape = None
-        return (None, *grads)
+            grads = _backward(call, ctx.needs_input_grad[1:], grad_outputs)
+        if double_backward:
+            # backward(create_graph=True): differentiating these gradients would need
+            # the recomputation's graph, which this layer does not keep.
+            return (
+                None,
+                *delayed_error(
+                    f"{call.layer}: differentiating its gradients (double backward, "
+                    "create_graph=True, as in a gradient penalty) is not supported, "
+                    "since the wrapper does not keep the graph of its recomputation. "
+                    "Use disable=True on this wrapper for higher-order gradients",
+                    grads[1:],
+                ),
+            )
+        return grads
+
+
+def _refuse_unsupported(call: _Call, inputs: Tensors) -> None:
+    """Raise, before anything runs, for the autograd features the wrapper cannot serve."""
+    if functorch_transforms_active():
+        raise RuntimeError(
+            f"{call.layer}: torch.func transforms (grad, vjp, jvp, vmap, jacrev...) "
+            "cannot run through a wrapper that frees its inputs. Call the model with "
+            "torch.func.functional_call and differentiate with torch.autograd.grad or "
+            "backward(), which the wrapper supports, or pass disable=True"
+        )
+    if forward_ad_active():
+        raise RuntimeError(
+            f"{call.layer}: forward-mode AD (torch.autograd.forward_ad, dual tensors) "
+            "is not supported by the wrapper, which implements reverse mode only. "
+            "Pass disable=True to run the module with plain autograd"
+        )
+    hooks = call.hooks
+    if hooks is not None and hooks.old_style_backward:
+        raise RuntimeError(
+            f"{call.layer}: the wrapped module has a backward hook registered with the "
+            "deprecated register_backward_hook, whose gradients PyTorch itself gets "
+            "wrong for modules of several operations. Use register_full_backward_hook"
+        )
+
+
+def _check_before_backward(call: _Call) -> None:
+    """Raise, before anything is touched, where backward cannot give plain autograd's
+    result: every check here reads host metadata only."""
+    name = type(call.module).__name__
+    if call.passes_left <= 0:
+        raise RuntimeError(
+            f"InvertibleModuleWrapper({name}): backward was run more times than "
+            f"num_bwd_passes={call.wrapper.num_bwd_passes}; raise num_bwd_passes to the "
+            "number of backward passes you run through this graph"
+        )
+    for i, o in enumerate(call.outputs):
+        if o.numel() and o.untyped_storage().nbytes() == 0:
+            raise RuntimeError(
+                f"InvertibleModuleWrapper({name}): output {i} is still freed; the wrapper "
+                "that consumed it has not run its backward (was its output discarded?)"
+            )
+    freed_inputs = call.freed or {}
+    for i, freed in freed_inputs.items():
+        if freed.mutated:
+            raise RuntimeError(
+                f"InvertibleModuleWrapper({name}): input {i} was modified in place after "
+                f"the wrapper freed it, so it cannot be restored; pass {call.keep_flag}=True "
+                "if you need to use or modify the input after the call"
+            )
+    num_outputs = len(call.outputs)
+    for i, (t, seen) in enumerate(zip((*call.outputs, *call.inputs), call.versions)):
+        if i >= num_outputs and i - num_outputs in freed_inputs:
+            continue
+        if t._version != seen:
+            what = f"output {i}" if i < num_outputs else f"input {i - num_outputs}"
+            raise RuntimeError(
+                f"{call.layer}: its {what} was modified in place between the forward "
+                f"pass and backward (version {seen} then, {t._version} now). Backward "
+                f"needs it as the forward pass {'returned' if i < num_outputs else 'saw'} "
+                "it, to rebuild the input and recompute the block; plain autograd "
+                "refuses a change to a tensor it saved too. Use an out-of-place "
+                "operation (y = y.relu() rather than y.relu_()), or clone the tensor "
+                "before changing it"
+            )
+    assert call.state is not None
+    call.state.check()
+
+
+def _backward(
+    call: _Call, needs: tuple[bool, ...], grad_outputs: tuple[torch.Tensor | None, ...]
+) -> tuple[torch.Tensor | None, ...]:
+    freed_inputs = call.freed or {}
+    # Hidden inputs (the caller's own data) are handed back first, exactly, also
+    # where a check below raises: the recomputation uses them as they are, as it
+    # does a kept input.
+    for freed in freed_inputs.values():
+        if freed.hidden is not None:
+            freed.restore(freed.tensor)
+    _check_before_backward(call)
+    for freed in freed_inputs.values():
+        freed.unmark()  # ordinary tensors again, for the restore below
+    rebuilt = {i: f for i, f in freed_inputs.items() if f.hidden is None}
+    call.passes_left -= 1
+
+    grad_outputs = tuple(
+        g if g is None or g.dtype == o.dtype else g.to(o.dtype)
+        for g, o in zip(grad_outputs, call.outputs)
+    )
+    hooks = call.hooks
+    if hooks is not None:
+        grad_outputs = _run_backward_pre_hooks(call, hooks, grad_outputs)
+    state = call.state
+    assert state is not None
+    with state.replayed():
+        reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs, rebuilt)
+
+    for i, freed in rebuilt.items():
+        freed.restore(reconstructed[i])
+    # Checked after restoring, so that a failing input can be inspected.
+    label = module_name(call.debug, call.wrapper, call.module)
+    if call.debug is not None:
+        originals = call.originals or {}
+        for i, freed in rebuilt.items():
+            check_reconstruction(label, i, freed.tensor, call.outputs, originals[i], call.debug)
+    elif finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
+        restored = {i: freed.tensor for i, freed in rebuilt.items()}
+        check_finite_when_backward_ends(label, restored, call.outputs)
+    if hooks is not None:
+        grads = _run_backward_hooks(call, hooks, grads, grad_outputs)
+    if call.passes_left == 0:
+        # Drop references so the memory goes when the graph does.
+        state.awaiting_backward = False
+        call.tensors = call.outputs = ()
+        call.modules = []
+        call.freed = call.originals = call.state = None
+    else:
+        # A later pass checks for writes made after this one.
+        call.versions = tuple(t._version for t in (*call.outputs, *call.inputs))
+    return (None, *grads)
+
+
+def _run_backward_pre_hooks(call: _Call, hooks: ModuleHooks, grad_outputs: Tensors) -> Tensors:
+    for hook, _ in hooks.backward_pre:
+        result = hook(call.module, grad_outputs)
+        if result is not None:
+            grad_outputs = _as_tuple(result, f"{call.layer}: gradient from a backward pre-hook")
+    return grad_outputs
+
+
+def _run_backward_hooks(
+    call: _Call, hooks: ModuleHooks, grads: tuple[torch.Tensor | None, ...], grad_outputs: Tensors
+) -> tuple[torch.Tensor | None, ...]:
+    n = call.num_inputs
+    grad_inputs = grads[:n]
+    for hook, _ in hooks.backward:
+        result = hook(call.module, grad_inputs, grad_outputs)
+        if result is not None:
+            result = tuple(result) if isinstance(result, (tuple, list)) else (result,)
+            if len(result) != n:
+                raise RuntimeError(
+                    f"{call.layer}: a full backward hook returned {len(result)} gradients "
+                    f"for {n} inputs"
+                )
+            grad_inputs = result
+    return (*grad_inputs, *grads[n:])
 
 
 def _recompute_and_differentiate(
-    call: _Call, grad_outputs: Tensors, needs: tuple[bool, ...]
+    call: _Call,
+    grad_outputs: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    rebuilt: dict[int, FreedInput],
 ) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
     params = call.params
+    # A parameter frozen (requires_grad_(False)) since the forward pass gets no
+    # gradient, as under plain autograd, which accumulates none into it.
+    frozen_since = not all(p.requires_grad for p in params)
+    if frozen_since:
+        live = tuple(p for p in params if p.requires_grad)
+        inputs, grads = _differentiate(call, grad_outputs, needs, rebuilt, live)
+        found = iter(grads[call.num_inputs :])
+        expanded = tuple(next(found) if p.requires_grad else None for p in params)
+        return inputs, grads[: call.num_inputs] + expanded
+    return _differentiate(call, grad_outputs, needs, rebuilt, params)
+
+
+def _differentiate(
+    call: _Call,
+    grad_outputs: tuple[torch.Tensor | None, ...],
+    needs: tuple[bool, ...],
+    rebuilt: dict[int, FreedInput],
+    params: Tensors,
+) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
     fused = call.fused
-    if call.freed and fused is not None:
+    # Hidden inputs take this path too, although they are back: a coupling's
+    # forward under grad would have its inner wrappers free what it reads next.
+    # An output that got no gradient (None) takes the general path, whose
+    # autograd.grad leaves None where no used output reaches, as plain autograd does.
+    if call.freed and fused is not None and all(g is not None for g in grad_outputs):
         accepts = _keyword_parameters(getattr(fused, "__func__", fused))
         options: dict[str, Any] = {}
         if "out" in accepts:
             # Reconstruct straight into the freed inputs' own memory: the coupling
             # engine takes each when it first writes it (after the sub-module whose
             # output it needs has run its backward), others at once.
-            takers: dict[int, Any] = {i: freed.reallocate for i, freed in call.freed.items()}
+            takers: dict[int, Any] = {i: freed.reallocate for i, freed in rebuilt.items()}
             if not _takes_memory_when_written(fused):
                 takers = {i: take() for i, take in takers.items()}
             options["out"] = tuple(takers.get(i) for i in range(call.num_inputs))
@@ -282,11 +549,14 @@ def _recompute_and_differentiate(
         )
         return inputs, grads + tuple(grad_params)
 
-    if call.freed:
+    state = call.state
+    assert state is not None
+    if rebuilt:
         with torch.no_grad():
             inputs = _as_tuple(call.undo(*call.outputs), "reconstructed input")
-        if call.tape is not None:
-            call.tape.reset_to_initial()
+        if state.tape is not None:
+            state.tape.reset_to_initial()
+        inputs = tuple(inputs[i] if i in rebuilt else x for i, x in enumerate(call.inputs))
     else:
         inputs = call.inputs
     leaves = tuple(
@@ -295,7 +565,7 @@ def _recompute_and_differentiate(
     with torch.enable_grad():
         outputs = _as_tuple(call.run(*leaves), "recomputed output")
     wanted = [leaf for leaf in leaves if leaf.requires_grad] + list(params)
-    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
+    pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
     found: tuple[torch.Tensor | None, ...] = ()
     if pairs and wanted:
         found = torch.autograd.grad(
@@ -417,7 +687,7 @@ class InvertibleModuleWrapper(nn.Module):
         keep_input_inverse: bool = False,
         num_bwd_passes: int = 1,
         disable: bool = False,
-        preserve_rng_state: bool = False,
+        preserve_rng_state: bool = True,
     ) -> None:
         super().__init__()
         if not isinstance(fn, nn.Module):
@@ -442,6 +712,11 @@ class InvertibleModuleWrapper(nn.Module):
         self.disable = disable
         self.preserve_rng_state = preserve_rng_state
         self._warned_kept = False
+        # The record of the last recorded call: while it awaits its backward, a new
+        # call makes it keep its buffer values first (siamese use); and the next
+        # record shares its module list and tensor tuple where they are the same.
+        # (A record holds no activations: keeping one costs nothing.)
+        self._last_state: ForwardState | None = None
 
     @property
     def module(self) -> nn.Module:
@@ -478,9 +753,14 @@ class InvertibleModuleWrapper(nn.Module):
         if not xs:
             raise ValueError(f"InvertibleModuleWrapper.{direction} needs at least one input tensor")
         inputs = _as_tuple(xs, f"InvertibleModuleWrapper.{direction}: input")
+        last = self._last_state
+        if last is not None and last.awaiting_backward and last.has_buffers:
+            # Running the modules again before an earlier call's backward (a siamese
+            # network) updates buffers in place: that call keeps its values first.
+            last.keep_buffer_values()
         # One walk over the modules serves the decision, the Function and backward.
         recording = self._recording()
-        modules = submodules(fn) if recording else []
+        modules = self._submodules() if recording else []
         params = trainable_parameters(modules)
         if not (recording and (params or any(t.requires_grad for t in inputs))):
             y = fn(*inputs) if direction == "forward" else fn.inverse(*inputs)
@@ -493,11 +773,30 @@ class InvertibleModuleWrapper(nn.Module):
                 keep_input=self.keep_input if forward else self.keep_input_inverse,
                 num_inputs=len(inputs),
                 modules=modules,
+                hooks=module_hooks(fn) if forward else None,
             )
+            _refuse_unsupported(call, inputs)
             y = _InvertibleFunction.apply(call, *inputs, *params)
         if isinstance(y, (tuple, list)) and len(y) == 1:
             return y[0]
         return y
+
+    def _submodules(self) -> list[nn.Module]:
+        """The wrapped module and those under it; the same list object as last time
+        where they are the same modules, so that calls awaiting backward share it."""
+        modules = submodules(self._fn)
+        last = self._last_state
+        if last is not None and same_objects(last.modules, modules):
+            return last.modules
+        return modules
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling or copying between a forward pass and its backward: the copy has
+        # no calls of its own awaiting backward (and weak references do not pickle).
+        state = super().__getstate__()
+        state = dict(state)
+        state["_last_state"] = None
+        return state
 
     def forward(self, *xin: torch.Tensor) -> Output:
         """Apply the wrapped module, freeing the inputs unless ``keep_input``.

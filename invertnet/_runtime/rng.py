@@ -87,6 +87,12 @@ class RNGTape:
                 self._replaying = False
                 _active_tape.reset(token)
 
+    def drawn_since_start(self) -> bool:
+        """Whether the generators moved since the tape was made: something in between
+        drew random numbers from them (reading the states is host-side, also for
+        CUDA's generators)."""
+        return not self._same(self._capture(), self._initial)
+
     def reset_to_initial(self) -> None:
         """Set the generators to the state at the start of the recorded call."""
         self._restore(self._initial)
