@@ -50,6 +50,7 @@ __all__ = [
     "module_hooks",
     "forward_ad_active",
     "functorch_transforms_active",
+    "graph_kept",
     "version",
 ]
 
@@ -163,8 +164,15 @@ def storage_key(x: torch.Tensor) -> int:
 
 
 def version(x: torch.Tensor) -> int:
-    """The version counter of ``x``, bumped by every in-place write to it."""
-    return x._version
+    """The version counter of ``x``, bumped by every in-place write to it.
+
+    Read without a tensor subclass's ``__torch_function__`` (a freed input's class
+    answers the query too, but through a handler that costs tens of microseconds).
+    """
+    if type(x) is torch.Tensor or type(x) is torch.nn.Parameter:
+        return x._version
+    with torch._C.DisableTorchFunctionSubclass():
+        return x._version
 
 
 def set_version(tensors: Sequence[torch.Tensor], versions: Sequence[int]) -> None:
@@ -196,6 +204,16 @@ def _set_version_takes_tuples() -> bool:
     except TypeError:
         return False
     return True
+
+
+def graph_kept() -> bool:
+    """Whether the backward pass now running keeps its graph (``retain_graph=True``).
+
+    ``True`` where the running PyTorch cannot tell: a caller then keeps what a later
+    backward pass could need, which costs memory only.
+    """
+    query = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if query is None else bool(query())
 
 
 def functorch_transforms_active() -> bool:

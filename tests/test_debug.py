@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -319,3 +320,34 @@ def test_report_names_flow_blocks_and_shows_drift_growing_down_the_flow() -> Non
         loss = -flow.log_prob(x).mean()
     with pytest.raises(ReconstructionError, match=r"\(flow blocks 1 to 4\).*keep_every"):
         loss.backward()
+
+
+def test_debug_mode_names_a_tensor_a_module_stores_on_itself_in_forward() -> None:
+    """A side output (an auxiliary loss kept on the module) has no graph under the
+    wrapper: debug mode names it, so that a missing gradient can be found."""
+    import invertnet
+
+    class KeepsAux(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = torch.nn.Linear(2, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.linear(x)
+            self.aux = y.square().mean()
+            return y
+
+    block = invertnet.InvertibleModuleWrapper(invertnet.AdditiveCoupling(KeepsAux()))
+    x = torch.randn(3, 4, requires_grad=True) * 1
+    with invertnet.debug_reconstruction(), warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        y = block(x)
+    messages = sorted(str(w.message) for w in seen)
+    assert len(messages) == 2  # Gm is a copy of Fm
+    assert "'Fm.aux'" in messages[0] and "'Gm.aux'" in messages[1]
+    assert all("no gradient" in m and "disable=True" in m for m in messages)
+    y.sum().backward()
+    # Outside debug mode nothing is looked at.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        block(torch.randn(3, 4, requires_grad=True) * 1).sum().backward()

@@ -742,3 +742,27 @@ def test_copy_or_check_between_forward_and_backward(
         wrapped_copy, plain_copy = copies
         assert isinstance(wrapped_copy[0], InvertibleModuleWrapper)
         assert_same(step(wrapped_copy, how), step(plain_copy, how))
+
+
+# -- 18. a buffer the forward pass reads and updates (spectral norm) ------------------
+
+
+@pytest.mark.parametrize("how", HOW)
+@pytest.mark.parametrize("keep_input", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_buffer_read_and_updated_in_forward_is_replayed_from_before(
+    kind: str, keep_input: bool, how: str
+):
+    """Spectral normalisation's power iteration reads and updates its vector ``u``:
+    the recomputation is given ``u`` as the forward pass found it (with the values
+    the forward pass left, gradients were off by a few percent), and the buffers end
+    as plain training leaves them."""
+
+    def sn_net() -> nn.Module:
+        return nn.Sequential(nn.utils.spectral_norm(nn.Linear(H, H)), nn.Tanh())
+
+    module = coupling(kind, sn_net(), sn_net())
+    wrapped, plain = pair(module, keep_input=keep_input)
+    assert_same(step(wrapped, how), step(plain, how))
+    for (name, b), (_, c) in zip(wrapped.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(b, c, rtol=0, atol=0, msg=name)

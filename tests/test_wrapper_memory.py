@@ -170,9 +170,10 @@ def test_chain_frees_every_intermediate_and_restores_them(no_warnings) -> None:
 def test_input_freed_by_one_wrapper_cannot_feed_another() -> None:
     first, second = InvertibleModuleWrapper(_additive()), InvertibleModuleWrapper(_additive())
     x = torch.randn(3, 8, requires_grad=True)
-    first(x)
+    y = first(x)  # kept: a graph dropped without backward hands the input back
     with pytest.raises(RuntimeError, match=r"freed by an earlier .*keep_input=True"):
         second(x)
+    del y
 
 
 def test_residual_skip_with_keep_input_gives_correct_gradients(no_warnings) -> None:
@@ -282,8 +283,10 @@ def test_eval_mode_input_is_not_freed_but_training_mode_input_is() -> None:
     wrapper(x)
     assert _nbytes(x) == 3 * 8 * 4
     wrapper.train()
-    wrapper(x)
+    y = wrapper(x)
     assert _nbytes(x) == 0
+    del y  # the graph goes without backward: the caller's leaf comes back
+    assert _nbytes(x) == 3 * 8 * 4
 
 
 class _SeesInputMemory(nn.Module):

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from invertnet._grad_mode import without_grad
 from invertnet._runtime.rng import RNGTape
@@ -260,6 +261,9 @@ class ForwardState:
         "_versions",
         "_num_params",
         "_buffer_values",
+        "_taken",
+        "_written",
+        "_written_values",
         "awaiting_backward",
         "__weakref__",
     )
@@ -286,6 +290,12 @@ class ForwardState:
         #: Whether the forward pass has run and its backward has not ended yet (the
         #: layer sets it to False when it has).
         self.awaiting_backward = False
+        # The buffers' values before the forward pass: until seal(), scratch copies
+        # of all of them (_BuffersTaken); after, only those of the buffers the pass
+        # wrote, by position among the buffers, packed into one tensor (_pack).
+        self._taken: _BuffersTaken | None = _BuffersTaken.take(modules)
+        self._written: tuple[int, ...] = ()
+        self._written_values: torch.Tensor | list[torch.Tensor] | None = None
 
     def recording(self) -> contextlib.AbstractContextManager[None]:
         """Enter around the forward pass: records the random state of its sub-module
@@ -295,9 +305,12 @@ class ForwardState:
     def seal(self, previous: ForwardState | None = None) -> None:
         """Record, after the forward pass, what its modules held and their flags.
 
-        After it, not before: a module's own forward may update its buffers (running
-        statistics), and those updated values are what the recomputation sees, as
-        under :func:`torch.utils.checkpoint.checkpoint`.
+        A buffer the forward pass wrote (a running statistic, spectral norm's
+        vector) keeps its value from before the pass, which the recomputation is
+        given: a module that reads a buffer it also updates then computes what it
+        computed in the forward pass. (BatchNorm in training does not read its
+        running statistics; spectral normalisation does, and was 26% off with the
+        values the forward pass left.)
 
         ``previous``, an earlier record of the same layer, lends its tuple of tensors
         where the modules hold the same ones: a layer called once per step then keeps
@@ -317,6 +330,9 @@ class ForwardState:
         # would track).
         self._versions = tuple(t._version for t in tensors)
         self.awaiting_backward = True
+        taken, self._taken = self._taken, None
+        if taken is not None:
+            self._written, self._written_values = taken.written(tensors[self._num_params :])
 
     @property
     def has_buffers(self) -> bool:
@@ -343,8 +359,9 @@ class ForwardState:
         place since the forward pass (and, for a buffer, no copy was kept)."""
         kept = self._buffer_values or {}
         start = self._num_params
+        written = self._written
         for i, (t, seen) in enumerate(zip(self._tensors, self._versions)):
-            if t._version == seen or (i >= start and i - start in kept):
+            if t._version == seen or (i >= start and (i - start in kept or i - start in written)):
                 continue
             what = "parameter" if i < start else "buffer"
             name = self._qualified_name(t, what)
@@ -421,6 +438,12 @@ class ForwardState:
         try:
             if self._buffer_values:
                 self._copy_kept_buffer_values()
+            if self._written:
+                assert self._written_values is not None
+                targets = [buffers[i] for i in self._written]
+                with without_grad():
+                    for t, value in zip(targets, _unpack(self._written_values, targets)):
+                        t.copy_(value)
             replaying = contextlib.nullcontext() if self.tape is None else self.tape.replaying()
             with AutocastState.restored(self.autocast), replaying:
                 yield
@@ -476,3 +499,81 @@ def _slots(modules: Sequence[nn.Module], kind: str) -> list[_Slot]:
         for name, t in tensors.items()
         if t is not None
     ]
+
+
+class _BuffersTaken:
+    """Scratch copies of some modules' buffers, taken before a forward pass."""
+
+    __slots__ = ("_buffers", "_versions", "_signature", "_copies")
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        self._buffers = buffers
+        self._versions = tuple(t._version for t in buffers)
+        self._signature: _Signature = tuple((b.shape, b.dtype, b.device) for b in buffers)
+        self._copies = _borrow(self._signature)
+        with without_grad():
+            copy_all(self._copies, buffers, one_device=_one_device(self._signature))
+
+    @staticmethod
+    def take(modules: Sequence[nn.Module]) -> _BuffersTaken | None:
+        """Copy the buffers of ``modules`` that a forward pass may read after writing
+        them (None where there are none).
+
+        Left out: those of batch normalisation in training mode, whose output is
+        computed from the batch alone; the running statistics it writes are never
+        read in that mode, so their values before the pass need no keeping (their
+        second update, in the recomputation, is undone all the same).
+        """
+        buffers = [
+            t
+            for owner in modules
+            if owner._buffers and not (owner.training and isinstance(owner, _BatchNorm))
+            for t in owner._buffers.values()
+            if t is not None
+        ]
+        return _BuffersTaken(buffers) if buffers else None
+
+    def written(
+        self, sealed: Sequence[torch.Tensor]
+    ) -> tuple[tuple[int, ...], torch.Tensor | list[torch.Tensor] | None]:
+        """The positions in ``sealed`` (the buffers the modules hold after the pass)
+        of the buffers written since :meth:`take`, and their values from then,
+        packed (one object for the garbage collector, however many buffers); the
+        scratch copies go back to the pool. A buffer the pass replaced by another
+        object is left out: the recomputation finds the new one."""
+        copies = self._copies
+        written = [
+            (t, copy)
+            for t, seen, copy in zip(self._buffers, self._versions, copies)
+            if t._version != seen
+        ]
+        positions: tuple[int, ...] = ()
+        values = None
+        if written:
+            where = {id(t): k for k, t in enumerate(sealed)}
+            kept = [(where[id(t)], copy) for t, copy in written if id(t) in where]
+            if kept:
+                positions = tuple(k for k, _ in kept)
+                values = _pack([copy for _, copy in kept])
+        _give_back(self._signature, copies)
+        return positions, values
+
+
+def _pack(tensors: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+    """One tensor holding the bytes of ``tensors`` (copies where they differ in device)."""
+    if len({t.device for t in tensors}) != 1:
+        return [t.clone() for t in tensors]
+    return torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors])
+
+
+def _unpack(
+    packed: torch.Tensor | list[torch.Tensor], like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    if isinstance(packed, list):
+        return packed
+    values, start = [], 0
+    for t in like:
+        n = t.numel() * t.element_size()
+        values.append(packed[start : start + n].view(t.dtype).view(t.shape))
+        start += n
+    return values

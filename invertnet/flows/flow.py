@@ -24,15 +24,6 @@ _LOG_2PI = math.log(2 * math.pi)
 _GROUP_SIZE = 4
 
 
-def _draws_random_numbers(blocks: Sequence[nn.Module]) -> bool:
-    """Whether any block holds an active dropout layer, whose masks backward must replay."""
-    return any(
-        isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
-        for block in blocks
-        for m in block.modules()
-    )
-
-
 def _has_fused_backward(block: nn.Module) -> bool:
     return callable(getattr(block, "inverse_and_vjp_with_log_det", None))
 
@@ -251,11 +242,10 @@ class Flow(nn.Module):
 
     Memory is saved only in training mode (``flow.train()``) with grad enabled. The
     caller's own input ``x`` is never freed: the first block keeps it, and rebuilds
-    nothing. Blocks that hold dropout layers have their random state recorded in
-    the forward pass and replayed in backward (``preserve_rng_state`` of
-    :class:`~invertnet.InvertibleModuleWrapper`), so the masks match; any other
-    randomness in a block must be deterministic given the random state at the
-    block's sub-module calls.
+    nothing. The blocks' random state is recorded in the forward pass and replayed
+    in backward, as :class:`~invertnet.InvertibleModuleWrapper` does by default, so
+    dropout masks match; any randomness in a block must be deterministic given the
+    random state at the block's sub-module calls.
 
     A rebuilt input is not bit-identical to the original: every inverse rounds, and
     the next block down is rebuilt from the rounded value, so the error grows with
@@ -352,7 +342,6 @@ class Flow(nn.Module):
             wrapper = InvertibleModuleWrapper(
                 chain,
                 keep_input=_kept(start, keep_every),
-                preserve_rng_state=_draws_random_numbers(group),
             )
             self._wrappers.append(wrapper)
 

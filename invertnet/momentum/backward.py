@@ -44,7 +44,12 @@ from invertnet._runtime.forward_state import (
     trainable_parameters,
 )
 from invertnet._runtime.rng import RNGTape, call_recorded
-from invertnet._torch_private import delayed_error, forward_ad_active, functorch_transforms_active
+from invertnet._torch_private import (
+    delayed_error,
+    forward_ad_active,
+    functorch_transforms_active,
+    graph_kept,
+)
 from invertnet.momentum.arguments import (
     ArgumentRecord,
     Slot,
@@ -188,14 +193,6 @@ def _recomputing(step: _Step, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, t
         finally:
             for tensors, name, p in swapped:
                 tensors[name] = p
-
-
-# Whether the backward pass now running keeps the graph (retain_graph). Unknown
-# on a PyTorch without the query: then the steps are kept, which costs only
-# copies of buffers that a later call would otherwise not need.
-_keep_graph: Callable[[], bool] = getattr(
-    torch._C._autograd, "_get_current_graph_task_keep_graph", lambda: True
-)
 
 
 def _first_order(backward: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
@@ -498,7 +495,7 @@ class _Start(torch.autograd.Function):
             if found[0] is not None:
                 grad_x.add_(found[0])
             grad_init = found[1:]
-            if not _keep_graph():
+            if not graph_kept():
                 step.release()
                 run.init_step = None
         run.state = run.grad_x = run.grad_v_total = None
@@ -561,7 +558,7 @@ class _Layer(torch.autograd.Function):
         core.retreat_velocity(state, y, net.is_residual)
         run.layer = t
         core.backpropagate(grad_x, grad_v_total, found[0], net.is_residual)
-        if not _keep_graph():
+        if not graph_kept():
             # The graph goes after this backward: nothing will replay the step, and
             # its buffers need no copy when their modules run again.
             step.release()

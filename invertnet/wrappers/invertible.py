@@ -29,6 +29,7 @@ from invertnet._torch_private import (
     functorch_transforms_active,
     is_output_of,
     module_hooks,
+    version,
 )
 from invertnet.couplings.base import CouplingBase
 from invertnet.wrappers._finite import check_finite_when_backward_ends
@@ -94,9 +95,11 @@ class _Call:
     # The wrapped module's own call hooks (forward direction), if it has any.
     hooks: ModuleHooks | None = None
     passes_left: int = 0
-    # Debug mode (invertnet.debug_reconstruction): copies of the freed inputs.
+    # Debug mode (invertnet.debug_reconstruction): copies of the freed inputs, and
+    # the tensors the modules held as plain attributes before the forward pass.
     debug: DebugSettings | None = None
     originals: dict[int, torch.Tensor] | None = None
+    attributes: dict[tuple[int, str], int] | None = None
 
     @property
     def direction(self) -> str:
@@ -147,6 +150,8 @@ def _prepare(call: _Call, inputs: Tensors) -> tuple[int, ...]:
                 "keep_input=True (keep_input_inverse=True for inverse) to that wrapper"
             )
     call.debug = current_settings()
+    if call.debug is not None:
+        call.attributes = _tensor_attributes(call.modules)
     # The random state is always taped: with preserve_rng_state=True to be replayed,
     # and otherwise to find out whether the module drew random numbers, which its
     # recomputation would then not reproduce.
@@ -167,12 +172,16 @@ def _finish_forward(
     state = call.state
     assert state is not None
     state.seal(previous=call.wrapper._last_state)
+    if call.attributes is not None:
+        _warn_of_side_outputs(call, call.attributes)
+        call.attributes = None
+    # Aliases share the storage: the next wrapper frees and restores it in place.
+    call.outputs = tuple(o.detach() for o in outputs)
+    # Read before freeing, which changes no version but makes reading one slower.
+    call.versions = tuple(t._version for t in (*call.outputs, *inputs))
     if not call.keep_input:
         _free_inputs(call, inputs, outputs)
     call.tensors = tensors
-    # Aliases share the storage: the next wrapper frees and restores it in place.
-    call.outputs = tuple(o.detach() for o in outputs)
-    call.versions = tuple(t._version for t in (*call.outputs, *inputs))
     call.passes_left = call.wrapper.num_bwd_passes
     call.wrapper._last_state = state
 
@@ -206,6 +215,39 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
             call.freed[i] = (free if rebuilt else hide)(x, owner, call.keep_flag)
         else:
             wrapper._warn_kept(i, reason)
+
+
+def _tensor_attributes(modules: list[nn.Module]) -> dict[tuple[int, str], int]:
+    """The tensors ``modules`` hold as plain attributes (not parameters or buffers),
+    by module position and name, as their ids."""
+    return {
+        (i, name): id(value)
+        for i, module in enumerate(modules)
+        for name, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    }
+
+
+def _warn_of_side_outputs(call: _Call, before: dict[tuple[int, str], int]) -> None:
+    """Debug mode: name the tensors a module stored on itself in the forward pass.
+
+    Under the wrapper the forward pass runs without a graph, so such a side output
+    (an auxiliary loss, attention weights) carries none: a loss built from it gives
+    the module's parameters no gradient. The wrapper cannot see every side output
+    (a list outside the module), so this is a debug check, not a guard.
+    """
+    names = {id(m): name for name, m in call.module.named_modules(remove_duplicate=False)}
+    for (i, attribute), ident in _tensor_attributes(call.modules).items():
+        if before.get((i, attribute)) == ident:
+            continue
+        where = names.get(id(call.modules[i]), "")
+        warnings.warn(
+            f"{call.layer}: the forward pass stored a tensor on the module, "
+            f"{'.'.join(filter(None, (where, attribute)))!r}; under the wrapper it is "
+            "computed without a graph, so a loss built from it gives no gradient. "
+            "Return it from forward instead, or pass disable=True to this wrapper",
+            stacklevel=_caller_stacklevel(),
+        )
 
 
 def _call_module(call: _Call, inputs: Tensors) -> Tensors:
@@ -331,9 +373,11 @@ class _InvertibleFunction(torch.autograd.Function):
     @torch.compiler.disable
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         call: _Call = ctx.call
-        double_backward = torch.is_grad_enabled() and any(
-            g is not None and g.requires_grad for g in grad_outputs
-        )
+        # Under create_graph=True, every gradient carries the error, not only those
+        # whose incoming gradient requires grad (once_differentiable's rule): the
+        # gradients of y.sum() would otherwise come back without a graph, and
+        # differentiating them would fail with a message that names neither.
+        double_backward = torch.is_grad_enabled()
         with torch.no_grad():
             grads = _backward(call, ctx.needs_input_grad[1:], grad_outputs)
         if double_backward:
@@ -404,11 +448,11 @@ def _check_before_backward(call: _Call) -> None:
     for i, (t, seen) in enumerate(zip((*call.outputs, *call.inputs), call.versions)):
         if i >= num_outputs and i - num_outputs in freed_inputs:
             continue
-        if t._version != seen:
+        if version(t) != seen:
             what = f"output {i}" if i < num_outputs else f"input {i - num_outputs}"
             raise RuntimeError(
                 f"{call.layer}: its {what} was modified in place between the forward "
-                f"pass and backward (version {seen} then, {t._version} now). Backward "
+                f"pass and backward (version {seen} then, {version(t)} now). Backward "
                 f"needs it as the forward pass {'returned' if i < num_outputs else 'saw'} "
                 "it, to rebuild the input and recompute the block; plain autograd "
                 "refuses a change to a tensor it saved too. Use an out-of-place "
@@ -468,7 +512,7 @@ def _backward(
         call.freed = call.originals = call.state = None
     else:
         # A later pass checks for writes made after this one.
-        call.versions = tuple(t._version for t in (*call.outputs, *call.inputs))
+        call.versions = tuple(version(t) for t in (*call.outputs, *call.inputs))
     return (None, *grads)
 
 
