@@ -542,6 +542,26 @@ def test_paired_timing_tool_rejects_zero_pairs(capsys: pytest.CaptureFixture[str
     assert "--pairs and --depths must be positive integers" in capsys.readouterr().err
 
 
+def test_ab_timing_tool_times_an_earlier_commit_beside_the_tree(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    tool = _load_tool("ab_timing")
+    argv = ["--before", "HEAD", "--size", "cpu", "--depths", "1", "--pairs", "2"]
+    assert tool.main(argv) == 0
+    assert "additive-conv cpu depth 1: after / before = " in capsys.readouterr().out
+    # The earlier commit's package imported beside this one, under its own name.
+    before = sys.modules["invertnet_before.wrappers.invertible"]
+    assert before.InvertibleModuleWrapper is not invertnet.InvertibleModuleWrapper
+
+
+def test_ab_timing_tool_refuses_an_unknown_commit(capsys: pytest.CaptureFixture[str]) -> None:
+    tool = _load_tool("ab_timing")
+    with pytest.raises(SystemExit) as exit_:
+        tool.main(["--before", "no-such-commit"])
+    assert exit_.value.code == 2
+    assert "cannot export 'no-such-commit'" in capsys.readouterr().err
+
+
 def test_block_overhead_tool_runs_the_same_couplings_under_each_method(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
