@@ -192,3 +192,16 @@ class TwiceCoupling(AdditiveCoupling):
 
     def steps(self) -> tuple[Step, ...]:
         return (Step(0, 1, "Fm", AddTwice()), Step(1, 0, "Gm", AddTwice()))
+
+
+class UsesShared(nn.Module):
+    """A function that also uses a module it does not own (a closure over ``shared``),
+    whose parameters its own backward must reach as plain autograd does."""
+
+    def __init__(self, shared: nn.Module) -> None:
+        super().__init__()
+        self.own = nn.Linear(6, 6)
+        self.shared = [shared]  # a list, so that nn.Module does not register it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.own(x) + self.shared[0](x))

@@ -9,18 +9,7 @@ import torch
 from torch import nn
 
 from invertnet import MomentumNet
-
-
-class _UsesShared(nn.Module):
-    """A function that also uses a module it does not own (a closure over ``shared``)."""
-
-    def __init__(self, shared: nn.Module) -> None:
-        super().__init__()
-        self.own = nn.Linear(6, 6)
-        self.shared = [shared]  # a list, so that nn.Module does not register it
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.own(x) + self.shared[0](x))
+from tests._core_helpers import UsesShared
 
 
 def test_a_shared_module_unfrozen_after_the_first_backward_gets_its_gradient(
@@ -28,7 +17,7 @@ def test_a_shared_module_unfrozen_after_the_first_backward_gets_its_gradient(
 ) -> None:
     torch.manual_seed(0)
     shared = nn.Linear(6, 6)
-    functions = [_UsesShared(shared) for _ in range(4)]
+    functions = [UsesShared(shared) for _ in range(4)]
     light = MomentumNet(functions, gamma=0.9, use_backprop=False)
     plain = MomentumNet(functions, gamma=0.9)
     x = torch.randn(3, 6, requires_grad=True)

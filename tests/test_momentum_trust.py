@@ -24,6 +24,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils import prune
 
 from invertnet import MomentumNet, transform_to_momentumnet
+from tests._core_helpers import UsesShared
 
 DTYPE = torch.float64
 RTOL = 1e-7
@@ -200,24 +201,12 @@ def test_pre_hooks_that_set_the_weight_run_in_the_recomputation() -> None:
     _assert_same_grads(*grads)
 
 
-class _Closure(nn.Module):
-    """A function that also uses a tensor it does not own (reached through a closure)."""
-
-    def __init__(self, shared: nn.Module) -> None:
-        super().__init__()
-        self.own = nn.Linear(6, 6)
-        self.shared = [shared]  # a list, so that nn.Module does not register it
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.tanh(self.own(x) + self.shared[0](x))
-
-
 def test_module_backward_hooks_see_plain_autograd_gradients_once() -> None:
     # Hooks on a function run in its recomputation; the one with a closure makes
     # backward reach tensors the layer does not own, which must not run them twice.
     torch.manual_seed(0)
     shared = nn.Linear(6, 6).to(DTYPE)
-    functions = [_block(), _Closure(shared), _block()]
+    functions = [_block(), UsesShared(shared), _block()]
     plain = MomentumNet(functions, gamma=0.9).to(DTYPE)
     light = MomentumNet(functions, gamma=0.9, use_backprop=False)
     seen = []
