@@ -693,7 +693,10 @@ class InvertibleModuleWrapper(nn.Module):
         Run ``fn`` directly with plain autograd (no memory saving).
     preserve_rng_state : bool
         Record the random-number state before each sub-module call and replay it
-        in backward, so that dropout is reproduced exactly.
+        in backward, so that dropout is reproduced exactly (the default; memcnn's
+        was ``False``). With ``False``, a module that draws random numbers raises
+        in its forward pass, since its recomputation would draw others; under
+        :func:`torch.compile` the module is then compiled rather than run eagerly.
 
     Notes
     -----
@@ -702,6 +705,16 @@ class InvertibleModuleWrapper(nn.Module):
     input's storage. A kept input is reported by an
     :class:`~invertnet.InputKeptWarning` once per wrapper. A freed input has a
     zero-element shape until backward restores it; do not read it in between.
+    An input without a ``grad_fn`` (the batch) is not rebuilt but hidden: it looks
+    freed until backward, which hands back its very bits (see
+    :func:`~invertnet.allow_free`).
+
+    Backward gives plain autograd's gradients or raises: what the recomputation
+    depends on (random state, autocast, training flags, the parameters and buffers
+    the modules held, with their versions) is recorded with the forward pass and
+    replayed, and a parameter, output or kept input written in place before
+    backward raises, as plain autograd does. Hooks registered on the wrapped
+    module run once, as without the wrapper. See :doc:`/guide/guarantees`.
 
     In eval mode (``wrapper.eval()``), under :func:`torch.no_grad`,
     :func:`torch.inference_mode`, or when neither the inputs nor the parameters
@@ -716,12 +729,13 @@ class InvertibleModuleWrapper(nn.Module):
     >>> from invertnet import AdditiveCoupling, InvertibleModuleWrapper
     >>> block = InvertibleModuleWrapper(AdditiveCoupling(torch.nn.Linear(4, 4)))
     >>> x = torch.randn(3, 8, requires_grad=True)
+    >>> before = x.detach().clone()
     >>> y = block(x)
-    >>> x.shape  # freed until backward
+    >>> x.shape  # looks freed until backward
     torch.Size([0])
     >>> y.sum().backward()
-    >>> x.shape
-    torch.Size([3, 8])
+    >>> x.shape, torch.equal(x.detach(), before)  # handed back bit for bit
+    (torch.Size([3, 8]), True)
     """
 
     def __init__(
