@@ -351,3 +351,26 @@ def test_debug_mode_names_a_tensor_a_module_stores_on_itself_in_forward() -> Non
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         block(torch.randn(3, 4, requires_grad=True) * 1).sum().backward()
+
+
+def test_debug_mode_finds_a_tensor_the_module_uses_without_holding_it() -> None:
+    """A weight reached through a plain list gets no gradient from the wrapper, which
+    passes autograd only the wrapped modules' parameters: debug mode names it."""
+    import invertnet
+    from tests._core_helpers import UsesShared
+
+    shared = torch.nn.Linear(6, 6)
+    block = invertnet.InvertibleModuleWrapper(invertnet.AdditiveCoupling(UsesShared(shared)))
+    x = torch.randn(3, 12, requires_grad=True) * 1
+    with invertnet.debug_reconstruction():
+        y = block(x)
+    # Four: Gm is a copy of Fm, with a copy of the shared Linear of its own.
+    with pytest.raises(RuntimeError, match=r"uses 4 tensor\(s\) that require grad.*Register"):
+        y.sum().backward()
+    # Registered on the module, the same weight is found and differentiated.
+    fm = UsesShared(shared)
+    fm.registered = shared
+    block = invertnet.InvertibleModuleWrapper(invertnet.AdditiveCoupling(fm))
+    with invertnet.debug_reconstruction():
+        block(torch.randn(3, 12, requires_grad=True) * 1).sum().backward()
+    assert shared.weight.grad is not None

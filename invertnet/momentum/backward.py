@@ -43,6 +43,7 @@ from invertnet._runtime.forward_state import (
     submodules,
     trainable_parameters,
 )
+from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape, call_recorded
 from invertnet._torch_private import (
     delayed_error,
@@ -374,44 +375,6 @@ def run_without_activations(
     return link
 
 
-# The type of the node that accumulates a leaf's gradient.
-_ACCUMULATE_GRAD = type(torch.zeros(1, requires_grad=True).view(1).grad_fn.next_functions[0][0])
-
-
-def _unowned_leaves(y: torch.Tensor, wanted: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-    """The leaves that ``y`` reaches besides ``wanted`` and that require grad.
-
-    Such tensors are used by a function without being its parameters or call
-    arguments: a parameter of another module, captured in a closure, for example.
-    The node of a layer does not list them among its inputs (it cannot know them
-    in forward), so :func:`_vjp` gives them their gradients separately.
-
-    The graph is walked at every backward: which tensors it reaches, and which
-    of them require grad, may change between calls (a module frozen, then
-    unfrozen; a closure over a tensor computed without grad, then with it), so
-    a remembered answer could withhold a gradient. The walk is a pass over the
-    graph's nodes in Python, about a microsecond per node, with no look at a
-    tensor's values.
-    """
-    root = y.grad_fn
-    if root is None:
-        return []
-    known = {id(w) for w in wanted}
-    stack, seen, leaves = [root], {root}, {}
-    while stack:
-        for node, _ in stack.pop().next_functions:
-            if node is None or node in seen:
-                continue
-            seen.add(node)
-            if type(node) is _ACCUMULATE_GRAD:
-                variable = node.variable
-                if id(variable) not in known:
-                    leaves[id(variable)] = variable
-            else:
-                stack.append(node)
-    return list(leaves.values())
-
-
 def _vjp(
     y: torch.Tensor,
     leaves: tuple[torch.Tensor, ...],
@@ -425,7 +388,7 @@ def _vjp(
     ``grad_y`` is the gradient for ``y``, in its dtype.
 
     Tensors that the function reaches without owning them
-    (:func:`_unowned_leaves`) get their gradients as autograd would give them in
+    (``unowned_leaves``) get their gradients as autograd would give them in
     the plain mode: accumulated into ``.grad`` (hooks included). The same
     backward pass computes those of ``leaves``, read from their ``.grad``: one
     pass, so that the hooks of the function's modules (full backward hooks) run
@@ -437,7 +400,7 @@ def _vjp(
     """
     if not y.requires_grad:
         return [None] * len(leaves)
-    others = _unowned_leaves(y, leaves)
+    others = unowned_leaves((y,), leaves)
     if not others:
         return list(torch.autograd.grad(y, leaves, grad_y, allow_unused=True))
     at = {id(p): len(leaves) - len(params) + i for i, p in enumerate(params)}

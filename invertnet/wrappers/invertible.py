@@ -21,6 +21,7 @@ from invertnet._runtime.forward_state import (
     submodules,
     trainable_parameters,
 )
+from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape
 from invertnet._torch_private import (
     ModuleHooks,
@@ -499,6 +500,7 @@ def _backward(
         originals = call.originals or {}
         for i, freed in rebuilt.items():
             check_reconstruction(label, i, freed.tensor, call.outputs, originals[i], call.debug)
+        _check_no_unowned_tensors(call, state)
     elif finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
         restored = {i: freed.tensor for i, freed in rebuilt.items()}
         check_finite_when_backward_ends(label, restored, call.outputs)
@@ -514,6 +516,31 @@ def _backward(
         # A later pass checks for writes made after this one.
         call.versions = tuple(version(t) for t in (*call.outputs, *call.inputs))
     return (None, *grads)
+
+
+def _check_no_unowned_tensors(call: _Call, state: ForwardState) -> None:
+    """Debug mode: raise if the module reaches tensors that require grad but that it
+    does not hold (a weight of another module in a plain list or a closure).
+
+    The wrapper gives gradients to its inputs and to the parameters of the wrapped
+    modules, which it passes to autograd; it cannot know of others in forward,
+    where no graph is recorded, so they would get none. Finding them takes one
+    more forward pass with grad, which debug mode pays.
+    """
+    with state.replayed(), torch.enable_grad():
+        leaves = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in call.inputs)
+        outputs = _as_tuple(call.run(*leaves), "recomputed output")
+        found = unowned_leaves(outputs, (*leaves, *call.params))
+    if found:
+        shapes = ", ".join(str(tuple(t.shape)) for t in found)
+        raise RuntimeError(
+            f"{call.layer}: the module uses {len(found)} tensor(s) that require grad but "
+            f"that it does not hold as parameters (shapes {shapes}): a weight of another "
+            "module kept in a list or a closure, say. The wrapper gives gradients only to "
+            "its inputs and to the wrapped modules' parameters, so these would get none. "
+            "Register them on the module (as a parameter or a sub-module), or pass "
+            "disable=True"
+        )
 
 
 def _run_backward_pre_hooks(call: _Call, hooks: ModuleHooks, grad_outputs: Tensors) -> Tensors:
