@@ -16,6 +16,8 @@ the fix:
   *replayed*: the recomputation sees what the forward pass saw;
 * a parameter written in place since the forward pass *raises*, as plain autograd
   does for a weight it saved;
+* a buffer the forward pass itself wrote (a running statistic, spectral norm's
+  vector) is replayed from its value before the pass;
 * a buffer written in place since the forward pass is replayed from a copy where
   one was kept (the layer keeps one when it is called again before backward, as a
   siamese network does), and raises otherwise.
@@ -42,7 +44,6 @@ __all__ = [
     "BufferSnapshot",
     "ForwardState",
     "same_objects",
-    "buffers_unchanged",
     "submodules",
     "trainable_parameters",
 ]
@@ -207,20 +208,6 @@ def _one_device(signature: _Signature) -> bool:
     return len({device for _, _, device in signature}) == 1
 
 
-@contextlib.contextmanager
-def buffers_unchanged(module: nn.Module) -> Iterator[None]:
-    """Undo buffer updates made inside the block, such as BatchNorm running statistics.
-
-    Recomputing a forward pass in training mode would otherwise update running
-    statistics a second time (memcnn issue 12).
-    """
-    snapshot = BufferSnapshot(submodules(module))
-    try:
-        yield
-    finally:
-        snapshot.restore()
-
-
 _Slot = tuple[dict, str, torch.Tensor | None]
 
 
@@ -235,7 +222,9 @@ class ForwardState:
     Reading flags, identities and version counters is host metadata: nothing here
     waits for a device. A deep stack keeps one record per block until backward, so
     a record keeps few objects for the garbage collector to track: the tensors in
-    one tuple, their versions in an array, no flags where every module trains.
+    one tuple (shared with the layer's previous record where they are the same),
+    their versions in a tuple of ints, no flags where every module trains, and the
+    values of written buffers packed into one tensor.
 
     Parameters
     ----------
@@ -418,13 +407,10 @@ class ForwardState:
         """
         self.check()
         slots = self._current_slots()
-        swapped = [
-            (tensors, name, current)
-            for (tensors, name, current), t in zip(slots, self._tensors)
-            if current is not t
-        ]
-        for (tensors, name, _), t in zip(slots, self._tensors):
-            if tensors.get(name) is not t:
+        swapped = []
+        for (tensors, name, current), t in zip(slots, self._tensors):
+            if current is not t:
+                swapped.append((tensors, name, current))
                 tensors[name] = t
         flags = self._set_flags()
         start = self._num_params

@@ -29,7 +29,6 @@ as the forward pass left them; a parameter written in place meanwhile
 from __future__ import annotations
 
 import contextlib
-import functools
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from invertnet._runtime.first_order import first_order
 from invertnet._runtime.forward_state import (
     AutocastState,
     ForwardState,
@@ -46,7 +46,6 @@ from invertnet._runtime.forward_state import (
 from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape, call_recorded
 from invertnet._torch_private import (
-    delayed_error,
     forward_ad_active,
     functorch_transforms_active,
     graph_kept,
@@ -194,32 +193,6 @@ def _recomputing(step: _Step, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, t
         finally:
             for tensors, name, p in swapped:
                 tensors[name] = p
-
-
-def _first_order(backward: Callable[..., tuple[Any, ...]]) -> Callable[..., tuple[Any, ...]]:
-    """Run ``backward`` without grad; under ``create_graph=True`` return gradients
-    whose own backward raises :data:`_DOUBLE_BACKWARD`.
-
-    What :func:`torch.autograd.function.once_differentiable` does, with an error
-    that names the layer and the fix instead of PyTorch's generic one, and for
-    every gradient: ``once_differentiable`` marks them only when an incoming
-    gradient requires grad, so the gradients of ``y.sum()`` would come back
-    without a graph, and differentiating them would fail with a message that
-    names neither (or, with ``allow_unused=True``, return ``None``).
-    """
-
-    @functools.wraps(backward)
-    def wrapper(ctx: Any, *grads: torch.Tensor) -> tuple[Any, ...]:
-        with torch.no_grad():
-            result = backward(ctx, *grads)
-        if not torch.is_grad_enabled():
-            return result
-        marked = iter(
-            delayed_error(_DOUBLE_BACKWARD, [r for r in result if isinstance(r, torch.Tensor)])
-        )
-        return tuple(next(marked) if isinstance(r, torch.Tensor) else r for r in result)
-
-    return wrapper
 
 
 @dataclass
@@ -440,7 +413,7 @@ class _Start(torch.autograd.Function):
         return x.new_empty(0)
 
     @staticmethod
-    @_first_order
+    @first_order(lambda ctx: _DOUBLE_BACKWARD)
     def backward(ctx: Any, _: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
         state = run.state_at(0)
@@ -497,7 +470,7 @@ class _Layer(torch.autograd.Function):
         return output
 
     @staticmethod
-    @_first_order
+    @first_order(lambda ctx: _DOUBLE_BACKWARD)
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         run: _Run = ctx.run
         t: int = ctx.t

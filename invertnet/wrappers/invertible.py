@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from invertnet._runtime.first_order import first_order
 from invertnet._runtime.forward_state import (
     AutocastState,
     ForwardState,
@@ -25,7 +26,6 @@ from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape
 from invertnet._torch_private import (
     ModuleHooks,
-    delayed_error,
     forward_ad_active,
     functorch_transforms_active,
     is_output_of,
@@ -198,7 +198,6 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
     # A tensor passed twice is kept at every position: checking it only from
     # its second occurrence on would see it already freed by the first.
     ids = [id(x) for x in inputs]
-    owner = f"InvertibleModuleWrapper({type(call.module).__name__})"
     for i, x in enumerate(inputs):
         own_alias = is_output_of(x, _InvertibleFunction)
         if ids.count(id(x)) > 1:
@@ -213,7 +212,7 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
                 call.originals[i] = x.detach().clone()
             if call.freed is None:
                 call.freed = {}
-            call.freed[i] = (free if rebuilt else hide)(x, owner, call.keep_flag)
+            call.freed[i] = (free if rebuilt else hide)(x, call.layer, call.keep_flag)
         else:
             wrapper._warn_kept(i, reason)
 
@@ -292,9 +291,10 @@ def _forward_with_hooks(call: _Call, hooks: ModuleHooks, inputs: Tensors) -> Any
 
 
 def _same_tensors(a: Any, b: Any) -> bool:
-    a = a if isinstance(a, (tuple, list)) else (a,)
-    b = b if isinstance(b, (tuple, list)) else (b,)
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    """Whether a hook's result is what it was given (one tensor or a sequence)."""
+    return same_objects(
+        a if isinstance(a, (tuple, list)) else (a,), b if isinstance(b, (tuple, list)) else (b,)
+    )
 
 
 @torch.compiler.disable
@@ -372,32 +372,23 @@ class _InvertibleFunction(torch.autograd.Function):
     # runs backward from the compiled frame: Dynamo must not trace the bookkeeping
     # here, which reads freed tensors' metadata, any more than it does in forward.
     @torch.compiler.disable
+    @first_order(lambda ctx: _double_backward_refused(ctx.call))
     def backward(ctx: Any, *grad_outputs: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        call: _Call = ctx.call
-        # Under create_graph=True, every gradient carries the error, not only those
-        # whose incoming gradient requires grad (once_differentiable's rule): the
-        # gradients of y.sum() would otherwise come back without a graph, and
-        # differentiating them would fail with a message that names neither.
-        double_backward = torch.is_grad_enabled()
-        with torch.no_grad():
-            grads = _backward(call, ctx.needs_input_grad[1:], grad_outputs)
-        if double_backward:
-            # backward(create_graph=True): differentiating these gradients would need
-            # the recomputation's graph, which this layer does not keep.
-            return (
-                None,
-                *delayed_error(
-                    f"{call.layer}: differentiating its gradients (double backward, "
-                    "create_graph=True, as in a gradient penalty) is not supported, "
-                    "since the wrapper does not keep the graph of its recomputation. "
-                    "Use disable=True on this wrapper for higher-order gradients",
-                    grads[1:],
-                ),
-            )
-        return grads
+        return _backward(ctx.call, ctx.needs_input_grad[1:], grad_outputs)
 
 
-def _refuse_unsupported(call: _Call, inputs: Tensors) -> None:
+def _double_backward_refused(call: _Call) -> str:
+    # backward(create_graph=True): differentiating the gradients would need the
+    # recomputation's graph, which the wrapper does not keep.
+    return (
+        f"{call.layer}: differentiating its gradients (double backward, "
+        "create_graph=True, as in a gradient penalty) is not supported, since the "
+        "wrapper does not keep the graph of its recomputation. Use disable=True on this "
+        "wrapper for higher-order gradients"
+    )
+
+
+def _refuse_unsupported(call: _Call) -> None:
     """Raise, before anything runs, for the autograd features the wrapper cannot serve."""
     if functorch_transforms_active():
         raise RuntimeError(
@@ -424,24 +415,23 @@ def _refuse_unsupported(call: _Call, inputs: Tensors) -> None:
 def _check_before_backward(call: _Call) -> None:
     """Raise, before anything is touched, where backward cannot give plain autograd's
     result: every check here reads host metadata only."""
-    name = type(call.module).__name__
     if call.passes_left <= 0:
         raise RuntimeError(
-            f"InvertibleModuleWrapper({name}): backward was run more times than "
+            f"{call.layer}: backward was run more times than "
             f"num_bwd_passes={call.wrapper.num_bwd_passes}; raise num_bwd_passes to the "
             "number of backward passes you run through this graph"
         )
     for i, o in enumerate(call.outputs):
         if o.numel() and o.untyped_storage().nbytes() == 0:
             raise RuntimeError(
-                f"InvertibleModuleWrapper({name}): output {i} is still freed; the wrapper "
+                f"{call.layer}: output {i} is still freed; the wrapper "
                 "that consumed it has not run its backward (was its output discarded?)"
             )
     freed_inputs = call.freed or {}
     for i, freed in freed_inputs.items():
         if freed.mutated:
             raise RuntimeError(
-                f"InvertibleModuleWrapper({name}): input {i} was modified in place after "
+                f"{call.layer}: input {i} was modified in place after "
                 f"the wrapper freed it, so it cannot be restored; pass {call.keep_flag}=True "
                 "if you need to use or modify the input after the call"
             )
@@ -860,7 +850,7 @@ class InvertibleModuleWrapper(nn.Module):
                 modules=modules,
                 hooks=module_hooks(fn) if forward else None,
             )
-            _refuse_unsupported(call, inputs)
+            _refuse_unsupported(call)
             y = _InvertibleFunction.apply(call, *inputs, *params)
         if isinstance(y, (tuple, list)) and len(y) == 1:
             return y[0]
