@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import copy
+import importlib.util
+import sys
 from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import torch
 from torch import nn
@@ -205,3 +210,28 @@ class UsesShared(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.own(x) + self.shared[0](x))
+
+
+def load_tool(name: str) -> ModuleType:
+    """Import ``tools/<name>.py`` as the module ``name`` (registered in
+    ``sys.modules``, which dataclasses in it need)."""
+    path = Path(__file__).resolve().parents[1] / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def assert_grads_close(want: list[Any], got: list[Any], rtol: float, atol: float) -> None:
+    """Gradient lists equal to ``rtol`` of each tensor's largest entry plus ``atol``,
+    and ``None`` in the same places."""
+    assert len(want) == len(got)
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w is None or g is None:
+            assert w is None and g is None, f"gradient {i}: {w is None=} but {g is None=}"
+            continue
+        scale = w.abs().max().item()
+        err = (w - g).abs().max().item()
+        assert err <= rtol * scale + atol, f"gradient {i}: off by {err:.3g}, scale {scale:.3g}"

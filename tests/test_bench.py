@@ -32,6 +32,7 @@ from invertnet.bench._worker import measure_config_line
 from invertnet.bench.measure import Config, Result, combine_rounds, with_times
 from invertnet.bench.report import COLUMNS, SCHEMA, format_table, render_rst
 from invertnet.bench.workloads import CORE_METHODS, METHOD_INFO, SIZES, WORKLOADS, build
+from tests._core_helpers import load_tool
 
 METHODS = CORE_METHODS  # the tiny run measures these; peers are tested on their own
 ROOT = Path(__file__).resolve().parents[1]
@@ -277,11 +278,7 @@ def test_python_dash_m_and_console_dispatch_show_the_method() -> None:
 
 
 def _load_tool(name: str = "update_readme_bench") -> Any:
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool(name)
 
 
 def test_readme_tool_replaces_only_the_marked_block(tmp_path: Path, tiny_run: dict) -> None:

@@ -11,17 +11,14 @@ from types import ModuleType
 import pytest
 import torch
 
+from tests._core_helpers import load_tool
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def drift() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("flow_drift", ROOT / "tools" / "flow_drift.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["flow_drift"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("flow_drift")
 
 
 def test_data_is_deterministic_and_falls_back_without_scikit_learn(

@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from tests._core_helpers import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():  # type: ignore[no-untyped-def]
-    spec = importlib.util.spec_from_file_location("bench_flows", ROOT / "tools" / "bench_flows.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_flows"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("bench_flows")
 
 
 # normflows' LU 1x1 convolution calls torch.lu, deprecated in current PyTorch.

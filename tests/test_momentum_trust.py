@@ -24,7 +24,7 @@ from torch.autograd import forward_ad
 from torch.nn.utils import prune
 
 from invertnet import MomentumNet, transform_to_momentumnet
-from tests._core_helpers import UsesShared
+from tests._core_helpers import UsesShared, assert_grads_close
 
 DTYPE = torch.float64
 RTOL = 1e-7
@@ -51,14 +51,7 @@ def _pair(functions: list[nn.Module], **kwargs: Any) -> tuple[MomentumNet, Momen
 
 def _assert_same_grads(want: list[Any], got: list[Any]) -> None:
     """Gradient lists equal to :data:`RTOL` of each tensor's largest entry, ``None`` alike."""
-    assert len(want) == len(got)
-    for i, (w, g) in enumerate(zip(want, got)):
-        if w is None or g is None:
-            assert w is None and g is None, f"gradient {i}: {w is None=} but {g is None=}"
-            continue
-        scale = w.abs().max().item()
-        err = (w - g).abs().max().item()
-        assert err <= RTOL * scale + 1e-12, f"gradient {i}: off by {err:.3g}, scale {scale:.3g}"
+    assert_grads_close(want, got, rtol=RTOL, atol=1e-12)
 
 
 def _loss(y: torch.Tensor) -> torch.Tensor:

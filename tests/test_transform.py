@@ -10,6 +10,7 @@ from torch import nn
 
 from invertnet import MomentumNet, transform_to_momentumnet
 from invertnet.momentum import MomentumLayers
+from tests._core_helpers import assert_grads_close
 
 # nn.Transformer(batch_first=False) warns about its own nested-tensor setting.
 pytestmark = pytest.mark.filterwarnings("ignore:enable_nested_tensor is True:UserWarning")
@@ -28,17 +29,6 @@ def _grads(model: nn.Module, inputs: list[torch.Tensor], out: torch.Tensor) -> l
     params = [p for p in model.parameters() if p.requires_grad]
     loss = (out * out.detach().cos()).sum()
     return list(torch.autograd.grad(loss, inputs + params, allow_unused=True))
-
-
-def _assert_grads_close(a: list[Any], b: list[Any], rtol: float) -> None:
-    assert len(a) == len(b)
-    for i, (u, w) in enumerate(zip(a, b)):
-        if u is None or w is None:
-            assert u is None and w is None, f"gradient {i}: one is None"
-            continue
-        scale = u.abs().max().item()
-        err = (u - w).abs().max().item()
-        assert err <= rtol * scale + 1e-7, f"gradient {i}: {err:.3g} vs scale {scale:.3g}"
 
 
 # -- ResNets ------------------------------------------------------------------------
@@ -77,7 +67,9 @@ def test_resnet18_gamma_zero_reproduces_training_gradients() -> None:
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     y_model, y_conv = model(x), converted(x)
     assert (y_model - y_conv).abs().max() <= 1e-5
-    _assert_grads_close(_grads(model, [x], y_model), _grads(converted, [x], y_conv), rtol=1e-4)
+    assert_grads_close(
+        _grads(model, [x], y_model), _grads(converted, [x], y_conv), rtol=1e-4, atol=1e-7
+    )
     # BatchNorm statistics were updated once, as in the original.
     for (name, a), b in zip(model.named_buffers(), converted.buffers()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
@@ -102,7 +94,9 @@ def test_resnet_modes_agree_at_gamma_09(name: str) -> None:
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     y_plain, y_light = plain(x), light(x)
     assert (y_plain - y_light).norm() <= 1e-5 * y_plain.norm()
-    _assert_grads_close(_grads(plain, [x], y_plain), _grads(light, [x], y_light), rtol=1e-4)
+    assert_grads_close(
+        _grads(plain, [x], y_plain), _grads(light, [x], y_light), rtol=1e-4, atol=1e-7
+    )
 
 
 # -- Transformers ---------------------------------------------------------------------
@@ -165,8 +159,11 @@ def test_transformer_gamma_zero_reproduces_outputs_and_gradients(batch_first: bo
     torch.manual_seed(1)
     y_conv = converted(src, tgt, **masks)
     assert (y_model - y_conv).abs().max() <= 1e-5
-    _assert_grads_close(
-        _grads(model, [src, tgt], y_model), _grads(converted, [src, tgt], y_conv), rtol=1e-4
+    assert_grads_close(
+        _grads(model, [src, tgt], y_model),
+        _grads(converted, [src, tgt], y_conv),
+        rtol=1e-4,
+        atol=1e-7,
     )
 
 
@@ -194,8 +191,8 @@ def test_transformer_modes_agree_at_gamma_09(batch_first: bool) -> None:
     src, tgt, masks = _inputs(batch_first)
     y_plain, y_light = plain(src, tgt, **masks), light(src, tgt, **masks)
     assert (y_plain - y_light).norm() <= 1e-5 * y_plain.norm()
-    _assert_grads_close(
-        _grads(plain, [src, tgt], y_plain), _grads(light, [src, tgt], y_light), rtol=1e-4
+    assert_grads_close(
+        _grads(plain, [src, tgt], y_plain), _grads(light, [src, tgt], y_light), rtol=1e-4, atol=1e-7
     )
 
 
