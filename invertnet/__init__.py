@@ -18,6 +18,7 @@ from invertnet.couplings import (
 )
 from invertnet.flows import ActNorm, Flow, InvertibleConv1x1, Permutation, Squeeze
 from invertnet.momentum import MomentumNet, transform_to_momentumnet
+from invertnet.reversible_sequential import ReversibleSequential
 from invertnet.wrappers import (
     InputKeptWarning,
     InvertibleModuleWrapper,
@@ -46,6 +47,7 @@ __all__ = [
     "MomentumNet",
     "Permutation",
     "ReconstructionError",
+    "ReversibleSequential",
     "allow_free",
     "available_couplings",
     "create_coupling",

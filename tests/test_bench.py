@@ -428,7 +428,7 @@ def test_time_interleaved_rotates_the_methods_and_survives_a_failing_one(
         assert result.batch_size == 2 and result.parameters
     # Two untimed steps each (gradients, warm-up), then rounds in balanced orders:
     # for two methods, alternating.
-    order = ["plain" if model.blocks[0].disable else "invertnet" for model in stepped]
+    order = ["plain" if model.layers[0].disable else "invertnet" for model in stepped]
     timed = order[4:]
     assert timed == ["plain", "invertnet", "invertnet", "plain"] * 2
 
@@ -565,8 +565,8 @@ def test_block_overhead_tool_runs_the_same_couplings_under_each_method(
     tool = _load_tool("block_overhead")
     stacks = tool.build_stacks(depth=3, width=2, batch_norm=True)
     assert {"invertnet", "invertnet keep_input"} <= set(stacks)
-    couplings = [w.module for w in stacks["invertnet"].blocks]
-    assert [w.module for w in stacks["invertnet keep_input"].blocks] == couplings
+    couplings = [w.module for w in stacks["invertnet"].layers]
+    assert [w.module for w in stacks["invertnet keep_input"].layers] == couplings
     x = torch.randn(4, 4)
     expected = stacks["invertnet keep_input"](x)
     torch.testing.assert_close(stacks["invertnet"](x), expected, rtol=0, atol=0)
@@ -591,8 +591,11 @@ class _HoldInputs(torch.nn.Module):
 
     def forward(self, *xs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # Views share the storage: freeing the inputs would corrupt them.
-        self.held.extend(x.view(-1) for x in xs)
+        self.held.extend(x.unsqueeze(0) for x in xs)
         return xs
+
+    def inverse(self, *ys: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return ys
 
 
 def _holding_additive_conv(
@@ -600,8 +603,13 @@ def _holding_additive_conv(
 ) -> tuple[torch.nn.Module, Any]:
     model, batch = bench_workloads._additive_conv(depth, method, batch_size, dtype, device, sizes)
     if method == "invertnet":  # every block's input is also held elsewhere
-        blocks = [m for block in model.blocks for m in (_HoldInputs(), block)]
-        model = bench_workloads.TwoStreams(blocks)
+        # Called directly (disable=True), with the two streams the block gets.
+        blocks = [
+            m
+            for block in model.layers
+            for m in (invertnet.InvertibleModuleWrapper(_HoldInputs(), disable=True), block)
+        ]
+        model = invertnet.ReversibleSequential(*blocks)
     return model, batch
 
 

@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 # Use the invertnet of this checkout, also when another one is installed.
 sys.path.insert(0, str(ROOT))
@@ -49,6 +51,24 @@ def export_before(commit: str, into: Path) -> None:
         path.write_text(re.sub(r"\binvertnet\b", BEFORE, text))
 
 
+def _copy_weights(old: torch.nn.Module, new: torch.nn.Module) -> None:
+    """Give ``new`` the weights of ``old``: by name, or in order where a commit
+    renamed the modules (a stack's ``blocks`` became ``layers``) but kept the shapes."""
+    before, after = old.state_dict(), new.state_dict()
+    if list(before) == list(after):
+        new.load_state_dict(before)
+        return
+    shapes_before = [t.shape for t in before.values()]
+    shapes_after = [t.shape for t in after.values()]
+    if shapes_before != shapes_after:
+        raise SystemExit(
+            "ab_timing: the two commits build models with different weights "
+            f"({len(shapes_before)} tensors before, {len(shapes_after)} after); "
+            "they cannot be timed on the same weights"
+        )
+    new.load_state_dict(dict(zip(after, before.values())))
+
+
 def paired_ratios(
     before: tuple[ModuleType, ModuleType],
     after: tuple[ModuleType, ModuleType],
@@ -61,7 +81,7 @@ def paired_ratios(
     (workloads_b, measure_b), (workloads_a, measure_a) = before, after
     old = workloads_b.build(workload, depth, BEFORE, size=size)
     new = workloads_a.build(workload, depth, "invertnet", size=size)
-    new[0].load_state_dict(old[0].state_dict())
+    _copy_weights(old[0], new[0])
     runs = {"before": (measure_b.train_step, old), "after": (measure_a.train_step, new)}
     for step, (model, batch) in runs.values():
         for _ in range(2):

@@ -35,7 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 import invertnet  # noqa: E402
-from invertnet.bench.workloads import TwoStreams, _RequiresGrad  # noqa: E402
+from invertnet.bench.workloads import _RequiresGrad  # noqa: E402
 
 
 def _function(width: int, batch_norm: bool) -> nn.Module:
@@ -50,10 +50,8 @@ def build_stacks(depth: int, width: int, batch_norm: bool) -> dict[str, nn.Modul
         for _ in range(depth)
     ]
     stacks: dict[str, nn.Module] = {
-        "invertnet": TwoStreams([invertnet.InvertibleModuleWrapper(c) for c in couplings]),
-        "invertnet keep_input": TwoStreams(
-            [invertnet.InvertibleModuleWrapper(c, keep_input=True) for c in couplings]
-        ),
+        "invertnet": invertnet.ReversibleSequential(*couplings),
+        "invertnet keep_input": invertnet.ReversibleSequential(*couplings, keep_input=True),
     }
     if find_spec("revlib") is not None:
         import revlib

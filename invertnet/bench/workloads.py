@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,6 @@ __all__ = [
     "METHODS",
     "METHOD_INFO",
     "SIZES",
-    "TwoStreams",
     "Batch",
     "CheckpointBlock",
     "Method",
@@ -187,6 +186,18 @@ class CheckpointBlock(nn.Module):
         return self.module(*args, **kwargs)
 
 
+class CheckpointCoupling(CheckpointBlock):
+    """A coupling whose forward pass runs under :class:`CheckpointBlock`.
+
+    Its ``inverse`` is the coupling's, so that a
+    :class:`~invertnet.ReversibleSequential` takes it as a two-stream block; with
+    ``disable=True`` the stack calls its forward, checkpointed, directly.
+    """
+
+    def inverse(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module.inverse(*args, **kwargs)
+
+
 #: ``builder(depth, method, batch_size, dtype, device, sizes) -> (model, batch)``;
 #: ``sizes`` are the workload's parameters at the chosen size.
 Builder = Callable[
@@ -280,59 +291,16 @@ def _affine_net(channels: int) -> nn.Module:
     return nn.Sequential(_conv_bn_relu(channels), head)
 
 
-class TwoStreams(nn.Module):
-    """Run couplings on the two halves of the input, split once and merged once.
-
-    A coupling given one tensor halves it along channels and concatenates its two
-    results: halves that are strided views, which every convolution copies, and a
-    concatenation per block. Given the two halves it returns two tensors, so a chain
-    can carry them as they are, as RevLib's ``ReversibleSequential`` does: the way
-    to build a RevNet stack, and the one every method of the coupling workloads
-    (but memcnn, whose couplings take one tensor) is measured on.
-
-    Parameters
-    ----------
-    blocks : sequence of torch.nn.Module
-        Modules mapping ``(x1, x2)`` to ``(y1, y2)``.
-    split_dim : int
-        The dimension to halve.
-
-    Examples
-    --------
-    >>> import torch
-    >>> from invertnet import AdditiveCoupling, InvertibleModuleWrapper
-    >>> stack = TwoStreams([InvertibleModuleWrapper(AdditiveCoupling(torch.nn.Linear(2, 2)))])
-    >>> stack(torch.randn(3, 4)).shape
-    torch.Size([3, 4])
-    """
-
-    def __init__(self, blocks: Sequence[nn.Module], split_dim: int = 1) -> None:
-        super().__init__()
-        self.blocks = nn.ModuleList(blocks)
-        self.split_dim = split_dim
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Owned copies rather than views of x, so that the first wrapper may free them
-        # (contiguous() would return a half that is already contiguous, as a batch of
-        # one's channel halves are, as a view); marked, since without a grad_fn a
-        # wrapper would take them for the caller's data and only hide them.
-        x1, x2 = (
-            invertnet.allow_free(half.clone(memory_format=torch.contiguous_format))
-            for half in torch.chunk(x, 2, dim=self.split_dim)
-        )
-        for block in self.blocks:
-            x1, x2 = block(x1, x2)
-        return torch.cat((x1, x2), dim=self.split_dim)
-
-
 def _wrap_couplings(couplings: list[nn.Module], method: str) -> nn.Module:
+    # Every method runs the very couplings as one invertnet.ReversibleSequential:
+    # two streams, split once and merged once.
     if method == "plain":
-        blocks = [invertnet.InvertibleModuleWrapper(c, disable=True) for c in couplings]
-    elif method == "checkpoint":
-        blocks = [CheckpointBlock(c) for c in couplings]
-    else:
-        blocks = [invertnet.InvertibleModuleWrapper(c, keep_input=False) for c in couplings]
-    return TwoStreams(blocks)
+        return invertnet.ReversibleSequential(*couplings, disable=True)
+    if method == "checkpoint":
+        return invertnet.ReversibleSequential(
+            *(CheckpointCoupling(c) for c in couplings), disable=True
+        )
+    return invertnet.ReversibleSequential(*couplings, keep_input=False)
 
 
 def _memcnn_stack(couplings: list[nn.Module]) -> nn.Module:

@@ -401,7 +401,13 @@ class CouplingBase(nn.Module):
         return tuple(torch.empty_like(x) for x in xs)
 
     # -- evaluation ----------------------------------------------------------
-    def _evaluate(self, step: Step, source: torch.Tensor, target: torch.Tensor) -> ModuleOutput:
+    def _evaluate(
+        self,
+        step: Step,
+        source: torch.Tensor,
+        target: torch.Tensor,
+        kwargs: dict[str, Any] | None = None,
+    ) -> ModuleOutput:
         if step.module is None:
             return source
         # A registered sub-module straight from _modules: getattr would go through
@@ -415,6 +421,9 @@ class CouplingBase(nn.Module):
             source = source.contiguous()
         # The key holds the coupling itself rather than id(self): under torch.compile
         # an id() makes Dynamo specialise on (and recompile for) every instance.
+        if kwargs:
+            # Context for the sub-module (an attention mask): every call gets it.
+            module = functools.partial(module, **kwargs)
         m = call_recorded((self, step.module), module, source)
         shapes = step.combine.output_shapes(m)
         if any(s != target.shape for s in shapes):
@@ -428,7 +437,7 @@ class CouplingBase(nn.Module):
             )
         return m
 
-    def forward(self, *xs: torch.Tensor) -> ModuleOutput:
+    def forward(self, *xs: torch.Tensor, **kwargs: Any) -> ModuleOutput:
         parts = self._split(xs)
         steps = self.steps()
         out = self._output_buffers(xs)
@@ -436,7 +445,7 @@ class CouplingBase(nn.Module):
         last = _last_writers(tuple(steps), reverse=False)
         for i, step in enumerate(steps):
             t = step.target
-            m = self._evaluate(step, parts[step.source], parts[t])
+            m = self._evaluate(step, parts[step.source], parts[t], kwargs)
             into = _resolve(out_parts[t]) if last[t] == i else None
             if _writes_into(parts[t], m, into):
                 parts[t] = _apply_into(step.combine, parts[t], m, into)
@@ -451,7 +460,7 @@ class CouplingBase(nn.Module):
                 parts[t] = step.combine.apply(parts[t], m)
         return self._merge_into(parts, out_parts, out, len(xs))
 
-    def inverse(self, *ys: torch.Tensor) -> ModuleOutput:
+    def inverse(self, *ys: torch.Tensor, **kwargs: Any) -> ModuleOutput:
         parts = self._split(ys)
         steps = self.steps()
         out = self._output_buffers(ys)
@@ -459,7 +468,7 @@ class CouplingBase(nn.Module):
         last = _last_writers(tuple(steps), reverse=True)
         for i in reversed(range(len(steps))):
             step, t = steps[i], steps[i].target
-            m = self._evaluate(step, parts[step.source], parts[t])
+            m = self._evaluate(step, parts[step.source], parts[t], kwargs)
             into = _resolve(out_parts[t]) if last[t] == i else None
             if _writes_into(parts[t], m, into):
                 parts[t] = _invert_into(step.combine, parts[t], m, into)
@@ -482,6 +491,7 @@ class CouplingBase(nn.Module):
         out: Sequence[Buffer] | None = None,
         grad_log_det: torch.Tensor | None = None,
         inputs_need_grad: Sequence[bool] | None = None,
+        **kwargs: Any,
     ) -> tuple[
         tuple[torch.Tensor, ...], tuple[torch.Tensor | None, ...], list[torch.Tensor | None]
     ]:
@@ -516,6 +526,9 @@ class CouplingBase(nn.Module):
             sub-module is then not differentiated with respect to a part whose
             gradient serves nothing, such as a first block's input that is the batch
             itself.
+        **kwargs
+            Context keywords of the forward call (an attention mask, say), passed to
+            every sub-module call as :meth:`forward` passed them.
 
         Returns
         -------
@@ -566,7 +579,7 @@ class CouplingBase(nn.Module):
                     parts[s], shares_input_memory=out is not None, requires_grad=source_needs[i]
                 )
                 with torch.enable_grad():
-                    m_graph = self._evaluate(step, source, parts[t])
+                    m_graph = self._evaluate(step, source, parts[t], kwargs)
                 m = _detach(m_graph)
                 # Where the gradients need no `a`, `a` is reconstructed after the
                 # sub-module's backward (below), in memory taken after its activations

@@ -51,19 +51,77 @@ def _cached_tokens(cache: Any) -> int:
     return total
 
 
+def _tokens_per_layer(cache: Any) -> list[int] | None:
+    """How many tokens each layer's entry of ``cache`` holds, or None if it cannot tell.
+
+    ``transformers`` caches (from 4.56) hold one entry per layer in ``layers``; an
+    encoder-decoder cache holds them in its ``self_attention_cache``.
+    """
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        layers = getattr(getattr(cache, "self_attention_cache", None), "layers", None)
+    if not isinstance(layers, (list, tuple)) or not layers:
+        return None
+    try:
+        return [int(layer.get_seq_length()) for layer in layers]
+    except (AttributeError, TypeError):
+        return None
+
+
+def _filled_cache_message(value: Any, path: Slot, tokens: int) -> str:
+    """The error for a cache that holds tokens when the stage is called for training.
+
+    When only the leading layers' entries hold tokens, a layer run before the stage
+    filled the cache in this very pass: most often the first layer that
+    :func:`~invertnet.transform_to_momentumnet` keeps outside the stage by default
+    (``keep_first_layer=True``), run with the model's default ``use_cache=True``.
+    The message then names that cause and ``keep_first_layer=False``.
+    """
+    start = (
+        f"MomentumNet(use_backprop=False): {describe_slot(path)} is a key/value cache "
+        f"({type(value).__name__}) that already holds {tokens} token(s). "
+    )
+    why = (
+        "Training without stored activations calls every layer again in backward, and a "
+        "layer appends to the cache each time it runs, so the replay would not see what the "
+        "forward pass saw. "
+    )
+    first_layer = (
+        "transform_to_momentumnet's default keep_first_layer=True runs the first layer "
+        "before the stage, and with use_cache on that layer fills the cache"
+    )
+    per_layer = _tokens_per_layer(value)
+    filled = 0  # how many leading layers' entries hold tokens
+    while per_layer is not None and filled < len(per_layer) and per_layer[filled]:
+        filled += 1
+    if per_layer is not None and 0 < filled < len(per_layer) and not any(per_layer[filled:]):
+        return (
+            start + f"Only the entries of its first {filled} layer(s) (of {len(per_layer)}) hold "
+            f"tokens: a layer run before the momentum stage filled it in this pass "
+            f"({first_layer}). "
+            + why
+            + "Convert with keep_first_layer=False (transformer layers keep the shape of "
+            "their input, so the first layer can join the stage), or train with "
+            "use_cache=False (or model.config.use_cache = False)"
+        )
+    fixes = (
+        "Train without a filled cache (past_key_values=None, use_cache=False), run under "
+        "torch.no_grad() for inference or generation, or convert with use_backprop=True"
+    )
+    if per_layer is None:
+        # Which layers hold the tokens is unknown: a kept first layer may have filled it.
+        fixes += (
+            f"; if no cache was passed in, a layer run before the stage filled it ({first_layer}"
+            "): convert with keep_first_layer=False"
+        )
+    return start + why + fixes
+
+
 def _without(value: Any, path: Slot, dropped: list[Slot]) -> Any:
     if is_kv_cache(value):
         tokens = _cached_tokens(value)
         if tokens:
-            raise ValueError(
-                f"MomentumNet(use_backprop=False): {describe_slot(path)} is a key/value cache "
-                f"({type(value).__name__}) that already holds {tokens} token(s). Training "
-                "without stored activations calls every layer again in backward, and a layer "
-                "appends to the cache each time it runs, so the replay would not see what the "
-                "forward pass saw. Train without a filled cache (past_key_values=None, "
-                "use_cache=False), run under torch.no_grad() for inference or generation, or "
-                "convert with use_backprop=True"
-            )
+            raise ValueError(_filled_cache_message(value, path, tokens))
         dropped.append(path)
         return None
     if isinstance(value, list):

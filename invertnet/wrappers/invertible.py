@@ -66,6 +66,40 @@ def _as_tuple(y: Any, what: str) -> Tensors:
     return ys
 
 
+def _kwarg_tensors(kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """The tensors among keyword arguments, also inside lists, tuples and dicts, each
+    with the keyword it came by."""
+    found: list[tuple[str, torch.Tensor]] = []
+    for name, value in kwargs.items():
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, torch.Tensor):
+                found.append((name, item))
+            elif isinstance(item, (list, tuple)):
+                stack.extend(reversed(item))
+            elif isinstance(item, dict):
+                stack.extend(reversed(list(item.values())))
+    return found
+
+
+def _refuse_grad_kwargs(layer: str, kwargs: dict[str, Any]) -> None:
+    """Raise, before anything is freed, for a keyword argument that requires grad.
+
+    Keywords are context (a mask, say) that the wrapper hands through unchanged;
+    it differentiates only the positional inputs and the parameters, so a tensor
+    passed by keyword would silently get no gradient.
+    """
+    for name, t in _kwarg_tensors(kwargs):
+        if t.requires_grad:
+            raise ValueError(
+                f"{layer}: keyword argument {name!r} is a tensor that requires grad, "
+                "but keyword arguments are context the wrapper passes through and "
+                "gets no gradient for. Pass it positionally (as an input of the "
+                "invertible module), or detach it"
+            )
+
+
 @dataclass(slots=True)
 class _Call:
     """Everything one wrapped call needs besides its tensors.
@@ -84,12 +118,17 @@ class _Call:
     num_inputs: int
     # The wrapped module and those under it.
     modules: list[nn.Module]
+    # The call's keyword arguments (an attention mask, say): context, not inputs.
+    # The recomputation in backward gets these very objects; none is freed.
+    kwargs: dict[str, Any]
     # Filled in by the forward pass: the inputs then the parameters, as passed.
     tensors: Tensors = ()
     outputs: Tensors = ()
     # The version counters of the outputs and of the kept inputs after the forward
     # pass, which backward checks as autograd checks what it saved.
     versions: tuple[int, ...] = ()
+    # The version counters of the tensors among ``kwargs`` (empty without any).
+    kwarg_versions: tuple[int, ...] = ()
     freed: dict[int, FreedInput] | None = None
     # What the forward pass ran under (RNG, autocast, flags, parameters, buffers).
     state: ForwardState | None = None
@@ -159,6 +198,8 @@ def _prepare(call: _Call, inputs: Tensors) -> tuple[int, ...]:
     call.state = ForwardState(
         call.layer, call.modules, RNGTape(inputs), AutocastState.capture(inputs)
     )
+    if call.kwargs:
+        call.kwarg_versions = tuple(t._version for _, t in _kwarg_tensors(call.kwargs))
     return tuple(x._version for x in inputs)
 
 
@@ -254,7 +295,9 @@ def _call_module(call: _Call, inputs: Tensors) -> Tensors:
     """Run the module in the call's direction, with its own call hooks if it has any."""
     hooks = call.hooks
     if hooks is None:
-        return _as_tuple(call.run(*inputs), f"output of {type(call.module).__name__}")
+        return _as_tuple(
+            call.run(*inputs, **call.kwargs), f"output of {type(call.module).__name__}"
+        )
     return _as_tuple(_forward_with_hooks(call, hooks, inputs), f"output of {call.layer}")
 
 
@@ -268,18 +311,21 @@ def _forward_with_hooks(call: _Call, hooks: ModuleHooks, inputs: Tensors) -> Any
     and the recomputation in backward could not see what it did.
     """
     module = call.module
+    kwargs = call.kwargs
     for hook, with_kwargs in hooks.forward_pre:
-        result = hook(module, inputs, {}) if with_kwargs else hook(module, inputs)
-        if result is not None and not _same_tensors(result, inputs):
+        result = hook(module, inputs, kwargs) if with_kwargs else hook(module, inputs)
+        if result is not None and _pre_hook_changed(result, inputs, kwargs, with_kwargs):
             raise RuntimeError(
                 f"{call.layer}: a forward pre-hook on the wrapped module returned new "
                 "inputs; the wrapper cannot invert or recompute what a hook changes. "
                 "Register the hook on the wrapper instead "
                 "(wrapper.register_forward_pre_hook), which runs it before the block"
             )
-    output = module.forward(*inputs)
+    output = module.forward(*inputs, **kwargs)
     for hook, with_kwargs in hooks.forward:
-        result = hook(module, inputs, {}, output) if with_kwargs else hook(module, inputs, output)
+        result = (
+            hook(module, inputs, kwargs, output) if with_kwargs else hook(module, inputs, output)
+        )
         if result is not None and not _same_tensors(result, output):
             raise RuntimeError(
                 f"{call.layer}: a forward hook on the wrapped module returned a new "
@@ -288,6 +334,23 @@ def _forward_with_hooks(call: _Call, hooks: ModuleHooks, inputs: Tensors) -> Any
                 "(wrapper.register_forward_hook), which runs it after the block"
             )
     return output
+
+
+def _pre_hook_changed(
+    result: Any, inputs: Tensors, kwargs: dict[str, Any], with_kwargs: bool
+) -> bool:
+    """Whether a forward pre-hook's non-``None`` result replaces what it was given:
+    the inputs, or (registered ``with_kwargs=True``) an ``(args, kwargs)`` pair."""
+    if not with_kwargs:
+        return not _same_tensors(result, inputs)
+    if not (isinstance(result, tuple) and len(result) == 2 and isinstance(result[1], dict)):
+        return True
+    args, new_kwargs = result
+    return not (
+        _same_tensors(args, inputs)
+        and list(new_kwargs) == list(kwargs)
+        and same_objects(tuple(new_kwargs.values()), tuple(kwargs.values()))
+    )
 
 
 def _same_tensors(a: Any, b: Any) -> bool:
@@ -450,8 +513,23 @@ def _check_before_backward(call: _Call) -> None:
                 "operation (y = y.relu() rather than y.relu_()), or clone the tensor "
                 "before changing it"
             )
+    if call.kwarg_versions:
+        _check_kwargs_unwritten(call)
     assert call.state is not None
     call.state.check()
+
+
+def _check_kwargs_unwritten(call: _Call) -> None:
+    """Raise if a tensor passed by keyword was written in place since the forward
+    pass: the recomputation in backward reads it again and would see other values."""
+    for (name, t), seen in zip(_kwarg_tensors(call.kwargs), call.kwarg_versions):
+        if t._version != seen:
+            raise RuntimeError(
+                f"{call.layer}: the tensor passed as keyword argument {name!r} was "
+                "modified in place between the forward pass and backward (version "
+                f"{seen} then, {t._version} now); the recomputation in backward needs it "
+                "as the forward pass saw it. Clone it before changing it"
+            )
 
 
 def _backward(
@@ -501,6 +579,7 @@ def _backward(
         state.awaiting_backward = False
         call.tensors = call.outputs = ()
         call.modules = []
+        call.kwargs = {}
         call.freed = call.originals = call.state = None
     else:
         # A later pass checks for writes made after this one.
@@ -519,7 +598,7 @@ def _check_no_unowned_tensors(call: _Call, state: ForwardState) -> None:
     """
     with state.replayed(), torch.enable_grad():
         leaves = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in call.inputs)
-        outputs = _as_tuple(call.run(*leaves), "recomputed output")
+        outputs = _as_tuple(call.run(*leaves, **call.kwargs), "recomputed output")
         found = unowned_leaves(outputs, (*leaves, *call.params))
     if found:
         shapes = ", ".join(str(tuple(t.shape)) for t in found)
@@ -590,9 +669,14 @@ def _differentiate(
     # forward under grad would have its inner wrappers free what it reads next.
     # An output that got no gradient (None) takes the general path, whose
     # autograd.grad leaves None where no used output reaches, as plain autograd does.
-    if call.freed and fused is not None and all(g is not None for g in grad_outputs):
-        accepts = _keyword_parameters(getattr(fused, "__func__", fused))
-        options: dict[str, Any] = {}
+    accepts = _keyword_parameters(getattr(fused, "__func__", fused)) if fused else frozenset()
+    if (
+        call.freed
+        and fused is not None
+        and all(g is not None for g in grad_outputs)
+        and _fused_takes(accepts, call.kwargs)
+    ):
+        options: dict[str, Any] = dict(call.kwargs)
         if "out" in accepts:
             # Reconstruct straight into the freed inputs' own memory: the coupling
             # engine takes each when it first writes it (after the sub-module whose
@@ -612,9 +696,10 @@ def _differentiate(
 
     state = call.state
     assert state is not None
+    kwargs = call.kwargs
     if rebuilt:
         with torch.no_grad():
-            inputs = _as_tuple(call.undo(*call.outputs), "reconstructed input")
+            inputs = _as_tuple(call.undo(*call.outputs, **kwargs), "reconstructed input")
         if state.tape is not None:
             state.tape.reset_to_initial()
         inputs = tuple(inputs[i] if i in rebuilt else x for i, x in enumerate(call.inputs))
@@ -624,7 +709,7 @@ def _differentiate(
         x.detach().requires_grad_(need) for x, need in zip(inputs, needs[: call.num_inputs])
     )
     with torch.enable_grad():
-        outputs = _as_tuple(call.run(*leaves), "recomputed output")
+        outputs = _as_tuple(call.run(*leaves, **kwargs), "recomputed output")
     wanted = [leaf for leaf in leaves if leaf.requires_grad] + list(params)
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
     found: tuple[torch.Tensor | None, ...] = ()
@@ -650,7 +735,18 @@ def _keyword_parameters(function: Callable[..., Any]) -> frozenset[str]:
     """The parameter names of a module's ``inverse_and_vjp``: whether it takes
     ``out=`` (the buffers to write the reconstructed inputs into) and
     ``inputs_need_grad=`` (the coupling engine's does; others may not)."""
-    return frozenset(inspect.signature(function).parameters)
+    parameters = inspect.signature(function).parameters.values()
+    # "**" marks a function that takes any keyword (context for its sub-modules).
+    return frozenset(
+        "**" if p.kind is inspect.Parameter.VAR_KEYWORD else p.name for p in parameters
+    )
+
+
+def _fused_takes(accepts: frozenset[str], kwargs: dict[str, Any]) -> bool:
+    """Whether a fused backward with parameters ``accepts`` can be passed ``kwargs``
+    (the call's context keywords), which it hands to the sub-modules; a keyword
+    that would clash with its own parameters takes the general path instead."""
+    return not kwargs or ("**" in accepts and not accepts.intersection(kwargs))
 
 
 def _takes_memory_when_written(fused: FusedBackward) -> bool:
@@ -823,7 +919,7 @@ class InvertibleModuleWrapper(nn.Module):
         # skipped while compiling, where that combination is not supported anyway.
         return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
-    def _run(self, xs: tuple[Any, ...], direction: str) -> Output:
+    def _run(self, xs: tuple[Any, ...], direction: str, kwargs: dict[str, Any]) -> Output:
         fn = self._fn
         if not xs:
             raise ValueError(f"InvertibleModuleWrapper.{direction} needs at least one input tensor")
@@ -838,7 +934,7 @@ class InvertibleModuleWrapper(nn.Module):
         modules = self._submodules() if recording else []
         params = trainable_parameters(modules)
         if not (recording and (params or any(t.requires_grad for t in inputs))):
-            y = fn(*inputs) if direction == "forward" else fn.inverse(*inputs)
+            y = fn(*inputs, **kwargs) if direction == "forward" else fn.inverse(*inputs, **kwargs)
         else:
             forward = direction == "forward"
             call = _Call(
@@ -848,8 +944,11 @@ class InvertibleModuleWrapper(nn.Module):
                 keep_input=self.keep_input if forward else self.keep_input_inverse,
                 num_inputs=len(inputs),
                 modules=modules,
+                kwargs=kwargs,
                 hooks=module_hooks(fn) if forward else None,
             )
+            if kwargs:
+                _refuse_grad_kwargs(call.layer, kwargs)
             _refuse_unsupported(call)
             y = _InvertibleFunction.apply(call, *inputs, *params)
         if isinstance(y, (tuple, list)) and len(y) == 1:
@@ -873,32 +972,39 @@ class InvertibleModuleWrapper(nn.Module):
         state["_last_state"] = None
         return state
 
-    def forward(self, *xin: torch.Tensor) -> Output:
+    def forward(self, *xin: torch.Tensor, **kwargs: Any) -> Output:
         """Apply the wrapped module, freeing the inputs unless ``keep_input``.
 
         Parameters
         ----------
         *xin : torch.Tensor
             The module's inputs.
+        **kwargs
+            Context for the module (an attention mask, say), passed unchanged to its
+            ``forward`` and, in backward, the very same objects to the
+            recomputation. They are never freed, and get no gradient: a tensor
+            among them that requires grad raises :class:`ValueError`.
 
         Returns
         -------
         torch.Tensor or tuple of torch.Tensor
             One output bare, several as a tuple.
         """
-        return self._run(xin, "forward")
+        return self._run(xin, "forward", kwargs)
 
-    def inverse(self, *yin: torch.Tensor) -> Output:
+    def inverse(self, *yin: torch.Tensor, **kwargs: Any) -> Output:
         """Apply the wrapped module's inverse, freeing the inputs unless ``keep_input_inverse``.
 
         Parameters
         ----------
         *yin : torch.Tensor
             The module's outputs.
+        **kwargs
+            Context for the module's ``inverse``, as for :meth:`forward`.
 
         Returns
         -------
         torch.Tensor or tuple of torch.Tensor
             The reconstructed inputs, one bare, several as a tuple.
         """
-        return self._run(yin, "inverse")
+        return self._run(yin, "inverse", kwargs)

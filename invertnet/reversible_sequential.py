@@ -1,0 +1,303 @@
+"""A reversible stack that carries the two halves of its input from block to block.
+
+A coupling given one tensor halves it and concatenates its two results in every
+block: strided half views that each convolution copies, and a concatenation per
+block. :class:`ReversibleSequential` splits its input once, passes the two
+*streams* through every block as two tensors, and merges them once at the end, as
+RevLib's ``ReversibleSequential`` and the reversible Transformers (RevViT, Reformer)
+do. Each reversible block runs under an
+:class:`~invertnet.InvertibleModuleWrapper`, so the stack keeps activation memory
+for about one block whatever its depth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from invertnet.couplings import AdditiveCoupling
+from invertnet.wrappers import InvertibleModuleWrapper, allow_free
+
+__all__ = ["ReversibleSequential"]
+
+Block = nn.Module | tuple[nn.Module, nn.Module]
+
+
+def _is_reversible(layer: nn.Module) -> bool:
+    return isinstance(layer, InvertibleModuleWrapper)
+
+
+def _frees(wrapper: InvertibleModuleWrapper, inverse: bool) -> bool:
+    """Whether ``wrapper`` frees its inputs in this call (then the stack hands it
+    copies of its own rather than views of a tensor someone else may hold)."""
+    keep = wrapper.keep_input_inverse if inverse else wrapper.keep_input
+    return wrapper.training and not wrapper.disable and not keep and torch.is_grad_enabled()
+
+
+class ReversibleSequential(nn.Module):
+    """Run reversible blocks on two streams, split once and merged once.
+
+    Parameters
+    ----------
+    *blocks : torch.nn.Module or tuple of two torch.nn.Module
+        In order, each one of:
+
+        * an invertible two-stream module, mapping ``(x1, x2)`` to ``(y1, y2)``
+          and back with ``inverse``: an :class:`~invertnet.AdditiveCoupling`,
+          :class:`~invertnet.AffineCoupling` or
+          :class:`~invertnet.MomentumCoupling` (given two tensors, a coupling
+          takes them as its two parts), a reversible Transformer block, or your
+          own. The stack wraps it in an :class:`~invertnet.InvertibleModuleWrapper`
+          with its settings below;
+        * a pair ``(F, G)`` of modules mapping a stream to a stream of the same
+          shape, as RevLib takes them: the additive coupling
+          ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``;
+        * an :class:`~invertnet.InvertibleModuleWrapper` of a two-stream module,
+          used as it is, with its own settings;
+        * any other module: a *non-invertible layer* (a strided convolution or
+          pooling that changes the shape, as between the stages of a RevNet). It
+          runs on the merged streams under plain autograd, which keeps its input
+          for backward, and its output is split again. Each one costs the memory
+          of its input; wrap it in :func:`torch.utils.checkpoint.checkpoint`
+          yourself to keep only that input and not its activations.
+    split_dim : int
+        The dimension along which the input is halved into the two streams and
+        along which they are merged: 1 for channels of ``(N, C, H, W)``, ``-1``
+        for the features of tokens ``(N, L, D)``.
+    keep_input : bool
+        Keep each block's input instead of freeing it (as the wrapper's
+        ``keep_input``): no memory saving, the recomputation runs forward from
+        the kept input.
+    preserve_rng_state : bool
+        Replay the random state of each block's forward pass in backward, so that
+        dropout is reproduced exactly (the default).
+    disable : bool
+        Run every block with plain autograd (no memory saving).
+
+    Notes
+    -----
+    ``keep_input``, ``preserve_rng_state`` and ``disable`` may be changed on the
+    stack at any time; they apply to the wrappers the stack made, not to
+    wrappers passed in. Keyword arguments of :meth:`forward` (an attention mask)
+    go to every reversible block, are recorded with each block's call and are
+    given again to its recomputation; they do not reach non-invertible layers.
+
+    The stack's input is not freed: its halves are copied into the streams (one
+    tensor's memory, for the whole stack), and the copies are freed. The stack's
+    output is kept, as it must be, to reconstruct the last block's input.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from invertnet import AdditiveCoupling, ReversibleSequential
+    >>> stack = ReversibleSequential(
+    ...     *(AdditiveCoupling(torch.nn.Linear(4, 4)) for _ in range(3)),
+    ...     (torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)),  # RevLib's (F, G)
+    ... )
+    >>> x = torch.randn(2, 8, requires_grad=True)
+    >>> y = stack(x)
+    >>> y.sum().backward()
+    >>> torch.allclose(stack.inverse(y.detach()), x.detach(), atol=1e-5)
+    True
+    """
+
+    def __init__(
+        self,
+        *blocks: Block,
+        split_dim: int = 1,
+        keep_input: bool = False,
+        preserve_rng_state: bool = True,
+        disable: bool = False,
+    ) -> None:
+        super().__init__()
+        if isinstance(split_dim, bool) or not isinstance(split_dim, int):
+            raise TypeError(f"split_dim must be an int, got {split_dim!r}")
+        self.split_dim = split_dim
+        layers: list[nn.Module] = []
+        owned: list[bool] = []
+        for index, block in enumerate(blocks):
+            layer, made = self._layer(index, block, keep_input, preserve_rng_state, disable)
+            layers.append(layer)
+            owned.append(made)
+        self.layers = nn.ModuleList(layers)
+        # Which wrappers the stack made, whose settings follow the stack's.
+        self._owned = tuple(owned)
+        self._keep_input = keep_input
+        self._preserve_rng_state = preserve_rng_state
+        self._disable = disable
+
+    @staticmethod
+    def _layer(
+        index: int, block: Any, keep_input: bool, preserve_rng_state: bool, disable: bool
+    ) -> tuple[nn.Module, bool]:
+        if isinstance(block, InvertibleModuleWrapper):
+            return block, False
+        if isinstance(block, (tuple, list)):
+            if len(block) != 2 or not all(isinstance(m, nn.Module) for m in block):
+                raise TypeError(
+                    f"ReversibleSequential: block {index} is a {type(block).__name__} of "
+                    f"{len(block)} items; a pair must be two modules (F, G), each mapping a "
+                    "stream to a stream of the same shape"
+                )
+            block = AdditiveCoupling(block[0], block[1])
+        elif not isinstance(block, nn.Module):
+            raise TypeError(
+                f"ReversibleSequential: block {index} is a {type(block).__name__}; expected "
+                "an nn.Module (an invertible two-stream module, or a non-invertible layer) "
+                "or a pair (F, G) of modules"
+            )
+        if not callable(getattr(block, "inverse", None)):
+            return block, False  # a non-invertible layer, run on the merged streams
+        wrapper = InvertibleModuleWrapper(
+            block,
+            keep_input=keep_input,
+            disable=disable,
+            preserve_rng_state=preserve_rng_state,
+        )
+        return wrapper, True
+
+    def _set_owned(self, name: str, value: bool) -> None:
+        for layer, owned in zip(self.layers, self._owned):
+            if owned:
+                setattr(layer, name, value)
+
+    @property
+    def keep_input(self) -> bool:
+        """Whether the wrappers the stack made keep their inputs."""
+        return self._keep_input
+
+    @keep_input.setter
+    def keep_input(self, value: bool) -> None:
+        self._set_owned("keep_input", value)
+        self._keep_input = value
+
+    @property
+    def preserve_rng_state(self) -> bool:
+        """Whether the wrappers the stack made replay the random state."""
+        return self._preserve_rng_state
+
+    @preserve_rng_state.setter
+    def preserve_rng_state(self, value: bool) -> None:
+        self._set_owned("preserve_rng_state", value)
+        self._preserve_rng_state = value
+
+    @property
+    def disable(self) -> bool:
+        """Whether the wrappers the stack made run with plain autograd."""
+        return self._disable
+
+    @disable.setter
+    def disable(self, value: bool) -> None:
+        self._set_owned("disable", value)
+        self._disable = value
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.layers)
+
+    def __getitem__(self, index: int) -> nn.Module:
+        return self.layers[index]
+
+    def _split(
+        self, x: torch.Tensor, nxt: nn.Module | None, inverse: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Halve ``x`` into the two streams for the layer ``nxt``."""
+        size = x.shape[self.split_dim]
+        if size % 2:
+            raise ValueError(
+                f"ReversibleSequential: dimension {self.split_dim} of the input has size "
+                f"{size}; it must be even to split into two streams (set split_dim to the "
+                "channel or feature dimension)"
+            )
+        x1, x2 = torch.chunk(x, 2, dim=self.split_dim)
+        if not (isinstance(nxt, InvertibleModuleWrapper) and _frees(nxt, inverse)):
+            return x1, x2
+        # Owned copies rather than views of x, so that the first wrapper may free
+        # them (contiguous() would return a half that is already contiguous, as a
+        # batch of one's channel halves are, as a view); marked, since without a
+        # grad_fn a wrapper would take them for the caller's data and only hide them.
+        return (
+            allow_free(x1.clone(memory_format=torch.contiguous_format)),
+            allow_free(x2.clone(memory_format=torch.contiguous_format)),
+        )
+
+    def _merge(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        return torch.cat((x1, x2), dim=self.split_dim)
+
+    def forward(self, *xs: torch.Tensor, **kwargs: Any) -> Any:
+        """Run the blocks in order.
+
+        Parameters
+        ----------
+        *xs : torch.Tensor
+            One tensor, halved along ``split_dim`` into the two streams; or the two
+            streams themselves.
+        **kwargs
+            Passed to every reversible block (for example an attention mask).
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            The merged streams given one tensor, the two streams given two.
+        """
+        if len(xs) == 1:
+            x1, x2 = self._split(xs[0], self.layers[0] if len(self.layers) else None)
+        elif len(xs) == 2:
+            x1, x2 = xs
+        else:
+            raise TypeError(
+                f"ReversibleSequential.forward takes one tensor (halved along split_dim) or "
+                f"the two streams, got {len(xs)} positional arguments"
+            )
+        for index, layer in enumerate(self.layers):
+            if _is_reversible(layer):
+                x1, x2 = layer(x1, x2, **kwargs)
+            else:
+                nxt = self.layers[index + 1] if index + 1 < len(self.layers) else None
+                x1, x2 = self._split(layer(self._merge(x1, x2)), nxt)
+        return self._merge(x1, x2) if len(xs) == 1 else (x1, x2)
+
+    def inverse(self, *ys: torch.Tensor, **kwargs: Any) -> Any:
+        """Run the blocks' inverses in reverse order.
+
+        Parameters
+        ----------
+        *ys : torch.Tensor
+            The merged streams, or the two streams.
+        **kwargs
+            Passed to every reversible block's inverse.
+
+        Returns
+        -------
+        torch.Tensor or tuple of torch.Tensor
+            The reconstructed input, in the form of ``ys``.
+
+        Raises
+        ------
+        TypeError
+            If the stack holds a non-invertible layer.
+        """
+        for index, layer in enumerate(self.layers):
+            if not _is_reversible(layer):
+                raise TypeError(
+                    f"ReversibleSequential.inverse: layer {index} "
+                    f"({type(layer).__name__}) is not invertible; a stack with "
+                    "non-invertible layers has no inverse"
+                )
+        if len(ys) == 1:
+            y1, y2 = self._split(ys[0], self.layers[-1] if len(self.layers) else None, inverse=True)
+        elif len(ys) == 2:
+            y1, y2 = ys
+        else:
+            raise TypeError(
+                f"ReversibleSequential.inverse takes one tensor or the two streams, got "
+                f"{len(ys)} positional arguments"
+            )
+        for layer in reversed(self.layers):
+            y1, y2 = layer.inverse(y1, y2, **kwargs)
+        return self._merge(y1, y2) if len(ys) == 1 else (y1, y2)
