@@ -245,22 +245,33 @@ class ReversibleSequential(nn.Module):
         torch.Tensor or tuple of torch.Tensor
             The merged streams given one tensor, the two streams given two.
         """
-        if len(xs) == 1:
-            x1, x2 = self._split(xs[0], self.layers[0] if len(self.layers) else None)
-        elif len(xs) == 2:
-            x1, x2 = xs
-        else:
+        if len(xs) not in (1, 2):
             raise TypeError(
                 f"ReversibleSequential.forward takes one tensor (halved along split_dim) or "
                 f"the two streams, got {len(xs)} positional arguments"
             )
-        for index, layer in enumerate(self.layers):
+        # The activations are either merged (one tensor) or two streams; each is
+        # converted only where the next layer needs the other form, so that a
+        # non-invertible layer first (a RevNet stage's strided unit) runs on the
+        # input as it is, without a split and a concatenation.
+        merged: torch.Tensor | None = xs[0] if len(xs) == 1 else None
+        streams: tuple[torch.Tensor, torch.Tensor] | None = None if merged is not None else xs
+        for layer in self.layers:
             if _is_reversible(layer):
-                x1, x2 = layer(x1, x2, **kwargs)
+                if streams is None:
+                    assert merged is not None
+                    streams = self._split(merged, layer)
+                streams = layer(*streams, **kwargs)
+                merged = None
             else:
-                nxt = self.layers[index + 1] if index + 1 < len(self.layers) else None
-                x1, x2 = self._split(layer(self._merge(x1, x2)), nxt)
-        return self._merge(x1, x2) if len(xs) == 1 else (x1, x2)
+                if merged is None:
+                    assert streams is not None
+                    merged = self._merge(*streams)
+                merged = layer(merged)
+                streams = None
+        if len(xs) == 1:
+            return merged if merged is not None else self._merge(*streams)
+        return streams if streams is not None else self._split(merged, None)
 
     def inverse(self, *ys: torch.Tensor, **kwargs: Any) -> Any:
         """Run the blocks' inverses in reverse order.

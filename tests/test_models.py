@@ -90,11 +90,9 @@ def test_revnets_use_additive_couplings_under_the_wrapper(name, reversible, widt
     # Each stage's reversible units couple two halves of the stage's width.
     for stage, width in zip(model.stages, widths):
         halves = {
-            next(
-                m for m in unit.block.module.Fm.modules() if isinstance(m, torch.nn.Conv2d)
-            ).in_channels
+            next(m for m in unit.module.Fm.modules() if isinstance(m, torch.nn.Conv2d)).in_channels
             for unit in stage
-            if hasattr(unit, "block")
+            if isinstance(unit, InvertibleModuleWrapper)
         }
         assert halves == {width // 2}
     assert model.fc.in_features == widths[-1]

@@ -269,3 +269,27 @@ def test_console_script_and_module_entry_points(monkeypatch, capsys):
         runpy.run_module("invertnet.train", run_name="__main__", alter_sys=True)
     assert exit_.value.code == 1
     assert "unknown model 'nosuchmodel'" in capsys.readouterr().err
+
+
+def test_revvit_trains_on_cifar10_with_the_vit_recipe(cifar10, tmp_path, capsys):
+    results = tmp_path / "revvit"
+    args = ["revvit", "cifar10", "--data-dir", cifar10, "--batch-size", 10, "--epochs", 4]
+    assert _train(*args, "--results-dir", results) == 0
+    state = load_checkpoint(results / "checkpoint.pt")
+    assert state["model"] == "revvit" and state["step"] == 8
+    # The recipe's AdamW: decoupled weight decay 0.05 at lr 1e-3.
+    group = state["optimizer_state"]["param_groups"][0]
+    assert group["weight_decay"] == 0.05
+    assert "decoupled_weight_decay" not in group or group["decoupled_weight_decay"]
+    records = _metrics(results)
+    assert records[0]["lr"] == pytest.approx(1e-3)
+    # 20 images seen four times: a working backward through the reversible blocks
+    # makes the training loss fall.
+    assert records[-1]["train_loss"] < records[0]["train_loss"]
+    assert "AdamW, lr 0.001, weight decay 0.05" in _help_text(capsys)
+
+
+def _help_text(capsys: pytest.CaptureFixture[str]) -> str:
+    capsys.readouterr()
+    assert main(["--help"]) == 0
+    return capsys.readouterr().out

@@ -4,9 +4,11 @@ Pre-activation residual networks in the layout of He et al. (2016) for 32x32
 inputs: a 3x3 stem, three stages at strides 1, 2 and 2, then batch norm and ReLU
 before the global average pool and the classifier. A ResNet unit adds a residual
 branch to its input. A RevNet unit (Gomez et al., 2017) splits the channels in two
-and applies an :class:`~invertnet.AdditiveCoupling` of two half-width branches under
-an :class:`~invertnet.InvertibleModuleWrapper`, so that its input need not be kept
-for backward. A unit that changes the resolution or the width is an ordinary
+and applies an :class:`~invertnet.AdditiveCoupling` of two half-width branches; each
+stage's units run in an :class:`~invertnet.ReversibleSequential`, which carries the
+two halves from unit to unit and runs every coupling under an
+:class:`~invertnet.InvertibleModuleWrapper`, so that its input need not be kept for
+backward. A unit that changes the resolution or the width is an ordinary
 residual unit with a 1x1 projection shortcut in both families, because a coupling
 cannot change the shape of its input.
 
@@ -36,6 +38,7 @@ import torch
 from torch import nn
 
 from invertnet.couplings import AdditiveCoupling
+from invertnet.reversible_sequential import ReversibleSequential
 from invertnet.wrappers import InvertibleModuleWrapper
 
 __all__ = [
@@ -104,33 +107,14 @@ class ResidualUnit(nn.Module):
         return self.branch(x) + self.shortcut(x)
 
 
-class ReversibleUnit(nn.Module):
-    """Additive coupling of two half-width branches, run without keeping its input.
-
-    Parameters
-    ----------
-    kind : str
-        ``'basic'`` or ``'bottleneck'``.
-    channels : int
-        Input and output channels (even).
-    preactivate : bool
-        Start each branch with batch norm and ReLU.
-    keep_input : bool
-        Passed to :class:`~invertnet.InvertibleModuleWrapper`.
-    """
-
-    def __init__(self, kind: str, channels: int, preactivate: bool, keep_input: bool) -> None:
-        super().__init__()
-        half = channels // 2
-        width = half // 4 if kind == "bottleneck" else half
-        coupling = AdditiveCoupling(
-            Fm=_branch(kind, half, width, 1, preactivate),
-            Gm=_branch(kind, half, width, 1, preactivate),
-        )
-        self.block = InvertibleModuleWrapper(coupling, keep_input=keep_input)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+def _coupling(kind: str, channels: int, preactivate: bool) -> AdditiveCoupling:
+    """A RevNet unit: an additive coupling of two half-width branches."""
+    half = channels // 2
+    width = half // 4 if kind == "bottleneck" else half
+    return AdditiveCoupling(
+        Fm=_branch(kind, half, width, 1, preactivate),
+        Gm=_branch(kind, half, width, 1, preactivate),
+    )
 
 
 @dataclass(frozen=True)
@@ -189,7 +173,7 @@ class CifarResNet(nn.Module):
         expansion = 4 if spec.kind == "bottleneck" else 1
         self.stem = nn.Sequential(_conv(in_channels, spec.stem, 3), _bn(spec.stem), nn.ReLU())
         channels = spec.stem
-        stages = []
+        stages: list[nn.Module] = []
         for index, (units, width) in enumerate(zip(spec.units, spec.widths)):
             stride = 1 if index == 0 else 2
             stage: list[nn.Module] = []
@@ -198,15 +182,23 @@ class CifarResNet(nn.Module):
                 preactivate = not (index == 0 and u == 0)
                 shape_kept = stride == 1 and channels == width * expansion
                 if spec.reversible and shape_kept:
-                    # The stem's ReLU keeps its output for its own backward anyway, so
-                    # freeing the first unit's input would save nothing.
-                    keep = index == 0 and u == 0
-                    stage.append(ReversibleUnit(spec.kind, channels, preactivate, keep))
+                    coupling = _coupling(spec.kind, channels, preactivate)
+                    if index == 0 and u == 0:
+                        # The stem's ReLU keeps its output for its own backward anyway,
+                        # so freeing the first unit's input would save nothing.
+                        stage.append(InvertibleModuleWrapper(coupling, keep_input=True))
+                    else:
+                        stage.append(coupling)
                 else:
                     stage.append(ResidualUnit(spec.kind, channels, width, stride, preactivate))
                 channels = width * expansion
                 stride = 1
-            stages.append(nn.Sequential(*stage))
+            # A RevNet stage carries two streams through its couplings (split once,
+            # merged once); its first, shape-changing unit runs as a non-invertible
+            # layer, which keeps its input for backward.
+            stages.append(
+                ReversibleSequential(*stage) if spec.reversible else nn.Sequential(*stage)
+            )
         self.stages = nn.Sequential(*stages)
         self.head = nn.Sequential(
             _bn(channels), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1), nn.Flatten()

@@ -13,6 +13,7 @@ from torch import nn
 from invertnet.models.cifar_resnet import RESNET_LAYOUTS, cifar_resnet, momentum_resnet
 from invertnet.models.cifar_revnet import MEMCNN_SPECS, memcnn_model
 from invertnet.models.rings import RingsMomentumNet
+from invertnet.models.vit import RevViT, ViT
 
 __all__ = ["ModelEntry", "available_models", "get_model", "model_entry"]
 
@@ -29,8 +30,9 @@ class ModelEntry:
         ``build(num_classes=..., **kwargs)`` returns the module.
     family : str
         ``'memcnn'`` (memcnn's CIFAR experiments), ``'momentumnet'`` (the Momentum
-        ResNets paper's CIFAR experiments) or ``'rings'`` (the 2-D toy problem); the
-        training command picks its default recipe by family.
+        ResNets paper's CIFAR experiments), ``'vit'`` (the Vision Transformers) or
+        ``'rings'`` (the 2-D toy problem); the training command picks its default
+        recipe by family.
     momentum : bool
         Whether the model takes ``gamma``.
     parameters : int
@@ -62,6 +64,8 @@ _MEMCNN_PARAMS = {
     "revnet110": 1_854_890,
     "revnet164": 1_983_786,
 }
+# RevViT and ViT at their defaults (width 192, depth 12): the same weights per block.
+_VIT_PARAMS = 5_362_378
 _RESNET_PARAMS = {18: 11_173_962, 34: 21_282_122, 101: 42_512_970, 152: 58_156_618}
 
 
@@ -95,6 +99,16 @@ def _entries() -> dict[str, ModelEntry]:
             True,
             _RESNET_PARAMS[depth],
             f"Momentum ResNet-{depth} (MomentumNet over each stage's blocks after the first)",
+        )
+    for name, build, kind in (("revvit", RevViT, "reversible"), ("vit", ViT, "plain")):
+        entries[name] = ModelEntry(
+            name,
+            build,
+            "vit",
+            False,
+            _VIT_PARAMS,
+            f"{'RevViT' if name == 'revvit' else 'ViT'} for 32x32 images, {kind} blocks "
+            "(width 192, depth 12, 3 heads, patches 4x4)",
         )
     entries["mresnet_rings"] = ModelEntry(
         "mresnet_rings",

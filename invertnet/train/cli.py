@@ -69,6 +69,7 @@ def _epilog() -> str:
         f"  resnet32..164, revnet38..164: {RECIPES['memcnn'].describe()}",
         f"  (m)resnet18..152: {RECIPES['momentumnet'].describe()}",
         f"  mresnet_rings: {RECIPES['rings'].describe()}",
+        f"  revvit, vit: {RECIPES['vit'].describe()}",
         "",
         "CIFAR images are augmented (random 32x32 crop of the 4-pixel padded image,",
         "horizontal flip) for training only; both sets are normalised per channel.",

@@ -20,7 +20,7 @@ class RunConfig:
     model_kwargs : dict
         Extra model arguments (``gamma``, ``use_backprop`` for Momentum ResNets).
     optimizer : str
-        ``'sgd'`` or ``'adam'``.
+        ``'sgd'``, ``'adam'`` or ``'adamw'``.
     lr, momentum, weight_decay : float
         Optimiser settings.
     milestones : tuple of float
