@@ -235,3 +235,39 @@ def assert_grads_close(want: list[Any], got: list[Any], rtol: float, atol: float
         scale = w.abs().max().item()
         err = (w - g).abs().max().item()
         assert err <= rtol * scale + atol, f"gradient {i}: off by {err:.3g}, scale {scale:.3g}"
+
+
+def activation_bytes(model: nn.Module, call: Callable[[], Any]) -> int:
+    """Bytes of activations that ``call()`` (a forward pass of ``model``) leaves for
+    backward: the distinct storages autograd saved, plus the inputs of the model's
+    :class:`~invertnet.InvertibleModuleWrapper` s that are still held after it.
+
+    Kept block inputs do not pass through autograd's saved-tensor hooks, so they are
+    counted apart, through weak references, which do not count as holders (a strong
+    one would make a wrapper keep the input it would free).
+    """
+    import weakref
+
+    from invertnet.bench.memory import SavedBytes
+
+    inputs: list[weakref.ref[torch.Tensor]] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+        inputs.extend(weakref.ref(a) for a in args if isinstance(a, torch.Tensor))
+
+    wrappers = [m for m in model.modules() if isinstance(m, InvertibleModuleWrapper)]
+    handles = [w.register_forward_pre_hook(record) for w in wrappers]
+    counter = SavedBytes(model)
+    try:
+        with counter.counting():
+            out = call()
+    finally:
+        for handle in handles:
+            handle.remove()
+    kept = {}
+    for ref in inputs:
+        t = ref()
+        if t is not None and t.untyped_storage().nbytes():
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    del out
+    return counter.nbytes + sum(kept.values())
