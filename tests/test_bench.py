@@ -186,7 +186,7 @@ def test_workloads_needing_momentumnet_are_reported_when_missing(
     monkeypatch.delattr(invertnet, "MomentumNet")
     parser = bench_cli.build_parser()
     names, skipped = bench_cli._choose_workloads(parser, None)
-    assert names == ["additive-conv", "affine-conv"]
+    assert names == ["additive-conv", "affine-conv", "revvit"]
     assert set(skipped) == {"momentum-mlp", "transformer", "llama"}
     assert all("invertnet.MomentumNet" in reason for reason in skipped.values())
     err = _run_bad(["--workloads", "momentum-mlp"], capsys)

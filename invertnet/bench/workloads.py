@@ -493,6 +493,40 @@ def _transformer_encoder(
     return model.to(device=device, dtype=dtype), Batch((x,), {"mask": mask, "is_causal": True})
 
 
+# -- Vision Transformers -------------------------------------------------------
+_VIT_SIZES = {
+    "cpu": dict(dim=96, heads=3, image=32, patch=4, batch_size=8, depths=(4, 12, 24)),
+    "cpu-large": dict(dim=192, heads=3, image=32, patch=4, batch_size=16, depths=(6, 12, 24)),
+    "gpu": dict(dim=384, heads=6, image=224, patch=16, batch_size=64, depths=(12, 24, 48)),
+}
+
+
+def _revvit(
+    depth: int,
+    method: str,
+    batch_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    sizes: Mapping[str, Any],
+) -> tuple[nn.Module, Batch]:
+    # Imported here: invertnet.models pulls in torchvision's ResNets.
+    from invertnet.models.vit import RevViT, ViT
+
+    shape = dict(
+        image_size=sizes["image"],
+        patch_size=sizes["patch"],
+        dim=sizes["dim"],
+        depth=depth,
+        heads=sizes["heads"],
+    )
+    if method == "invertnet":
+        model: nn.Module = RevViT(**shape)
+    else:
+        model = ViT(**shape, checkpoint_blocks=method == "checkpoint")
+    images = torch.randn(batch_size, 3, sizes["image"], sizes["image"], dtype=dtype, device=device)
+    return model.to(device=device, dtype=dtype), Batch((images,))
+
+
 # -- a Hugging Face decoder (optional: needs transformers) ---------------------
 _LLAMA_SIZES = {
     "cpu": dict(hidden=64, heads=4, seq=64, vocab=256, batch_size=4, depths=(2, 8)),
@@ -609,6 +643,17 @@ WORKLOADS: dict[str, Workload] = {
                 "original-checkpoint": "original",
             },
             requires=("MomentumNet", "transform_to_momentumnet"),
+        ),
+        Workload(
+            "revvit",
+            "RevViT (invertnet: reversible blocks in a ReversibleSequential) against the ViT "
+            "with the same blocks (plain, checkpoint per block), width {dim}, {heads} heads, "
+            "{image}x{image} images in {patch}x{patch} patches, batch {batch_size}",
+            _revvit,
+            _VIT_SIZES,
+            # RevViT is another function than the ViT with the same weights.
+            same_function={"checkpoint": "plain"},
+            requires=("ReversibleSequential",),
         ),
         Workload(
             "llama",
