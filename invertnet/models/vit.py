@@ -173,8 +173,11 @@ class ViT(_Classifier):
 
     Parameters
     ----------
-    image_size, patch_size, in_channels, num_classes, dim, depth, heads, mlp_ratio,
-    dropout, attention_dropout
+    image_size, patch_size, in_channels, num_classes : int
+        As for :class:`RevViT`.
+    dim, depth, heads : int
+        As for :class:`RevViT`.
+    mlp_ratio, dropout, attention_dropout : float
         As for :class:`RevViT`.
     checkpoint_blocks : bool
         While training, run each block under
