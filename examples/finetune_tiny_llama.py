@@ -7,13 +7,20 @@ activations, backward rebuilds each layer's input exactly. The model is then
 trained on generated token sequences (arithmetic progressions modulo the
 vocabulary, so the next token is predictable), and the loss falls.
 
+With ``--lora`` the converted model's weights stay frozen and only LoRA adapters
+on the attention's ``q_proj`` and ``v_proj`` train (``peft.get_peft_model`` over
+the converted model, as one would over a converted pretrained checkpoint); the
+adapters inside the momentum stage get their gradients from the recomputation in
+backward.
+
 Memory is counted as the bytes autograd saves for backward during one forward
 pass (:class:`invertnet.bench.memory.SavedBytes`, parameters excluded), for the
 original model, the original with ``gradient_checkpointing_enable()`` and the
-converted model, on the same batch.
+converted model, on the same batch (with ``--lora``, each with the same adapters).
+``tools/lora_memory.py`` measures the peak memory of the three at a larger size.
 
-Run ``python examples/finetune_tiny_llama.py [--quick] [--out FILE.png]``; needs
-``pip install ".[hf,plot]"``.
+Run ``python examples/finetune_tiny_llama.py [--quick] [--lora] [--out FILE.png]``;
+needs ``pip install ".[hf,plot]"`` (``peft``, for ``--lora``, is in the ``hf`` extra).
 """
 
 from __future__ import annotations
@@ -40,6 +47,19 @@ def progressions(batch: int, length: int, vocab: int, generator: torch.Generator
     return (start + step * torch.arange(length)) % vocab
 
 
+def lora_adapters(model: nn.Module) -> nn.Module:
+    """``model`` with LoRA adapters on ``q_proj`` and ``v_proj``, its own weights frozen."""
+    try:
+        import peft
+    except ImportError as exc:
+        raise SystemExit(
+            f'--lora needs peft ({exc}); install it with: pip install "invertnet[hf]" '
+            "(or pip install peft)"
+        ) from None
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"])
+    return peft.get_peft_model(model, config)
+
+
 def saved_mib(model: nn.Module, tokens: torch.Tensor) -> float:
     """MiB that autograd saves for backward in one training forward pass of ``model``."""
     counter = SavedBytes(model)
@@ -47,6 +67,10 @@ def saved_mib(model: nn.Module, tokens: torch.Tensor) -> float:
     with counter.counting():
         loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss
     loss.backward()
+    # A memory figure is worth something only if every trainable parameter got its gradient.
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if missing:
+        raise SystemExit(f"no gradient reached {missing[0]} (and {len(missing) - 1} more)")
     model.zero_grad(set_to_none=True)
     return counter.nbytes / 2**20
 
@@ -54,6 +78,11 @@ def saved_mib(model: nn.Module, tokens: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a smaller model, fewer steps")
+    parser.add_argument(
+        "--lora",
+        action="store_true",
+        help="train LoRA adapters on q_proj and v_proj (peft) over the frozen converted model",
+    )
     parser.add_argument(
         "--out", default="finetune_tiny_llama.png", help="where to write the figure"
     )
@@ -82,16 +111,25 @@ def main(argv: list[str] | None = None) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (kept, deprecated).
     enable = getattr(checkpointed, "activation_checkpointing_enable", None)
     (enable or checkpointed.gradient_checkpointing_enable)()
+    suffix = ""
+    if args.lora:
+        # Adapters over the converted model: peft finds q_proj and v_proj inside the stage.
+        original, checkpointed, model = (lora_adapters(m) for m in (original, checkpointed, model))
+        suffix = " + LoRA"
     memory = {
-        "original": saved_mib(original, probe),
-        "original, checkpointed": saved_mib(checkpointed, probe),
-        "momentum, use_backprop=False": saved_mib(model, probe),
+        f"original{suffix}": saved_mib(original, probe),
+        f"original, checkpointed{suffix}": saved_mib(checkpointed, probe),
+        f"momentum, use_backprop=False{suffix}": saved_mib(model, probe),
     }
     print(f"Llama, {layers} layers, hidden {hidden}, sequence {seq}, batch {batch}")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    total = sum(p.numel() for p in model.parameters())
+    print(f"  training {sum(p.numel() for p in trainable):,} of {total:,} parameters")
     for name, mib in memory.items():
-        print(f"  saved for backward, {name:<29}: {mib:8.2f} MiB")
+        print(f"  saved for backward, {name:<36}: {mib:8.2f} MiB")
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    # Adapters start at zero (LoRA's B) and learn from a small signal: a larger rate.
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2 if args.lora else 3e-3)
     model.train()
     losses = []
     for step in range(steps):
@@ -110,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
     ax1.plot(losses)
-    ax1.set(xlabel="step", ylabel="cross-entropy", title="Fine-tuning, use_backprop=False")
+    title = "LoRA fine-tuning" if args.lora else "Fine-tuning"
+    ax1.set(xlabel="step", ylabel="cross-entropy", title=f"{title}, use_backprop=False")
     ax2.barh(list(memory), list(memory.values()))
     ax2.set(xlabel="MiB saved for backward (one forward pass)", title="Activation memory")
     fig.tight_layout()

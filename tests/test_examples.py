@@ -85,14 +85,18 @@ def test_flow_two_moons_beats_the_best_gaussian(tmp_path: Path) -> None:
     assert gaussian_nll - flow_nll >= 0.4, result.stdout
 
 
-def test_finetune_tiny_llama_trains_and_prints_memory(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_tiny_llama_trains_and_prints_memory(lora: bool, tmp_path: Path) -> None:
     pytest.importorskip("transformers")
     pytest.importorskip("matplotlib")
+    if lora:
+        pytest.importorskip("peft")
     out = tmp_path / "figure.png"
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MPLBACKEND": "Agg"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "examples" / "finetune_tiny_llama.py"), "--quick"]
-        + ["--out", str(out)],
+        + ["--out", str(out)]
+        + (["--lora"] if lora else []),
         capture_output=True,
         text=True,
         env=env,
@@ -100,7 +104,21 @@ def test_finetune_tiny_llama_trains_and_prints_memory(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "loss fell from" in result.stdout
+    fell = re.search(r"loss fell from ([\d.]+) to ([\d.]+)", result.stdout)
+    assert fell is not None, result.stdout
+    assert float(fell[2]) < float(fell[1])
+    suffix = " + LoRA" if lora else ""
+    saved = {}
     for method in ("original", "original, checkpointed", "momentum, use_backprop=False"):
-        assert f"saved for backward, {method}" in result.stdout
+        found = re.search(
+            rf"saved for backward, {method}{re.escape(suffix)} *: *([\d.]+) MiB", result.stdout
+        )
+        assert found is not None, result.stdout
+        saved[method] = float(found[1])
+    assert saved["momentum, use_backprop=False"] < saved["original"]
+    trained = re.search(r"training ([\d,]+) of ([\d,]+) parameters", result.stdout)
+    assert trained is not None, result.stdout
+    counts = [int(x.replace(",", "")) for x in trained.groups()]
+    # With LoRA only the adapters train (a few percent); without, every parameter.
+    assert (counts[0] < counts[1] / 10) if lora else (counts[0] == counts[1])
     assert out.read_bytes()[:8] == PNG_MAGIC and out.stat().st_size > 5000
