@@ -2,7 +2,7 @@
 
 The extension is optional: where it cannot be built (no C compiler), installation
 goes on and invertnet uses the equivalent, slower tensor operations
-(``invertnet.momentum.kernels.NATIVE`` tells which).
+(``invertnet.momentum.backends.NATIVE`` tells which).
 """
 
 import sys
@@ -16,8 +16,8 @@ COMPILE_ARGS = [] if sys.platform == "win32" else ["-O3", "-std=c11", "-ffp-cont
 setup(
     ext_modules=[
         Extension(
-            "invertnet.momentum._kernels",
-            sources=["invertnet/momentum/_kernels.c"],
+            "invertnet.momentum.backends._native",
+            sources=["invertnet/momentum/backends/_native.c"],
             extra_compile_args=COMPILE_ARGS,
             optional=True,
         )

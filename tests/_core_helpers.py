@@ -271,3 +271,45 @@ def activation_bytes(model: nn.Module, call: Callable[[], Any]) -> int:
             kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     del out
     return counter.nbytes + sum(kept.values())
+
+
+def run_ranks(worker: str, out: Path, world: int, what: str) -> list[dict]:
+    """Run ``python -m <worker> rank world port out/rank<r>.pt`` in ``world`` processes
+    (gloo on the loopback) and return what each rank saved, failing the test with a
+    rank's log if it fails or the ranks do not finish within 240 s."""
+    import os
+    import socket
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]),
+        "OMP_NUM_THREADS": "1",
+        "GLOO_SOCKET_IFNAME": "lo",
+    }
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", worker, str(r), str(world), str(port), str(out / f"rank{r}.pt")],
+            cwd=root,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world)
+    ]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=240)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise AssertionError(f"a {what} rank did not finish within 240 s") from None
+    for r, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode == 0, f"{what} rank {r} failed:\n{log}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(world)]

@@ -10,18 +10,12 @@ comparison tight; BatchNorm is left out because each rank normalises its own sli
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
+from tests._core_helpers import run_ranks
 from tests._ddp_worker import MODELS, train_single
 
-ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 
 pytestmark = pytest.mark.skipif(
@@ -30,53 +24,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
     """Launch the two ranks once and return what each saved."""
-    out = tmp_path_factory.mktemp("ddp")
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-        "GLOO_SOCKET_IFNAME": "lo",
-    }
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "tests._ddp_worker",
-                str(r),
-                str(WORLD),
-                str(port),
-                str(out / f"rank{r}.pt"),
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(WORLD)
-    ]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=240)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("a DDP rank did not finish within 240 s")
-    for r, (p, log) in enumerate(zip(procs, logs)):
-        assert p.returncode == 0, f"rank {r} failed:\n{log}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(WORLD)]
+    return run_ranks("tests._ddp_worker", tmp_path_factory.mktemp("ddp"), WORLD, "DDP")
 
 
 @pytest.mark.parametrize("accumulate", [False, True], ids=["one_step", "no_sync_accumulation"])

@@ -9,16 +9,17 @@ import torch
 from torch import nn
 
 from invertnet import MomentumNet
-from invertnet.momentum.exact import (
+from invertnet.momentum.backends import REFERENCE
+from invertnet.momentum.exact import ExactMomentum
+from invertnet.momentum.fixed_point import (
     CHUNK_BITS,
     HEAD_LIMIT,
     LIMIT,
     SCALE_BITS,
     BitStore,
-    ExactMomentum,
     FixedPoint,
     RangeCheck,
-    _floor_divmod,
+    floor_divmod,
 )
 from invertnet.momentum.gamma import MAX_DENOMINATOR, Gamma
 
@@ -26,32 +27,40 @@ GAMMAS = [0.99, 0.9, 0.5, 0.1]
 DTYPES = [torch.float32, torch.float64]
 
 
+def _core(gamma: float | Gamma, dtype: torch.dtype) -> ExactMomentum:
+    """A core on the reference backend: its arithmetic is what this file proves."""
+    if not isinstance(gamma, Gamma):
+        gamma = Gamma.from_value(gamma, "test")
+    return ExactMomentum(gamma, FixedPoint(dtype), REFERENCE)
+
+
 def _run_core(gamma: float, dtype: torch.dtype, depth: int, scale: float, seed: int = 0):
-    """Run the core on random functions; return (core, final state, history, updates)."""
+    """Run the core on random functions; return (core, final state, history, outputs)."""
     gen = torch.Generator().manual_seed(seed)
-    fixed = FixedPoint(dtype)
-    core = ExactMomentum(Gamma.from_value(gamma, "test"), fixed)
+    core = _core(gamma, dtype)
+    fixed = core.fixed
     shape = (7, 9)
     x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
     v = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
     state = core.start(fixed.to_fixed(x, "x"), fixed.to_fixed(v, "v"))
-    history, updates = [], []
+    history, outputs = [], []
+    checks = RangeCheck(fixed)
     for t in range(depth):
         # f = noise - x pulls the position back, so it stays of the order of `scale`
         # while taking both signs.
         noise = (torch.rand(shape, generator=gen, dtype=torch.float64) * 2 - 1) * scale
         f = (noise - state.position).to(dtype)
         history.append((state.position.clone(), state.velocity.clone()))
-        update = core.update(state, f, residual=True)
-        updates.append(update.clone())
-        core.step(state, update, t)
-    return core, state, history, updates
+        outputs.append(f)
+        core.advance(state, f, True, t, checks)
+    checks.check()
+    return core, state, history, outputs
 
 
-def _undo(core: ExactMomentum, state, history, updates) -> None:
-    for t in reversed(range(len(updates))):
-        core.unstep_position(state)
-        core.unstep_velocity(state, updates[t].clone())
+def _undo(core: ExactMomentum, state, history, outputs) -> None:
+    for t in reversed(range(len(outputs))):
+        core.retreat_position(state, torch.zeros_like(state.velocity))
+        core.retreat_velocity(state, outputs[t], True)
         assert torch.equal(state.position, history[t][0]), f"position differs at layer {t}"
         assert torch.equal(state.velocity, history[t][1]), f"velocity differs at layer {t}"
 
@@ -89,35 +98,37 @@ def test_store_grows_by_about_log2_of_1_over_gamma_bits_per_layer(gamma: float) 
 
 @pytest.mark.parametrize("gamma", [0.9, 0.123456])
 def test_velocity_product_is_within_one_unit_of_gamma_v(gamma: float) -> None:
-    fixed = FixedPoint(torch.float64)
-    core = ExactMomentum(Gamma.from_value(gamma, "test"), fixed)
+    core = _core(gamma, torch.float64)
     gen = torch.Generator().manual_seed(0)
     # Velocities up to the limit: n v alone would pass it, the split product not.
     for magnitude in (2.0**49, 2.0**20):
         v = torch.randint(-(2**40), 2**40, (1000,), generator=gen).double() * (magnitude / 2**40)
         state = core.start(torch.zeros_like(v), v.round())
-        zero = torch.zeros_like(v)
+        zero = torch.zeros_like(v)  # f = 0: an update of 0
         for t in range(21):  # let the store fill with random digits
             expected = state.velocity * gamma
             state.position.zero_()  # only the velocity is of interest here
-            core.step(state, zero.clone(), t)
+            core.advance(state, zero, True, t)
         # float64 rounds gamma * v (|v| < 2**50) by at most 1/8 unit.
         assert (state.velocity - expected).abs().max() < 1.125
 
 
 def test_products_of_velocities_near_the_limit_are_undone_exactly() -> None:
     # n v passes 2**53 for these velocities (n = 1929): only the split form is exact.
-    core = ExactMomentum(Gamma.from_value(0.123456, "test"), FixedPoint(torch.float64))
+    core = _core(0.123456, torch.float64)
     gen = torch.Generator().manual_seed(0)
     v = torch.randint(-(2**49), 2**49, (5000,), generator=gen).double()
     state = core.start(torch.zeros_like(v), v.clone())
-    history, updates = [], []
+    history, outputs = [], []
     for t in range(8):
         history.append((state.position.clone(), state.velocity.clone()))
         update = torch.randint(-(2**45), 2**45, (5000,), generator=gen).double()
-        updates.append(update.clone())
-        core.step(state, update, t)
-    _undo(core, state, history, updates)
+        # The output whose update, (1 - gamma) f in units, is exactly `update`.
+        f = update / core.constants.mix_units
+        assert torch.equal(torch.round(f * core.constants.mix_units), update)
+        outputs.append(f)
+        core.advance(state, f, True, t)
+    _undo(core, state, history, outputs)
     assert torch.equal(state.velocity, v)
 
 
@@ -154,7 +165,7 @@ def test_bit_store_cuts_chunks_on_a_fixed_schedule_and_restores_them() -> None:
     assert store.chunks[0].dtype == torch.int32
     assert store.head_bound < HEAD_LIMIT
     copy = BitStore.from_tensors(store.tensors(), store.layout())
-    copy.end_unstep()
+    copy.end_retreat()
     assert not copy.chunks and len(store.chunks) == 1  # the original is untouched
     assert torch.equal(copy.head, torch.tensor([1.0, 2.0, 3.0]) + big)
 
@@ -171,7 +182,7 @@ def _floor_divmod_matches_int64(device: str) -> None:
         near = (near * divisor).unsqueeze(1) + torch.tensor([-1, 0, 1])
         edges = torch.tensor([-top, -top + 1, -divisor, -1, 0, 1, divisor, top - 1, top])
         ints = torch.cat([wide, near.flatten(), edges])
-        quotient, remainder = _floor_divmod(ints.double().to(device), divisor)
+        quotient, remainder = floor_divmod(ints.double().to(device), divisor)
         expected = torch.div(ints, divisor, rounding_mode="floor")
         assert torch.equal(quotient.cpu().long(), expected), divisor
         assert torch.equal(remainder.cpu().long(), ints - expected * divisor), divisor
@@ -214,8 +225,7 @@ def test_out_of_range_input_raises_overflow(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_non_finite_function_output_raises_overflow(bad: float) -> None:
-    fixed = FixedPoint(torch.float32)
-    core = ExactMomentum(Gamma.from_value(0.9, "test"), fixed)
+    core = _core(0.9, torch.float32)
     state = core.start(torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))
     y = torch.tensor([0.0, bad, 1.0, 2.0])
     with pytest.raises(OverflowError, match=r"f_3\(x_3\) reaches magnitude (nan|inf)"):
@@ -225,8 +235,8 @@ def test_non_finite_function_output_raises_overflow(bad: float) -> None:
 def test_a_state_that_stays_in_range_is_not_flagged() -> None:
     # x_{t+1} = x_t + f(x_t) = -x_t: the position never grows, though the sum of
     # its steps' magnitudes would pass the limit after a few dozen layers.
-    fixed = FixedPoint(torch.float32)
-    core = ExactMomentum(Gamma.from_value(0.0, "test"), fixed)
+    core = _core(0.0, torch.float32)
+    fixed = core.fixed
     x = torch.full((5,), 1e4)
     state = core.start(fixed.to_fixed(x, "x"), torch.zeros(5, dtype=torch.float64))
     checks = RangeCheck(fixed)

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from invertnet import MomentumNet
-from invertnet.momentum.exact import LIMIT, FixedPoint, RangeCheck, _assert_in_range_on_device
+from invertnet.momentum.fixed_point import (
+    LIMIT,
+    FixedPoint,
+    RangeCheck,
+    _assert_in_range_on_device,
+)
 from tests._host_reads import count_host_reads
 
 

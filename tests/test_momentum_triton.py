@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from invertnet.momentum import kernels
+from invertnet.momentum import backends
 
 pytest.importorskip("triton")
 
@@ -48,12 +48,14 @@ def test_cpu_tensors_keep_the_c_loops_and_cuda_dispatch_needs_triton(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     doubles = (torch.zeros(4, dtype=torch.float64),)
-    assert kernels._TRITON_DEVICES == ("cuda",)
-    assert kernels.usable(torch.float32, doubles, (torch.zeros(4),)) is kernels.NATIVE
+    triton = backends.get("triton")
+    assert triton.devices == ("cuda",)  # type: ignore[attr-defined]
+    c_loops = backends.get("native") if backends.NATIVE else backends.REFERENCE
+    assert backends.select(torch.float32, doubles) is c_loops
     # Half precision has no C loop; on the CPU it takes the tensor operations.
-    assert not kernels.usable(torch.bfloat16, doubles, (torch.zeros(4, dtype=torch.bfloat16),))
-    # Where Triton does not load, CUDA tensors take the tensor operations.
-    monkeypatch.setattr(kernels, "_triton", False)
-    monkeypatch.setattr(kernels, "_TRITON_DEVICES", ("cuda", "cpu"))
-    assert not kernels.triton_available()
-    assert not kernels.usable(torch.float32, doubles, (torch.zeros(4),))
+    assert backends.select(torch.bfloat16, doubles) is backends.REFERENCE
+    # Where Triton does not load, the tensors it would serve take the next backend.
+    monkeypatch.setattr(triton, "_module", False)
+    monkeypatch.setattr(triton, "devices", ("cuda", "cpu"))
+    assert not backends.triton_available()
+    assert backends.select(torch.float32, doubles) is c_loops

@@ -15,7 +15,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-from invertnet.momentum import kernels
+from invertnet.momentum import backends
 from tests._momentum_kernel_checks import (
     check_gradient_update_matches,
     check_phases_match,
@@ -23,20 +23,20 @@ from tests._momentum_kernel_checks import (
 )
 
 pytestmark = pytest.mark.skipif(
-    not torch.cuda.is_available() or not kernels.triton_available(),
+    not torch.cuda.is_available() or not backends.triton_available(),
     reason="needs a CUDA GPU and Triton",
 )
 
 
 def test_cuda_tensors_take_the_compiled_kernels() -> None:
     doubles = (torch.zeros(4, dtype=torch.float64, device="cuda"),)
-    assert kernels.usable(torch.float32, doubles, (torch.zeros(4, device="cuda"),))
+    assert backends.select(torch.float32, doubles) is backends.get("triton")
 
 
 @settings(max_examples=25, deadline=None)
 @given(case=phase_cases(sizes=[1, 7, 1100, 70_000]))
 def test_compiled_kernels_match_cuda_tensor_operations_bit_for_bit(case: dict[str, Any]) -> None:
-    check_phases_match(**case, device="cuda")
+    check_phases_match(backends.get("triton"), **case, device="cuda")
 
 
 @pytest.mark.parametrize("residual", [True, False])
@@ -44,4 +44,4 @@ def test_compiled_kernels_match_cuda_tensor_operations_bit_for_bit(case: dict[st
 def test_compiled_gradient_kernel_matches_cuda_tensor_operations(
     residual: bool, found_dtype: torch.dtype | None
 ) -> None:
-    check_gradient_update_matches(residual, found_dtype, "cuda")
+    check_gradient_update_matches(backends.get("triton"), residual, found_dtype, "cuda")

@@ -1,4 +1,4 @@
-"""Every private PyTorch API invertnet uses (invertnet/_torch_private.py) behaves as
+"""Every private PyTorch API invertnet uses (invertnet/_runtime/torch_private.py) behaves as
 relied on. CI runs this file under the oldest and the newest accepted release."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from invertnet import _torch_private as private
+from invertnet._runtime import torch_private as private
 
 
 class _Record(torch.autograd.Function):

@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from invertnet._grad_mode import without_grad
 from invertnet._runtime.rng import RNGTape
-from invertnet._torch_private import copy_all, set_version
+from invertnet._runtime.torch_private import copy_all, set_version
 
 __all__ = [
     "AutocastState",
@@ -396,16 +396,18 @@ class ForwardState:
         return slots
 
     @contextlib.contextmanager
-    def replayed(self) -> Iterator[None]:
+    def replayed(self, checked: bool = False) -> Iterator[None]:
         """Run the block in the forward pass's state, then put today's state back.
 
-        Checks first (:meth:`check`); then the modules hold the tensors they held in
-        the forward pass (those :func:`torch.func.functional_call` swapped in, say),
-        with its training flags, its buffer values, its autocast settings and its
-        random state. Buffer updates made inside (running statistics updated again)
-        are undone on exit, and hidden from the buffers' version counters.
+        Checks first (:meth:`check`, unless the caller has just run it: ``checked``);
+        then the modules hold the tensors they held in the forward pass (those
+        :func:`torch.func.functional_call` swapped in, say), with its training flags,
+        its buffer values, its autocast settings and its random state. Buffer
+        updates made inside (running statistics updated again) are undone on exit,
+        and hidden from the buffers' version counters.
         """
-        self.check()
+        if not checked:
+            self.check()
         slots = self._current_slots()
         swapped = []
         for (tensors, name, current), t in zip(slots, self._tensors):

@@ -2,7 +2,7 @@
 
 from invertnet.couplings.additive import AdditiveCoupling
 from invertnet.couplings.affine import AffineAdapterNaive, AffineAdapterSigmoid, AffineCoupling
-from invertnet.couplings.base import Combine, CouplingBase, Step
+from invertnet.couplings.base import Combine, CouplingBase, InPlaceCombine, Step
 from invertnet.couplings.factory import available_couplings, create_coupling, register_coupling
 from invertnet.couplings.momentum import MomentumCoupling
 
@@ -12,6 +12,7 @@ __all__ = [
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "Combine",
+    "InPlaceCombine",
     "MomentumCoupling",
     "CouplingBase",
     "Step",

@@ -9,13 +9,12 @@ import torch
 from torch import nn
 
 from invertnet.couplings._compat import warn_implementation_args
-from invertnet.couplings._log_det import forward_and_log_det
-from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
+from invertnet.couplings.base import CouplingBase, InPlaceCombine, Step
 
 __all__ = ["AdditiveCoupling", "Add"]
 
 
-class Add(Combine):
+class Add(InPlaceCombine):
     """``a' = a + m``."""
 
     keeps_finite = True
@@ -102,16 +101,6 @@ class AdditiveCoupling(CouplingBase):
 
     def steps(self) -> Sequence[Step]:
         return _ADDITIVE_STEPS
-
-    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
-        """:meth:`forward` and its log-determinant, which is 0 (volume preserving).
-
-        Returns
-        -------
-        y, log_det
-            The output of :meth:`forward` and zeros of shape ``(batch,)``.
-        """
-        return forward_and_log_det(self, xs)
 
 
 _ADDITIVE_STEPS = (Step(0, 1, "Fm", _ADD), Step(1, 0, "Gm", _ADD))

@@ -9,15 +9,14 @@ import torch
 from torch import nn
 
 from invertnet.couplings._compat import warn_implementation_args
-from invertnet.couplings._log_det import forward_and_log_det
-from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
+from invertnet.couplings.base import CouplingBase, InPlaceCombine, Step
 
 __all__ = ["AffineCoupling", "AffineAdapterNaive", "AffineAdapterSigmoid", "ScaleShift"]
 
 ScaleAndShift = tuple[torch.Tensor, torch.Tensor]
 
 
-class ScaleShift(Combine):
+class ScaleShift(InPlaceCombine):
     """``a' = a * s + t`` for ``m = (s, t)``."""
 
     def apply(self, a: torch.Tensor, m: ScaleAndShift) -> torch.Tensor:
@@ -170,16 +169,6 @@ class AffineCoupling(CouplingBase):
 
     def steps(self) -> Sequence[Step]:
         return _AFFINE_STEPS
-
-    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
-        """:meth:`forward` and its log-determinant, the sum of ``log|scale|`` of both steps.
-
-        Returns
-        -------
-        y, log_det
-            The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
-        """
-        return forward_and_log_det(self, xs)
 
 
 _AFFINE_STEPS = (Step(0, 1, "Fm", _SCALE_SHIFT), Step(1, 0, "Gm", _SCALE_SHIFT))

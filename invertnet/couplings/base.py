@@ -1,5 +1,5 @@
 """The coupling engine: one description of a coupling gives its forward, its
-inverse and a fused inverse-plus-backward pass.
+inverse, its log-determinant and a fused inverse-plus-backward pass.
 
 A coupling splits its input into two parts and applies a short list of
 :class:`Step` objects. Each step updates one part (the *target*) with the output
@@ -9,6 +9,13 @@ source of every step is unchanged by that step, the step can be undone from its
 output, and the same evaluation of the sub-module that undoes it also serves to
 back-propagate through it. That is what makes backward cost one extra forward
 (the floor of exact recomputation) instead of memcnn's two.
+
+The steps of a coupling are planned once (:class:`_Plan`): the order each
+direction runs them in, which step writes a part last, which faster form of each
+rule may be used. One step-runner (:meth:`CouplingBase._run_steps`) then serves
+:meth:`~CouplingBase.forward`, :meth:`~CouplingBase.inverse` and
+:meth:`~CouplingBase.forward_and_log_det`, and the fused backward
+(:meth:`~CouplingBase.inverse_and_vjp`) walks the inverse's plan.
 """
 
 from __future__ import annotations
@@ -19,13 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from invertnet._grad_mode import without_grad
+from invertnet._runtime.contract import Buffer, InvertibleBlock, as_tuple, declared_with
 from invertnet._runtime.rng import call_recorded
-from invertnet._torch_private import gradients, held_only_by_caller
+from invertnet._runtime.torch_private import gradients, held_only_by_caller
 
-__all__ = ["Combine", "Step", "CouplingBase"]
+__all__ = ["Combine", "InPlaceCombine", "Step", "CouplingBase"]
 
 ModuleOutput = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -33,8 +40,12 @@ ModuleOutput = torch.Tensor | tuple[torch.Tensor, ...]
 class Combine:
     """An invertible rule ``a' = apply(a, m)`` used by a coupling step.
 
-    Subclasses define the rule, its inverse in ``a`` and its vector-Jacobian
-    product with respect to ``a`` and ``m``.
+    A rule is four methods: :meth:`apply`, its inverse in ``a`` (:meth:`invert`),
+    its vector-Jacobian product with respect to ``a`` and ``m`` (:meth:`vjp`), and,
+    for normalizing flows, its log-determinant (:meth:`log_det`, with
+    :meth:`log_det_vjp` where it depends on ``m``). Two flags describe it to the
+    engine. Faster forms that write in place are optional
+    (:class:`InPlaceCombine`).
     """
 
     #: Whether :meth:`apply` and :meth:`invert` of finite values are finite, as for a
@@ -56,41 +67,12 @@ class Combine:
     vjp_reads_a: bool = True
 
     def apply(self, a: torch.Tensor, m: ModuleOutput) -> torch.Tensor:
+        """``a'``, the target after the step."""
         raise NotImplementedError
 
     def invert(self, a_new: torch.Tensor, m: ModuleOutput) -> torch.Tensor:
+        """``a``, the target before the step, from ``a'`` and the same ``m``."""
         raise NotImplementedError
-
-    def apply_into(self, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor) -> torch.Tensor:
-        """Write :meth:`apply` into ``out`` (of ``a``'s shape and dtype) and return it.
-
-        The engine calls it, when no graph is recorded, to build a coupling's output
-        in place instead of concatenating its halves. Override it to compute straight
-        into ``out``, rounding exactly as :meth:`apply` does; ``out`` never overlaps
-        ``a`` or ``m``.
-        """
-        return out.copy_(self.apply(a, m))
-
-    def invert_into(self, a_new: torch.Tensor, m: ModuleOutput, out: torch.Tensor) -> torch.Tensor:
-        """Write :meth:`invert` into ``out``, as :meth:`apply_into` does for :meth:`apply`."""
-        return out.copy_(self.invert(a_new, m))
-
-    def apply_over_m(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """:meth:`apply`, free to write its result over ``m``, and return it.
-
-        The engine calls it, when no graph is recorded, with a one-tensor ``m`` that
-        nothing else holds (a sub-module's fresh output, of ``a``'s shape, dtype and
-        layout): writing there, where ``m`` was just written and is still in cache,
-        beats writing a new tensor (measured on the CPU: 93 against 153 us for a sum of
-        two 2 MB halves). Override it to compute in place, rounding exactly as
-        :meth:`apply` does; by default it calls :meth:`apply`.
-        """
-        return self.apply(a, m)
-
-    def invert_over_m(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        """:meth:`invert`, free to write its result over ``m``, as :meth:`apply_over_m`
-        is for :meth:`apply`."""
-        return self.invert(a_new, m)
 
     def vjp(
         self, a: torch.Tensor, m: ModuleOutput, grad: torch.Tensor
@@ -98,9 +80,59 @@ class Combine:
         """Return ``(dL/da, dL/dm)`` given ``dL/da'``."""
         raise NotImplementedError
 
+    def log_det(self, a: torch.Tensor, m: ModuleOutput) -> torch.Tensor | None:
+        """The per-sample ``log|det da'/da|``, of shape ``(batch,)`` (``None`` for 0).
+
+        Needed only by ``forward_and_log_det``; a rule that does not define it has no
+        known log-determinant, and a coupling of it raises there.
+        """
+        raise NotImplementedError
+
+    def log_det_vjp(self, m: ModuleOutput, grad_log_det: torch.Tensor) -> ModuleOutput | None:
+        """The gradient of ``sum(grad_log_det * log_det(a, m))`` with respect to ``m``
+        (``None``, or ``None`` entries, where it does not depend on ``m``, as by
+        default)."""
+        return None
+
     def output_shapes(self, m: ModuleOutput) -> list[torch.Size]:
         """Shapes of the tensors in ``m``, each of which must equal the target's."""
         return [m.shape] if isinstance(m, torch.Tensor) else [t.shape for t in m]
+
+
+class InPlaceCombine(Combine):
+    """A :class:`Combine` with forms of its rule that write where the engine says.
+
+    Optional: the engine uses a form only when no graph is recorded, and only from
+    the class that defines the rule it stands for (a subclass that overrides
+    :meth:`~Combine.apply` alone keeps its own rule, computed out of place). Each
+    form must round exactly as the rule does. By default each computes the rule
+    and copies it, or returns it.
+    """
+
+    def apply_into(self, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor) -> torch.Tensor:
+        """Write :meth:`~Combine.apply` into ``out`` (of ``a``'s shape and dtype, never
+        overlapping ``a`` or ``m``) and return it: the engine builds a coupling's
+        output in place this way instead of concatenating its halves."""
+        return out.copy_(self.apply(a, m))
+
+    def invert_into(self, a_new: torch.Tensor, m: ModuleOutput, out: torch.Tensor) -> torch.Tensor:
+        """Write :meth:`~Combine.invert` into ``out``, as :meth:`apply_into` does."""
+        return out.copy_(self.invert(a_new, m))
+
+    def apply_over_m(self, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """:meth:`~Combine.apply`, free to write its result over ``m``, and return it.
+
+        The engine calls it with a one-tensor ``m`` that nothing else holds (a
+        sub-module's fresh output, of ``a``'s shape, dtype and layout): writing
+        there, where ``m`` was just written and is still in cache, beats writing a
+        new tensor (measured on the CPU: 93 against 153 us for a sum of two 2 MB
+        halves).
+        """
+        return self.apply(a, m)
+
+    def invert_over_m(self, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """:meth:`~Combine.invert`, free to write its result over ``m``."""
+        return self.invert(a_new, m)
 
 
 @dataclass(frozen=True)
@@ -117,14 +149,140 @@ class Step:
     combine: Combine
 
 
+# -- the plan ------------------------------------------------------------------
+
+
+def _copy_into(rule: Callable[..., torch.Tensor], a: torch.Tensor, m: ModuleOutput, out):
+    return out.copy_(rule(a, m))
+
+
+@functools.cache
+def _keeps_finite(combine_type: type) -> bool:
+    return bool(combine_type.keeps_finite) and all(
+        declared_with(combine_type, rule, "keeps_finite") for rule in ("apply", "invert")
+    )
+
+
+@functools.cache
+def _vjp_reads_a(combine_type: type) -> bool:
+    return bool(combine_type.vjp_reads_a) or not declared_with(combine_type, "vjp", "vjp_reads_a")
+
+
+@functools.cache
+def _form_trusted(combine_type: type, rule: str, form: str) -> bool:
+    """Whether the engine may use ``form`` (``apply_into``, say) for ``rule``: an
+    :class:`InPlaceCombine` whose ``rule`` and ``form`` come from one class."""
+    return issubclass(combine_type, InPlaceCombine) and declared_with(combine_type, rule, form)
+
+
+def _overrides(combine_type: type, name: str) -> bool:
+    return getattr(combine_type, name) is not getattr(Combine, name)
+
+
+class _Move:
+    """One step as one direction runs it, with its rule's forms resolved."""
+
+    __slots__ = (
+        "index",
+        "target",
+        "source",
+        "module",
+        "combine",
+        "rule",
+        "into",
+        "over_m",
+        "last",
+        "plain_shapes",
+        "vjp_reads_a",
+        "log_det_vjp",
+    )
+
+    def __init__(self, index: int, step: Step, inverse: bool, last: bool) -> None:
+        combine = step.combine
+        kind = type(combine)
+        rule, into, over_m = (
+            ("invert", "invert_into", "invert_over_m")
+            if inverse
+            else ("apply", "apply_into", "apply_over_m")
+        )
+        self.index = index
+        self.target, self.source, self.module = step.target, step.source, step.module
+        self.combine = combine
+        self.rule = getattr(combine, rule)
+        # The rule written into a buffer; computed and copied where the class that
+        # defines the rule gives no form of its own (its parent's computes another).
+        self.into = (
+            getattr(combine, into)
+            if _form_trusted(kind, rule, into)
+            else functools.partial(_copy_into, self.rule)
+        )
+        self.over_m = getattr(combine, over_m) if _form_trusted(kind, rule, over_m) else self.rule
+        #: Whether this step writes its target for the last time in this direction.
+        self.last = last
+        #: Whether the sub-module's output is checked by its shape alone.
+        self.plain_shapes = not _overrides(kind, "output_shapes")
+        self.vjp_reads_a = _vjp_reads_a(kind)
+        self.log_det_vjp = combine.log_det_vjp if _overrides(kind, "log_det_vjp") else None
+
+
+class _Plan:
+    """A coupling's steps, planned once for each direction."""
+
+    __slots__ = ("steps", "forward", "inverse", "keeps_finite", "no_log_det", "_source_needs")
+
+    def __init__(self, steps: tuple[Step, ...]) -> None:
+        self.steps = steps
+        self.forward = self._moves(steps, inverse=False)
+        self.inverse = self._moves(steps, inverse=True)
+        self.keeps_finite = all(_keeps_finite(type(step.combine)) for step in steps)
+        #: The first rule without a log-determinant (``None``: every rule has one).
+        self.no_log_det = next(
+            (s.combine for s in steps if not _overrides(type(s.combine), "log_det")), None
+        )
+        self._source_needs: dict[tuple[tuple[bool, ...], bool], tuple[bool, ...]] = {}
+
+    @staticmethod
+    def _moves(steps: tuple[Step, ...], inverse: bool) -> tuple[_Move, ...]:
+        order = list(enumerate(steps))
+        if inverse:
+            order.reverse()
+        last = {step.target: i for i, step in order}  # the last writer of each part
+        return tuple(_Move(i, step, inverse, last[step.target] == i) for i, step in order)
+
+    def source_needs(self, part_needs: tuple[bool, ...], has_params: bool) -> tuple[bool, ...]:
+        """:func:`_source_gradients_needed` for these steps, remembered."""
+        key = (part_needs, has_params)
+        found = self._source_needs.get(key)
+        if found is None:
+            found = self._source_needs[key] = _source_gradients_needed(
+                self.steps, part_needs, has_params
+            )
+        return found
+
+
+@functools.lru_cache(maxsize=256)
+def _shared_plan(steps: tuple[Step, ...]) -> _Plan:
+    return _Plan(steps)
+
+
+def _plan_of(steps: Sequence[Step]) -> _Plan:
+    """The plan of ``steps``: one shared by every coupling with equal steps (a coupling
+    class's steps are usually one constant tuple), made afresh where they cannot be
+    hashed (a :class:`Combine` that defines ``__eq__`` alone)."""
+    steps = tuple(steps)
+    try:
+        return _shared_plan(steps)
+    except TypeError:
+        return _Plan(steps)
+
+
+# -- buffers and parts ---------------------------------------------------------
+
+
 def _detach(m: ModuleOutput) -> ModuleOutput:
     if isinstance(m, torch.Tensor):
         return m.detach()
     return tuple(t.detach() for t in m)
-
-
-def _as_tuple(m: ModuleOutput) -> tuple[torch.Tensor, ...]:
-    return (m,) if isinstance(m, torch.Tensor) else tuple(m)
 
 
 def _fresh_leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
@@ -135,41 +293,15 @@ def _fresh_leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
     regions are disjoint, but a ``detach()`` alias would share the whole tensor's
     version counter, and autograd would then refuse the saved part as modified.
     """
-    alias = torch.empty(0, dtype=t.dtype, device=t.device)
+    # new_empty inherits dtype and device: cheaper to call than torch.empty(0, ...).
+    alias = (
+        t.new_empty(0)
+        if type(t) is torch.Tensor
+        else torch.empty(0, dtype=t.dtype, device=t.device)
+    )
     with without_grad():
         alias.set_(t.untyped_storage(), t.storage_offset(), t.size(), t.stride())
     return alias.requires_grad_(requires_grad)
-
-
-@functools.cache
-def _defines_together(combine_type: type, rule: str, rule_into: str) -> bool:
-    """Whether the class that gives ``combine_type`` its ``rule`` (``apply``) also gives
-    it ``rule_into``: a subclass that overrides ``apply`` alone must not inherit a
-    parent's ``apply_into``, which computes the parent's rule."""
-
-    def owner(name: str) -> type:
-        return next(k for k in combine_type.__mro__ if name in vars(k))
-
-    return owner(rule) is owner(rule_into)
-
-
-@functools.cache
-def _keeps_finite(combine_type: type) -> bool:
-    return bool(combine_type.keeps_finite) and all(
-        _defines_together(combine_type, rule, "keeps_finite") for rule in ("apply", "invert")
-    )
-
-
-@functools.cache
-def _vjp_reads_a(combine_type: type) -> bool:
-    return bool(combine_type.vjp_reads_a) or not _defines_together(
-        combine_type, "vjp", "vjp_reads_a"
-    )
-
-
-#: What a result may be written into: a tensor, ``None`` (nowhere: a new tensor), or
-#: a zero-argument callable that returns the tensor when it is first written.
-Buffer = torch.Tensor | Callable[[], torch.Tensor] | None
 
 
 class _Once:
@@ -192,30 +324,6 @@ def _resolve(buffer: Buffer) -> torch.Tensor | None:
     return buffer() if callable(buffer) else buffer
 
 
-def _apply_into(combine: Combine, a: torch.Tensor, m: ModuleOutput, out: torch.Tensor):
-    if _defines_together(type(combine), "apply", "apply_into"):
-        return combine.apply_into(a, m, out)
-    return Combine.apply_into(combine, a, m, out)
-
-
-def _invert_into(combine: Combine, a_new: torch.Tensor, m: ModuleOutput, out: torch.Tensor):
-    if _defines_together(type(combine), "invert", "invert_into"):
-        return combine.invert_into(a_new, m, out)
-    return Combine.invert_into(combine, a_new, m, out)
-
-
-def _apply_over_m(combine: Combine, a: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    if _defines_together(type(combine), "apply", "apply_over_m"):
-        return combine.apply_over_m(a, m)
-    return combine.apply(a, m)
-
-
-def _invert_over_m(combine: Combine, a_new: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    if _defines_together(type(combine), "invert", "invert_over_m"):
-        return combine.invert_over_m(a_new, m)
-    return combine.invert(a_new, m)
-
-
 def _dense(t: torch.Tensor) -> bool:
     """Whether ``t`` is laid out without gaps or overlaps in one of the usual formats,
     so that a result of its shape can be written over it element for element."""
@@ -232,12 +340,12 @@ def _may_write_over(t: ModuleOutput, like: torch.Tensor, references: int) -> boo
     view: a sub-module's fresh output, or a gradient autograd has just returned,
     which may otherwise be the incoming gradient itself or a view of it)."""
     return (
-        isinstance(t, torch.Tensor)
+        type(t) is torch.Tensor
         and t is not like
-        and not torch.compiler.is_compiling()
         and t.dtype == like.dtype
         and t.shape == like.shape
         and t.device == like.device
+        and not torch.compiler.is_compiling()
         and _dense(t)
         # And this function's parameter.
         and held_only_by_caller(t, references=references + 1)
@@ -273,25 +381,31 @@ def _source_leaf(
 def _writes_into(a: torch.Tensor, m: ModuleOutput, out: torch.Tensor | None) -> bool:
     """Whether a combine of ``a`` and ``m`` can be written into ``out`` unchanged: the
     same dtype throughout, so that no promotion is lost."""
-    return (
-        out is not None
-        and a.dtype == out.dtype
-        and all(t.dtype == out.dtype and t.shape == out.shape for t in _as_tuple(m))
-    )
+    if out is None or a.dtype != out.dtype:
+        return False
+    if type(m) is torch.Tensor:
+        return m.dtype == out.dtype and m.shape == out.shape
+    return all(t.dtype == out.dtype and t.shape == out.shape for t in as_tuple(m))
 
 
-class CouplingBase(nn.Module):
+class CouplingBase(InvertibleBlock):
     """Base class of two-part couplings built from :class:`Step` lists.
 
     A coupling takes either one tensor, split into two equal halves along
     ``split_dim``, and returns one tensor; or two tensors ``(x1, x2)`` and returns
-    two. Subclasses implement :meth:`steps`.
+    two. Subclasses implement :meth:`steps`; the engine derives :meth:`forward`,
+    :meth:`inverse`, :meth:`forward_and_log_det` and the fused backward
+    :meth:`inverse_and_vjp` from them (the block contract,
+    :mod:`invertnet._runtime.contract`).
 
     Parameters
     ----------
     split_dim : int
         Dimension along which a single input tensor is halved.
     """
+
+    #: The fused backward takes ``out`` entries to be taken when first written.
+    deferred_out = True
 
     def __init__(self, split_dim: int = 1) -> None:
         super().__init__()
@@ -305,6 +419,22 @@ class CouplingBase(nn.Module):
         """The steps of the forward pass, in order."""
         raise NotImplementedError
 
+    def _plan(self) -> _Plan:
+        """The plan of :meth:`steps`, kept while ``steps()`` returns the same object."""
+        steps = self.steps()
+        # Straight from the instance dictionary: nn.Module.__getattr__ is slow enough
+        # to show per block, and the plan is no attribute a user sets.
+        plan = self.__dict__.get("_step_plan")
+        if plan is None or plan.steps is not steps:
+            plan = self.__dict__["_step_plan"] = _plan_of(steps)
+        return plan
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The plan is derived state: a copy plans its own steps.
+        state = super().__getstate__()
+        state.pop("_step_plan", None)
+        return state
+
     def reconstruction_keeps_finite(self) -> bool:
         """Whether the inverse of finite outputs is finite by construction: every
         step's :class:`Combine` keeps finite values finite
@@ -315,13 +445,13 @@ class CouplingBase(nn.Module):
         as a wrapper evaluates them on the same values (and replays the random
         state when asked to); a finite output of ``a + m`` implies a finite ``m``.
         """
-        return all(_keeps_finite(type(step.combine)) for step in self.steps())
+        return self._plan().keeps_finite
 
     # -- splitting -----------------------------------------------------------
     def _split(self, xs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
-        name = type(self).__name__
         if len(xs) == 2:
             return list(xs)
+        name = type(self).__name__
         if len(xs) != 1:
             raise ValueError(
                 f"{name} takes one tensor (split along split_dim={self.split_dim}) "
@@ -403,85 +533,133 @@ class CouplingBase(nn.Module):
     # -- evaluation ----------------------------------------------------------
     def _evaluate(
         self,
-        step: Step,
+        move: _Move,
         source: torch.Tensor,
         target: torch.Tensor,
         kwargs: dict[str, Any] | None = None,
     ) -> ModuleOutput:
-        if step.module is None:
+        name = move.module
+        if name is None:
             return source
         # A registered sub-module straight from _modules: getattr would go through
         # nn.Module.__getattr__, slow enough to show per block.
-        module = self._modules.get(step.module)
+        module = self._modules.get(name)
         if module is None:
-            module = getattr(self, step.module)
+            module = getattr(self, name)
         if _strided_image_half(source):
             # A convolution would copy it at every use, and its backward takes a
             # slower path on a strided input: one copy, recorded by autograd if needed.
             source = source.contiguous()
-        # The key holds the coupling itself rather than id(self): under torch.compile
-        # an id() makes Dynamo specialise on (and recompile for) every instance.
         if kwargs:
             # Context for the sub-module (an attention mask): every call gets it.
             module = functools.partial(module, **kwargs)
-        m = call_recorded((self, step.module), module, source)
-        shapes = step.combine.output_shapes(m)
+        # The key holds the coupling itself rather than id(self): under torch.compile
+        # an id() makes Dynamo specialise on (and recompile for) every instance.
+        m = call_recorded((self, name), module, source)
+        if move.plain_shapes and type(m) is torch.Tensor:
+            if m.shape != target.shape:
+                self._refuse_shape(name, source, target, [m.shape])
+            return m
+        shapes = move.combine.output_shapes(m)
         if any(s != target.shape for s in shapes):
-            # Plain tuples, as the half's shape is written, not torch.Size([...]).
-            got = tuple(shapes[0]) if len(shapes) == 1 else [tuple(s) for s in shapes]
-            raise ValueError(
-                f"{type(self).__name__}: {step.module} maps a half of shape "
-                f"{tuple(source.shape)} to {got}, but its output is combined with a half "
-                f"of shape {tuple(target.shape)} (split_dim={self.split_dim}); "
-                f"{step.module} must preserve the shape of its input half"
-            )
+            self._refuse_shape(name, source, target, shapes)
         return m
 
-    def forward(self, *xs: torch.Tensor, **kwargs: Any) -> ModuleOutput:
+    def _refuse_shape(
+        self, name: str, source: torch.Tensor, target: torch.Tensor, shapes: list[torch.Size]
+    ) -> None:
+        # Plain tuples, as the half's shape is written, not torch.Size([...]).
+        got = tuple(shapes[0]) if len(shapes) == 1 else [tuple(s) for s in shapes]
+        raise ValueError(
+            f"{type(self).__name__}: {name} maps a half of shape "
+            f"{tuple(source.shape)} to {got}, but its output is combined with a half "
+            f"of shape {tuple(target.shape)} (split_dim={self.split_dim}); "
+            f"{name} must preserve the shape of its input half"
+        )
+
+    def _run_steps(
+        self,
+        xs: tuple[torch.Tensor, ...],
+        moves: tuple[_Move, ...],
+        kwargs: dict[str, Any] | None,
+        log_det: torch.Tensor | None = None,
+    ) -> tuple[ModuleOutput, torch.Tensor | None]:
+        """Run ``moves`` (a direction of the plan) on ``xs``; with a ``log_det`` to add
+        to, also each step's log-determinant.
+
+        Without a graph, each part's last result is written into a buffer that becomes
+        the output (one input tensor: its halves, with no concatenation), and other
+        results over the sub-module's fresh output where nothing else holds it.
+        """
         parts = self._split(xs)
-        steps = self.steps()
+        n = len(xs)
         out = self._output_buffers(xs)
-        out_parts = self._out_parts(out, len(xs))
-        last = _last_writers(tuple(steps), reverse=False)
-        for i, step in enumerate(steps):
-            t = step.target
-            m = self._evaluate(step, parts[step.source], parts[t], kwargs)
-            into = _resolve(out_parts[t]) if last[t] == i else None
-            if _writes_into(parts[t], m, into):
-                parts[t] = _apply_into(step.combine, parts[t], m, into)
+        out_parts = self._out_parts(out, n)
+        recording = torch.is_grad_enabled()  # something may save m for backward
+        for move in moves:
+            t = move.target
+            a = parts[t]
+            m = self._evaluate(move, parts[move.source], a, kwargs)
+            if log_det is not None:
+                term = move.combine.log_det(a, m)
+                if term is not None:
+                    log_det = log_det + term
+            into = _resolve(out_parts[t]) if move.last else None
+            if _writes_into(a, m, into):
+                parts[t] = move.into(a, m, into)
             elif (
                 into is None
-                and step.module is not None
-                and not torch.is_grad_enabled()  # nothing recorded may have saved m
-                and _may_write_over(m, parts[t], references=1)  # this frame's m
+                and move.module is not None
+                and not recording
+                and _may_write_over(m, a, references=1)  # this frame's m
             ):
-                parts[t] = _apply_over_m(step.combine, parts[t], m)
+                parts[t] = move.over_m(a, m)
             else:
-                parts[t] = step.combine.apply(parts[t], m)
-        return self._merge_into(parts, out_parts, out, len(xs))
+                parts[t] = move.rule(a, m)
+        return self._merge_into(parts, out_parts, out, n), log_det
+
+    def forward(self, *xs: torch.Tensor, **kwargs: Any) -> ModuleOutput:
+        return self._run_steps(xs, self._plan().forward, kwargs)[0]
 
     def inverse(self, *ys: torch.Tensor, **kwargs: Any) -> ModuleOutput:
-        parts = self._split(ys)
-        steps = self.steps()
-        out = self._output_buffers(ys)
-        out_parts = self._out_parts(out, len(ys))
-        last = _last_writers(tuple(steps), reverse=True)
-        for i in reversed(range(len(steps))):
-            step, t = steps[i], steps[i].target
-            m = self._evaluate(step, parts[step.source], parts[t], kwargs)
-            into = _resolve(out_parts[t]) if last[t] == i else None
-            if _writes_into(parts[t], m, into):
-                parts[t] = _invert_into(step.combine, parts[t], m, into)
-            elif (
-                into is None
-                and step.module is not None
-                and not torch.is_grad_enabled()  # nothing recorded may have saved m
-                and _may_write_over(m, parts[t], references=1)  # this frame's m
-            ):
-                parts[t] = _invert_over_m(step.combine, parts[t], m)
-            else:
-                parts[t] = step.combine.invert(parts[t], m)
-        return self._merge_into(parts, out_parts, out, len(ys))
+        return self._run_steps(ys, self._plan().inverse, kwargs)[0]
+
+    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
+        """:meth:`forward` and its log-determinant, the sum of its steps'.
+
+        A step's Jacobian is triangular (its source is unchanged), so its
+        log-determinant is that of ``da'/da`` alone, which its :class:`Combine`
+        gives (:meth:`Combine.log_det`); the sub-module contributes nothing. For
+        :class:`~invertnet.AdditiveCoupling` it is 0 (volume preserving), for
+        :class:`~invertnet.AffineCoupling` the sum of ``log|scale|`` of both steps,
+        for :class:`~invertnet.MomentumCoupling` ``d log(gamma)`` with ``d`` the
+        number of velocity elements per sample.
+
+        Returns
+        -------
+        y, log_det
+            The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
+        """
+        plan = self._plan()
+        name = type(self).__name__
+        if plan.no_log_det is not None:
+            raise TypeError(
+                f"{name}: its combine rule {type(plan.no_log_det).__name__} defines no "
+                "log_det(a, m), so the coupling's log-determinant is unknown; add one "
+                "returning the per-sample log|det da'/da| of shape (batch,)"
+            )
+        first = self._split(xs)[0]
+        if first.dim() < 1:
+            raise ValueError(f"{name}.forward_and_log_det needs a batch dimension (dimension 0)")
+        if self.split_dim % first.dim() == 0:
+            raise ValueError(
+                f"{name}.forward_and_log_det: split_dim={self.split_dim} halves the batch "
+                "dimension (0), so there is no log-determinant per sample; split another "
+                "dimension"
+            )
+        y, log_det = self._run_steps(xs, plan.forward, None, first.new_zeros(first.shape[0]))
+        assert log_det is not None
+        return y, log_det
 
     def inverse_and_vjp(
         self,
@@ -518,9 +696,9 @@ class CouplingBase(nn.Module):
             new tensors instead.
         grad_log_det : torch.Tensor, optional
             Gradient of the loss with respect to the coupling's log-determinant
-            (shape ``(batch,)``, see ``forward_and_log_det``), back-propagated in the
-            same pass through the steps whose :class:`Combine` defines
-            ``log_det_vjp``.
+            (shape ``(batch,)``, see :meth:`forward_and_log_det`), back-propagated in
+            the same pass through the steps whose :class:`Combine` defines
+            :meth:`~Combine.log_det_vjp`.
         inputs_need_grad : sequence of bool, optional
             Per input, whether its gradient is wanted (default: every one). A
             sub-module is then not differentiated with respect to a part whose
@@ -538,83 +716,91 @@ class CouplingBase(nn.Module):
             of ``params``.
         """
         n = len(outputs)
-        steps = self.steps()
+        plan = self._plan()
         if inputs_need_grad is None:
-            inputs_need_grad = (True,) * n
+            part_needs: tuple[bool, ...] = (True, True)
         elif len(inputs_need_grad) != n:
             raise ValueError(
                 f"{type(self).__name__}.inverse_and_vjp: inputs_need_grad has "
                 f"{len(inputs_need_grad)} entries for {n} outputs; give one per input"
             )
-        # A single input's two halves need a gradient when the input does.
-        part_needs = (
-            [bool(inputs_need_grad[0])] * 2 if n == 1 else [bool(f) for f in inputs_need_grad]
-        )
-        source_needs = _source_gradients_needed(tuple(steps), tuple(part_needs), bool(params))
+        elif n == 1:
+            # A single input's two halves need a gradient when the input does.
+            part_needs = (bool(inputs_need_grad[0]),) * 2
+        else:
+            part_needs = tuple(bool(f) for f in inputs_need_grad)
+        source_needs = plan.source_needs(part_needs, bool(params))
         if out is not None:  # each buffer to be taken is taken once, however often asked
             out = [_Once(o) if callable(o) else o for o in out]
         # Wrappers pass detached outputs: detach only what still has a graph.
         parts = [p.detach() if p.requires_grad else p for p in self._split(outputs)]
-        grads = list(self._split(grad_outputs))
+        grads = self._split(grad_outputs)
         out_parts = self._out_parts(out, n)
         # A single input's gradient is accumulated straight into the halves of one
         # buffer, not concatenated from them (two inputs get theirs as they are).
         grad_whole = (torch.empty_like(outputs[0]),) if n == 1 and part_needs[0] else None
         grad_buffers = self._out_parts(grad_whole, n)
-        last = _last_writers(tuple(steps), reverse=True)
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        for i in reversed(range(len(steps))):
-            step = steps[i]
-            t, s = step.target, step.source
-            into = out_parts[t] if last[t] == i else None
-            if step.module is None:
+        # A leaf over a half of the input's memory needs a version counter of its own
+        # (_fresh_leaf): the other half, written later, shares the input's. Two
+        # inputs given apart are two tensors, each written once, before it is read.
+        shares_input_memory = n == 1 and out is not None
+        for move in plan.inverse:
+            t, s = move.target, move.source
+            into = out_parts[t] if move.last else None
+            combine = move.combine
+            if move.module is None:
                 m: ModuleOutput = parts[s]
-                a = self._invert(step, parts[t], m, _resolve(into))
-                d_a, d_m = step.combine.vjp(a, m, grads[t])
-                if source_needs[i]:
-                    d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
+                a = _invert(move, parts[t], m, _resolve(into))
+                d_a, d_m = combine.vjp(a, m, grads[t])
+                if source_needs[move.index]:
+                    if grad_log_det is not None and move.log_det_vjp is not None:
+                        d_m = _with_log_det_gradient(move, m, d_m, grad_log_det)
                     grads[s] = _accumulate(grads[s], d_m, grad_buffers[s])
             else:
-                source = _source_leaf(
-                    parts[s], shares_input_memory=out is not None, requires_grad=source_needs[i]
-                )
+                wanted = source_needs[move.index]
+                source = _source_leaf(parts[s], shares_input_memory, requires_grad=wanted)
                 with torch.enable_grad():
-                    m_graph = self._evaluate(step, source, parts[t], kwargs)
+                    m_graph = self._evaluate(move, source, parts[t], kwargs)
                 m = _detach(m_graph)
                 # Where the gradients need no `a`, `a` is reconstructed after the
                 # sub-module's backward (below), in memory taken after its activations
                 # went, rather than held beside them.
-                a_later = not _vjp_reads_a(type(step.combine))
-                if a_later:
-                    d_a, d_m = step.combine.vjp(None, m, grads[t])  # type: ignore[arg-type]
+                if move.vjp_reads_a:
+                    a = _invert(move, parts[t], m, _resolve(into))
+                    d_a, d_m = combine.vjp(a, m, grads[t])
                 else:
-                    a = self._invert(step, parts[t], m, _resolve(into))
-                    d_a, d_m = step.combine.vjp(a, m, grads[t])
-                d_m = _with_log_det_gradient(step.combine, m, d_m, grad_log_det)
-                outs, d_outs = _as_tuple(m_graph), _as_tuple(d_m)
-                needed = [(o, g) for o, g in zip(outs, d_outs) if o.requires_grad]
+                    d_a, d_m = combine.vjp(None, m, grads[t])  # type: ignore[arg-type]
+                if grad_log_det is not None and move.log_det_vjp is not None:
+                    d_m = _with_log_det_gradient(move, m, d_m, grad_log_det)
+                if type(m_graph) is torch.Tensor:
+                    needed = [(m_graph, d_m)] if m_graph.requires_grad else []
+                else:
+                    needed = [
+                        (o, g) for o, g in zip(as_tuple(m_graph), as_tuple(d_m)) if o.requires_grad
+                    ]
                 if needed:
                     found = gradients(
                         [o for o, _ in needed],
-                        (source, *params) if source_needs[i] else params,
+                        (source, *params) if wanted else params,
                         [g for _, g in needed],
                     )
                     # The source's gradient held by one local alone, so that it may be
                     # accumulated into in place.
-                    grad_source, found = (found[0], found[1:]) if source_needs[i] else (None, found)
+                    grad_source, found = (found[0], found[1:]) if wanted else (None, found)
                     if grad_source is not None:
                         grads[s] = _accumulate(grads[s], grad_source, grad_buffers[s])
                     for k, g in enumerate(found):
                         if g is not None:
                             grad_params[k] = g if grad_params[k] is None else grad_params[k] + g
-                if a_later:
-                    a = self._invert(step, parts[t], m, _resolve(into))
+                if not move.vjp_reads_a:
+                    a = _invert(move, parts[t], m, _resolve(into))
             parts[t] = a
             grads[t] = d_a
-        inputs = _as_tuple(self._merge_into(parts, out_parts, out, n))
+        inputs = as_tuple(self._merge_into(parts, out_parts, out, n))
         if n == 1:
             grad_inputs: tuple[torch.Tensor | None, ...] = (
-                _as_tuple(self._merge_into(grads, grad_buffers, grad_whole, n))
+                as_tuple(self._merge_into(grads, grad_buffers, grad_whole, n))
                 if part_needs[0]
                 else (None,)
             )
@@ -622,56 +808,15 @@ class CouplingBase(nn.Module):
             grad_inputs = tuple(g if need else None for g, need in zip(grads, part_needs))
         return inputs, grad_inputs, grad_params
 
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: tuple[torch.Tensor, ...],
-        grad_outputs: tuple[torch.Tensor, ...],
-        grad_log_det: torch.Tensor | None,
-        params: tuple[torch.Tensor, ...],
-    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...], list[torch.Tensor | None]]:
-        """:meth:`inverse_and_vjp` that also back-propagates ``grad_log_det`` (the loss's
-        gradient with respect to ``forward_and_log_det``'s log-determinant, or ``None``)
-        in the same pass: each sub-module is still evaluated once. A constant
-        log-determinant (additive: 0; momentum: ``d log(gamma)``) has no gradient."""
-        return self.inverse_and_vjp(outputs, grad_outputs, params, grad_log_det=grad_log_det)
 
-    @staticmethod
-    def _invert(
-        step: Step, a_new: torch.Tensor, m: ModuleOutput, into: torch.Tensor | None
-    ) -> torch.Tensor:
-        if _writes_into(a_new, m, into):
-            return _invert_into(step.combine, a_new, m, into)
-        return step.combine.invert(a_new, m)
+def _invert(
+    move: _Move, a_new: torch.Tensor, m: ModuleOutput, into: torch.Tensor | None
+) -> torch.Tensor:
+    if _writes_into(a_new, m, into):
+        return move.into(a_new, m, into)
+    return move.rule(a_new, m)
 
 
-def _cached(function: Callable[..., Any]) -> Callable[..., Any]:
-    """``function`` memoised on its arguments where they can be hashed (a coupling
-    class's steps are usually one constant tuple, asked about at every block; a
-    user's :class:`Combine` that defines ``__eq__`` alone cannot be), computed
-    afresh otherwise. Callers must not modify what it returns."""
-    memo = functools.lru_cache(maxsize=256)(function)
-
-    @functools.wraps(function)
-    def cached(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return memo(*args, **kwargs)
-        except TypeError:  # unhashable arguments
-            return function(*args, **kwargs)
-
-    return cached
-
-
-@_cached
-def _last_writers(steps: tuple[Step, ...], reverse: bool) -> dict[int, int]:
-    """For each part, the position of the step that writes it last (in the order the
-    steps run: reversed for the inverse)."""
-    order = list(enumerate(steps))
-    if reverse:
-        order.reverse()
-    return {step.target: i for i, step in order}
-
-
-@_cached
 def _source_gradients_needed(
     steps: tuple[Step, ...], part_needs: tuple[bool, ...], has_params: bool
 ) -> tuple[bool, ...]:
@@ -695,17 +840,15 @@ def _source_gradients_needed(
 
 
 def _with_log_det_gradient(
-    combine: Combine, m: ModuleOutput, d_m: ModuleOutput, grad_log_det: torch.Tensor | None
+    move: _Move, m: ModuleOutput, d_m: ModuleOutput, grad_log_det: torch.Tensor
 ) -> ModuleOutput:
     """``d_m`` plus the gradient that ``grad_log_det`` sends to ``m`` through the step's
-    log-determinant (``combine.log_det_vjp``; ``None`` entries send nothing)."""
-    log_det_vjp = getattr(combine, "log_det_vjp", None)
-    if grad_log_det is None or log_det_vjp is None:
+    log-determinant (:meth:`Combine.log_det_vjp`; ``None`` entries send nothing)."""
+    assert move.log_det_vjp is not None
+    extra = move.log_det_vjp(m, grad_log_det)
+    if extra is None:
         return d_m
-    summed = tuple(
-        d if e is None else d + e
-        for d, e in zip(_as_tuple(d_m), _as_tuple(log_det_vjp(m, grad_log_det)))
-    )
+    summed = tuple(d if e is None else d + e for d, e in zip(as_tuple(d_m), as_tuple(extra)))
     return summed[0] if isinstance(d_m, torch.Tensor) else summed
 
 

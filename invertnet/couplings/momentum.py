@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from numbers import Real
 
 import torch
 from torch import nn
 
-from invertnet.couplings._log_det import forward_and_log_det
 from invertnet.couplings.additive import Add
-from invertnet.couplings.base import Combine, CouplingBase, ModuleOutput, Step
+from invertnet.couplings.base import CouplingBase, InPlaceCombine, Step
+from invertnet.momentum.gamma import Gamma
 
 __all__ = ["MomentumCoupling", "MomentumMix"]
 
 
-class MomentumMix(Combine):
+class MomentumMix(InPlaceCombine):
     """``a' = gamma * a + (1 - gamma) * m``, invertible for ``gamma > 0``.
 
     Parameters
@@ -110,6 +109,11 @@ class MomentumCoupling(CouplingBase):
     :class:`~invertnet.MomentumNet` with ``use_backprop=False`` reconstructs
     exactly at any depth and ``gamma``.
 
+    Its log-determinant (:meth:`forward_and_log_det`) is ``d log(gamma)``, with ``d``
+    the number of velocity elements per sample: ``F`` only adds a function of ``x``
+    to the velocity, a triangular update, and ``x' = x + v'`` is a shear, so the
+    Jacobian's determinant is that of ``v -> gamma v``.
+
     Examples
     --------
     >>> import torch
@@ -122,35 +126,14 @@ class MomentumCoupling(CouplingBase):
 
     def __init__(self, Fm: nn.Module, gamma: float = 0.9, split_dim: int = 1) -> None:
         super().__init__(split_dim)
-        if isinstance(gamma, bool) or not isinstance(gamma, Real):
-            raise TypeError(
-                f"MomentumCoupling: gamma must be a real number, got {type(gamma).__name__}"
-            )
-        if not 0.0 < float(gamma) <= 1.0:
-            raise ValueError(
-                f"MomentumCoupling: gamma must be in (0, 1] (0 cannot be inverted), got {gamma!r}"
-            )
+        # Validated as MomentumNet's gamma, but 0 refused; used as the float given.
+        Gamma.from_value(gamma, "MomentumCoupling", allow_zero=False)
         self.Fm = Fm
         self.gamma = float(gamma)
         self._steps = (Step(1, 0, "Fm", MomentumMix(self.gamma)), Step(0, 1, None, _ADD))
 
     def steps(self) -> Sequence[Step]:
         return self._steps
-
-    def forward_and_log_det(self, *xs: torch.Tensor) -> tuple[ModuleOutput, torch.Tensor]:
-        r""":meth:`forward` and its log-determinant, ``d log(gamma)``.
-
-        ``d`` is the number of velocity elements per sample. ``F`` contributes
-        nothing: it only adds a function of ``x`` to the velocity, a triangular
-        update, and ``x' = x + v'`` is a shear, so the Jacobian's determinant is
-        that of ``v -> gamma v``.
-
-        Returns
-        -------
-        y, log_det
-            The output of :meth:`forward` and ``log|det dy/dx|`` of shape ``(batch,)``.
-        """
-        return forward_and_log_det(self, xs)
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, split_dim={self.split_dim}"

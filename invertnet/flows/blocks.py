@@ -1,16 +1,16 @@
 """Invertible blocks that normalizing flows need besides couplings.
 
-Every block here follows the contract of a flow block:
+Every block here follows the block contract (:mod:`invertnet._runtime.contract`)
+of a flow block:
 
 * ``forward(x)`` and ``inverse(y)``, as for any invertible module;
 * ``forward_and_log_det(x) -> (y, log_det)``, with ``log_det`` the per-sample
   ``log|det dy/dx|`` of shape ``(batch,)``;
-* ``inverse_and_vjp_with_log_det(outputs, grad_outputs, grad_log_det, params)``,
-  which rebuilds the input from the output and back-propagates the gradients of
-  the output and of the log-determinant in one pass, in closed form: under
-  :class:`~invertnet.InvertibleModuleWrapper` (plain ``inverse_and_vjp``) or in a
-  memory-saving :class:`~invertnet.flows.Flow`, backward costs no more than one
-  extra forward.
+* ``inverse_and_vjp(outputs, grad_outputs, params, grad_log_det=...)``, which
+  rebuilds the input from the output and back-propagates the gradients of the
+  output and of the log-determinant in one pass, in closed form: under
+  :class:`~invertnet.InvertibleModuleWrapper` or in a memory-saving
+  :class:`~invertnet.flows.Flow`, backward costs no more than one extra forward.
 
 Inputs are batches: dimension 0 is the batch, dimension 1 the channels (or
 features), any further dimensions spatial.
@@ -20,15 +20,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from invertnet._runtime.contract import FusedResult, InvertibleBlock
+
 __all__ = ["ActNorm", "InvertibleConv1x1", "Permutation", "Squeeze"]
 
 Tensors = tuple[torch.Tensor, ...]
-FusedResult = tuple[Tensors, Tensors, list[torch.Tensor | None]]
 
 
 def _check_input(block: nn.Module, x: torch.Tensor, channels: int, min_dim: int = 2) -> None:
@@ -77,33 +79,19 @@ def _param_grads(
     return list(found)
 
 
-class _FlowBlock(nn.Module):
-    """Shared plumbing: ``forward``/``inverse_and_vjp`` in terms of the log-det versions."""
+class _FlowBlock(InvertibleBlock):
+    """A flow block: ``forward`` is ``forward_and_log_det`` without the log-determinant.
+
+    Its ``inverse_and_vjp`` builds new tensors, never writing ``out``, so it takes
+    ``out`` deferred (``deferred_out``): the wrapper then takes the freed input's
+    memory only when it restores the input, after the block's backward.
+    """
 
     def forward_and_log_det(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_and_log_det(x)[0]
-
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: Tensors,
-        grad_outputs: Tensors,
-        grad_log_det: torch.Tensor | None,
-        params: Tensors,
-    ) -> FusedResult:
-        raise NotImplementedError
-
-    def inverse_and_vjp(
-        self, outputs: Tensors, grad_outputs: Tensors, params: Tensors
-    ) -> FusedResult:
-        """Rebuild the input and back-propagate the output's gradient in one pass.
-
-        The fused backward of :class:`~invertnet.InvertibleModuleWrapper`; see
-        :meth:`inverse_and_vjp_with_log_det`.
-        """
-        return self.inverse_and_vjp_with_log_det(outputs, grad_outputs, None, params)
 
 
 class ActNorm(_FlowBlock):
@@ -209,17 +197,23 @@ class ActNorm(_FlowBlock):
         d = y.dim()
         return y * _channel_view(torch.exp(-self.log_scale), d) - _channel_view(self.bias, d)
 
-    def inverse_and_vjp_with_log_det(
+    deferred_out = True  # never written (see _FlowBlock)
+
+    def inverse_and_vjp(
         self,
         outputs: Tensors,
         grad_outputs: Tensors,
-        grad_log_det: torch.Tensor | None,
         params: Tensors,
+        *,
+        out: Any = None,
+        grad_log_det: torch.Tensor | None = None,
+        inputs_need_grad: Any = None,
     ) -> FusedResult:
         """Rebuild the input and back-propagate ``grad_outputs`` and ``grad_log_det``.
 
         Closed form: ``dL/dx = g e^s``, ``dL/db = sum(g e^s)``,
-        ``dL/ds = sum(g y) + n sum(grad_log_det)``.
+        ``dL/ds = sum(g y) + n sum(grad_log_det)``. The contract's other options
+        (``out``, ``inputs_need_grad``) are not needed.
         """
         (y,), (g,) = outputs, grad_outputs
         d = y.dim()
@@ -345,12 +339,17 @@ class InvertibleConv1x1(_FlowBlock):
         _check_input(self, y, self.num_channels)
         return _mix(y, self.inverse_weight())
 
-    def inverse_and_vjp_with_log_det(
+    deferred_out = True  # never written (see _FlowBlock)
+
+    def inverse_and_vjp(
         self,
         outputs: Tensors,
         grad_outputs: Tensors,
-        grad_log_det: torch.Tensor | None,
         params: Tensors,
+        *,
+        out: Any = None,
+        grad_log_det: torch.Tensor | None = None,
+        inputs_need_grad: Any = None,
     ) -> FusedResult:
         """Rebuild the input and back-propagate ``grad_outputs`` and ``grad_log_det``.
 
@@ -375,7 +374,30 @@ class InvertibleConv1x1(_FlowBlock):
         return (x,), (grad_x,), _param_grads(targets, grads, params)
 
 
-class Permutation(_FlowBlock):
+class _Rearrangement(_FlowBlock):
+    """A block that moves elements without changing them (volume preserving, no
+    parameters): its inverse rearranges the gradient back the same way."""
+
+    deferred_out = True  # never written (see _FlowBlock)
+
+    def inverse_and_vjp(
+        self,
+        outputs: Tensors,
+        grad_outputs: Tensors,
+        params: Tensors,
+        *,
+        out: Any = None,
+        grad_log_det: torch.Tensor | None = None,
+        inputs_need_grad: Any = None,
+    ) -> FusedResult:
+        """Rebuild the input; the gradient is rearranged back by :meth:`inverse` too
+        (a permutation's Jacobian is its own inverse transposed), and the constant
+        log-determinant has none."""
+        (y,), (g,) = outputs, grad_outputs
+        return (self.inverse(y),), (self.inverse(g),), [None] * len(params)
+
+
+class Permutation(_Rearrangement):
     """A fixed permutation of the channels (dimension 1); volume preserving.
 
     Parameters
@@ -437,19 +459,8 @@ class Permutation(_FlowBlock):
         _check_input(self, y, len(self.perm))
         return y.index_select(1, self.inverse_perm)
 
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: Tensors,
-        grad_outputs: Tensors,
-        grad_log_det: torch.Tensor | None,
-        params: Tensors,
-    ) -> FusedResult:
-        """Rebuild the input; the gradient is permuted back the same way."""
-        (y,), (g,) = outputs, grad_outputs
-        return (self.inverse(y),), (self.inverse(g),), [None] * len(params)
 
-
-class Squeeze(_FlowBlock):
+class Squeeze(_Rearrangement):
     """Space to depth: ``(N, C, H, W) -> (N, C f^2, H / f, W / f)``; volume preserving.
 
     Each ``f x f`` patch of every channel becomes ``f^2`` channels at one position,
@@ -517,14 +528,3 @@ class Squeeze(_FlowBlock):
         n, c, h, w = y.shape
         x = y.reshape(n, c // (f * f), f, f, h, w).permute(0, 1, 4, 2, 5, 3)
         return x.reshape(n, c // (f * f), h * f, w * f)
-
-    def inverse_and_vjp_with_log_det(
-        self,
-        outputs: Tensors,
-        grad_outputs: Tensors,
-        grad_log_det: torch.Tensor | None,
-        params: Tensors,
-    ) -> FusedResult:
-        """Rebuild the input; the gradient is rearranged back the same way."""
-        (y,), (g,) = outputs, grad_outputs
-        return (self.inverse(y),), (self.inverse(g),), [None] * len(params)

@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from invertnet._runtime.contract import (
+    FLOW_BLOCK_METHODS,
+    Buffer,
+    FusedResult,
+    InvertibleBlock,
+    block_traits,
+    missing_methods,
+)
 from invertnet.wrappers import InvertibleModuleWrapper
 
 __all__ = ["Flow"]
@@ -25,10 +34,12 @@ _GROUP_SIZE = 4
 
 
 def _has_fused_backward(block: nn.Module) -> bool:
-    return callable(getattr(block, "inverse_and_vjp_with_log_det", None))
+    """Whether ``block`` has the contract's fused backward (``inverse_and_vjp``),
+    which a flow calls with ``grad_log_det``."""
+    return block_traits(type(block)).fused
 
 
-class _LogDetChain(nn.Module):
+class _LogDetChain(InvertibleBlock):
     """Consecutive flow blocks seen by :class:`~invertnet.InvertibleModuleWrapper`.
 
     ``forward(x)`` returns ``(y, log_det)``; ``inverse(y, log_det)`` ignores the
@@ -76,21 +87,44 @@ class _LogDetChain(nn.Module):
 
 
 class _FusedLogDetChain(_LogDetChain):
-    """:class:`_LogDetChain` of blocks with ``inverse_and_vjp_with_log_det``: the
+    """:class:`_LogDetChain` of blocks with a fused backward (``inverse_and_vjp``): the
     wrapper's fused backward then rebuilds the input and back-propagates both
     gradients block by block, each evaluating its sub-modules once."""
 
+    # The input's memory goes to the first block, which rebuilds the input last:
+    # taken when that block first writes it, if the block takes it so.
+    deferred_out = True
+
     def inverse_and_vjp(
-        self, outputs: Tensors, grad_outputs: Tensors, params: Tensors
-    ) -> tuple[Tensors, Tensors, list[torch.Tensor | None]]:
-        (y, _), (grad_y, grad_log_det) = outputs, grad_outputs
+        self,
+        outputs: Tensors,
+        grad_outputs: Tensors,
+        params: Tensors,
+        *,
+        out: Sequence[Buffer] | None = None,
+        grad_log_det: torch.Tensor | None = None,
+        inputs_need_grad: Any = None,
+    ) -> FusedResult:
+        """Rebuild the chain's input and back-propagate ``(grad_y, grad_log_det)``.
+
+        The chain's own log-determinant is its second output, so its gradient comes
+        in ``grad_outputs``; ``grad_log_det`` (the chain's log-determinant has none of
+        its own) and ``inputs_need_grad`` (the input's gradient is cheap) are not
+        needed.
+        """
+        (y, _), (grad_y, grad_of_log_det) = outputs, grad_outputs
         index = {id(p): i for i, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
+        first = self.blocks[0]
         for block in reversed(self.blocks):
             own = tuple(p for p in block.parameters() if id(p) in index)
-            (y,), (grad_y,), found = block.inverse_and_vjp_with_log_det(
-                (y,), (grad_y,), grad_log_det, own
-            )
+            options: dict[str, Any] = {"grad_log_det": grad_of_log_det}
+            if block is first and out is not None and out[0] is not None:
+                buffer = out[0]
+                if callable(buffer) and not block_traits(type(block)).deferred_out:
+                    buffer = buffer()
+                options["out"] = (buffer,)
+            (y,), (grad_y,), found = block.inverse_and_vjp((y,), (grad_y,), own, **options)
             for p, g in zip(own, found):
                 if g is not None:
                     i = index[id(p)]
@@ -300,11 +334,7 @@ class Flow(nn.Module):
         for i, block in enumerate(blocks):
             if not isinstance(block, nn.Module):
                 raise TypeError(f"Flow: block {i} must be an nn.Module, got {type(block).__name__}")
-            missing = [
-                name
-                for name in ("forward_and_log_det", "inverse")
-                if not callable(getattr(block, name, None))
-            ]
+            missing = missing_methods(block, FLOW_BLOCK_METHODS)
             if missing:
                 raise TypeError(
                     f"Flow: block {i} ({type(block).__name__}) has no {' or '.join(missing)}; "

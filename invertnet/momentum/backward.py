@@ -32,9 +32,10 @@ import contextlib
 import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+from torch import nn
 
 from invertnet._runtime.first_order import first_order
 from invertnet._runtime.forward_state import (
@@ -45,7 +46,7 @@ from invertnet._runtime.forward_state import (
 )
 from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape, call_recorded
-from invertnet._torch_private import (
+from invertnet._runtime.torch_private import (
     forward_ad_active,
     functorch_transforms_active,
     graph_kept,
@@ -57,18 +58,35 @@ from invertnet.momentum.arguments import (
     slot_tensors,
     with_tensors,
 )
-from invertnet.momentum.exact import (
-    BitStore,
-    ExactMomentum,
-    FixedPoint,
-    MomentumState,
-    RangeCheck,
-)
+from invertnet.momentum.exact import ExactMomentum
+from invertnet.momentum.fixed_point import BitStore, FixedPoint, MomentumState, RangeCheck
+from invertnet.momentum.gamma import Gamma
 
-if TYPE_CHECKING:
-    from invertnet.momentum.net import MomentumNet
+__all__ = ["Network", "before_plain_call", "run_without_activations"]
 
-__all__ = ["before_plain_call", "run_without_activations"]
+
+class Network(Protocol):
+    """What the memory-saving pass needs of a :class:`~invertnet.MomentumNet`.
+
+    Written out here so that this module, which ``net.py`` imports, imports
+    nothing back from it.
+    """
+
+    _gamma: Gamma
+    is_residual: bool
+
+    @property
+    def functions(self) -> nn.ModuleList: ...
+
+    @property
+    def init_function(self) -> nn.Module | None: ...
+
+    def call_function(
+        self, t: int, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> torch.Tensor: ...
+
+    def call_init(self, x: torch.Tensor) -> torch.Tensor: ...
+
 
 #: The name of the layer in the errors of the forward-state record.
 _LAYER = "MomentumNet(use_backprop=False)"
@@ -122,7 +140,7 @@ def _keep_earlier_buffers(with_buffers: Iterable[torch.nn.Module]) -> None:
             earlier.keep_buffer_values()
 
 
-def before_plain_call(net: MomentumNet) -> None:
+def before_plain_call(net: nn.Module) -> None:
     """Called before ``net`` runs its plain iteration in training mode.
 
     Without grad the functions run directly, and in training mode they update
@@ -199,7 +217,7 @@ def _recomputing(step: _Step, x: torch.Tensor) -> Iterator[tuple[torch.Tensor, t
 class _Run:
     """What the nodes of one call share besides the tensors autograd tracks."""
 
-    net: MomentumNet
+    net: Network
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     # Where the extra-argument tensors that require grad sit in args/kwargs.
@@ -308,7 +326,7 @@ def _refuse_transforms() -> None:
 # fixed-point bookkeeping (host-side bounds, per-layer counters).
 @torch.compiler.disable
 def run_without_activations(
-    net: MomentumNet, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
+    net: Network, x: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> torch.Tensor:
     """Run ``net`` on ``x`` keeping only what exact reversal needs for backward."""
     _refuse_transforms()

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from invertnet.momentum.arguments import grad_slots
+from invertnet.momentum.backward import before_plain_call, run_without_activations
 from invertnet.momentum.caches import warn_if_capturing, without_kv_caches
 from invertnet.momentum.gamma import Gamma
 
@@ -240,14 +241,10 @@ class MomentumNet(nn.Module):
             what = f"a {x.dtype} tensor" if isinstance(x, torch.Tensor) else type(x).__name__
             raise TypeError(f"MomentumNet: x must be a floating-point tensor, got {what}")
         if not self.use_backprop and self._needs_graph(x, args, kwargs):
-            from invertnet.momentum.backward import run_without_activations
-
             args, kwargs = without_kv_caches(args, kwargs)
             warn_if_capturing()
             return run_without_activations(self, x, args, kwargs)
         if not self.use_backprop and self.training and not torch.compiler.is_compiling():
-            from invertnet.momentum.backward import before_plain_call
-
             # Training mode without grad: running statistics are updated.
             before_plain_call(self)
         return self._forward_plain(x, args, kwargs)

@@ -4,9 +4,11 @@ Reading a tensor's value on the host makes the host wait for the device; done on
 per wrapper it would stall a GPU's queue once per block. So each wrapper's backward
 only queues a reduction of its reconstructed inputs (their sum: NaN and Inf
 propagate through it), and the sums of a whole backward pass are checked once, when
-the pass ends (:func:`invertnet._torch_private.queue_end_of_backward`): read on the
-host for CPU tensors, where that costs no wait and the error can name the wrapper;
-by a device-side assert on an accelerator, so that a training step never waits.
+the pass ends (:func:`invertnet._runtime.torch_private.queue_end_of_backward`), by the
+deferred check that the momentum range check shares
+(:mod:`invertnet._runtime.deferred_check`): read on the host for CPU tensors, where
+that costs no wait and the error can name the wrapper; by a device-side assert on
+an accelerator, so that a training step never waits.
 
 A reconstruction is at fault only where the outputs it was computed from were
 finite: NaN or Inf that the forward pass produced itself would reach the gradients
@@ -26,7 +28,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from invertnet._torch_private import (
+from invertnet._runtime.deferred_check import check_deferred, read_on_host, stack_scalars
+from invertnet._runtime.torch_private import (
     assert_on_device,
     current_backward_pass,
     queue_end_of_backward,
@@ -156,24 +159,25 @@ def _finish(task: int, checks: _PassChecks) -> None:
 
 def _raise_first_fault(records: list[_Record]) -> None:
     """Raise for the first record whose reconstruction is at fault: one host read
-    for the records on the CPU, a device-side assert for those on each accelerator.
+    for the records on the CPU, a device-side assert for those on each accelerator
+    (:func:`~invertnet._runtime.deferred_check.check_deferred`).
 
     The work is done here, once per backward pass, rather than per wrapped call: a
     call only queues the sums it needs.
     """
-    by_device: dict[torch.device, list[int]] = {}
-    for i, r in enumerate(records):
-        by_device.setdefault(r.total.device, []).append(i)
-    faults: list[int] = []
-    for device, indices in by_device.items():
-        on_device = [records[i] for i in indices]
-        if device.type == "cpu":
-            flags = _faults_read_on_host(on_device)
-            faults.extend(i for i, bad in zip(indices, flags) if bad)
-        else:
-            _assert_no_fault_on_device(on_device, device)
-    if faults:
-        raise nonfinite_error(records[min(faults)])
+    check_deferred(
+        records,
+        values=_sums,
+        at_fault=lambda _, read: _at_fault(read[0], read[1:]),
+        error=lambda record, _: nonfinite_error(record),
+        holds_on_device=_no_fault_on_device,
+        device_message=_DEVICE_MESSAGE,
+    )
+
+
+def _sums(record: _Record) -> tuple[torch.Tensor, ...]:
+    """The sums a record is decided on: its reconstruction's, then its outputs'."""
+    return (record.total, *record.outputs_totals)
 
 
 def _at_fault(total: float, outputs_totals: Sequence[float]) -> bool:
@@ -182,43 +186,35 @@ def _at_fault(total: float, outputs_totals: Sequence[float]) -> bool:
     return not math.isfinite(total) and all(math.isfinite(o) for o in outputs_totals)
 
 
-def _stack(scalars: Sequence[torch.Tensor]) -> torch.Tensor:
-    """One 1-D tensor of the zero-dimensional ``scalars``, in order (float64 where
-    their dtypes differ)."""
-    if len({t.dtype for t in scalars}) > 1:
-        scalars = [t.double() for t in scalars]
-    return torch.stack(list(scalars))
-
-
 def _faults_read_on_host(records: list[_Record]) -> list[bool]:
-    """Whether each record is at fault, with every sum read on the host at once (the
-    one read of the backward pass)."""
-    flat = [t for r in records for t in (r.total, *r.outputs_totals)]
-    values = iter(_stack(flat).tolist())
-    flags = []
+    """Whether each record is at fault, with every sum read on the host at once."""
+    return [_at_fault(read[0], read[1:]) for read in read_on_host(records, _sums)]
+
+
+def _no_fault_on_device(records: list[_Record]) -> torch.Tensor:
+    """True, on the records' device, where none is at fault; nothing is read.
+
+    Records grouped by their number of outputs, so that each group's output sums
+    form a matrix: a few kernels per backward pass, whatever the depth.
+    """
+    by_outputs: dict[int, list[_Record]] = {}
     for r in records:
-        total = next(values)
-        flags.append(_at_fault(total, [next(values) for _ in r.outputs_totals]))
-    return flags
+        by_outputs.setdefault(len(r.outputs_totals), []).append(r)
+    faults = []
+    for count, group in by_outputs.items():
+        at_fault = ~torch.isfinite(stack_scalars([r.total for r in group]))
+        if count:
+            outputs = stack_scalars([t for r in group for t in r.outputs_totals])
+            at_fault &= torch.isfinite(outputs.reshape(-1, count)).all(dim=1)
+        faults.append(at_fault.any())
+    return ~torch.stack(faults).any()
 
 
 def _assert_no_fault_on_device(records: list[_Record], device: torch.device) -> None:
     """Check the records on an accelerator by a kernel: reading the flags would make
     the host wait for the device. The assert names no block: its message says how
     to find it."""
-    # Records grouped by their number of outputs, so that each group's output sums
-    # form a matrix: a few kernels per backward pass, whatever the depth.
-    by_outputs: dict[int, list[_Record]] = {}
-    for r in records:
-        by_outputs.setdefault(len(r.outputs_totals), []).append(r)
-    faults = []
-    for count, group in by_outputs.items():
-        at_fault = ~torch.isfinite(_stack([r.total for r in group]))
-        if count:
-            outputs = _stack([t for r in group for t in r.outputs_totals]).reshape(-1, count)
-            at_fault &= torch.isfinite(outputs).all(dim=1)
-        faults.append(at_fault.any())
-    assert_on_device(~torch.stack(faults).any(), _DEVICE_MESSAGE)
+    assert_on_device(_no_fault_on_device(records), _DEVICE_MESSAGE)
 
 
 def nonfinite_error(record: _Record) -> ReconstructionError:

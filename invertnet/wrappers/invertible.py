@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import inspect
 import os
 import sys
 import warnings
@@ -14,6 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from invertnet._runtime.contract import (
+    FUSED_PARAMETERS,
+    INVERTIBLE_METHODS,
+    as_tensors,
+    block_traits,
+    missing_methods,
+)
 from invertnet._runtime.first_order import first_order
 from invertnet._runtime.forward_state import (
     AutocastState,
@@ -24,7 +30,7 @@ from invertnet._runtime.forward_state import (
 )
 from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape
-from invertnet._torch_private import (
+from invertnet._runtime.torch_private import (
     ModuleHooks,
     forward_ad_active,
     functorch_transforms_active,
@@ -32,8 +38,8 @@ from invertnet._torch_private import (
     module_hooks,
     version,
 )
-from invertnet.couplings.base import CouplingBase
 from invertnet.wrappers._finite import check_finite_when_backward_ends
+from invertnet.wrappers._sharding import refuse_sharded_submodules
 from invertnet.wrappers._storage import (
     FREED_ATTR,
     FreedInput,
@@ -56,14 +62,6 @@ __all__ = ["InvertibleModuleWrapper"]
 Tensors = tuple[torch.Tensor, ...]
 FusedBackward = Callable[[Tensors, Tensors, Tensors], tuple[Tensors, Tensors, list]]
 Output = torch.Tensor | Tensors
-
-
-def _as_tuple(y: Any, what: str) -> Tensors:
-    ys = tuple(y) if isinstance(y, (tuple, list)) else (y,)
-    for i, t in enumerate(ys):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{what} {i} must be a tensor, got {type(t).__name__}")
-    return ys
 
 
 def _kwarg_tensors(kwargs: dict[str, Any]) -> list[tuple[str, torch.Tensor]]:
@@ -151,7 +149,7 @@ class _Call:
 
     @property
     def layer(self) -> str:
-        return f"InvertibleModuleWrapper({type(self.module).__name__})"
+        return _layer_name(type(self.module))
 
     @property
     def run(self) -> Callable[..., Any]:
@@ -163,10 +161,11 @@ class _Call:
 
     @property
     def fused(self) -> FusedBackward | None:
-        """The module's fused inverse-and-backward pass, for the forward direction."""
-        if not self.forward_direction:
+        """The module's fused inverse-and-backward pass (the block contract's
+        ``inverse_and_vjp``), for the forward direction."""
+        if not self.forward_direction or not block_traits(type(self.module)).fused:
             return None
-        return getattr(self.module, "inverse_and_vjp", None)
+        return self.module.inverse_and_vjp
 
     @property
     def inputs(self) -> Tensors:
@@ -175,6 +174,20 @@ class _Call:
     @property
     def params(self) -> Tensors:
         return self.tensors[self.num_inputs :]
+
+
+@functools.lru_cache(maxsize=256)
+def _layer_name(module_type: type) -> str:
+    """How errors and records name a wrapper of ``module_type`` (formatted once)."""
+    return f"InvertibleModuleWrapper({module_type.__name__})"
+
+
+#: What an input is called in the error for a non-tensor, by direction (constant:
+#: a message formatted on every call would cost more than the check).
+_INPUT = {
+    "forward": "InvertibleModuleWrapper.forward: input",
+    "inverse": "InvertibleModuleWrapper.inverse: input",
+}
 
 
 @torch.compiler.disable
@@ -244,7 +257,8 @@ def _free_inputs(call: _Call, inputs: Tensors, outputs: Tensors) -> None:
         if ids.count(id(x)) > 1:
             reason: str | None = "it is passed more than once"
         else:
-            reason = why_not_freeable(x, outputs, own_alias)
+            base_own_alias = x._base is not None and is_output_of(x._base, _InvertibleFunction)
+            reason = why_not_freeable(x, outputs, own_alias, base_own_alias)
         if reason is None:
             rebuilt = may_free_memory(x)
             if call.debug is not None and rebuilt:
@@ -295,10 +309,10 @@ def _call_module(call: _Call, inputs: Tensors) -> Tensors:
     """Run the module in the call's direction, with its own call hooks if it has any."""
     hooks = call.hooks
     if hooks is None:
-        return _as_tuple(
-            call.run(*inputs, **call.kwargs), f"output of {type(call.module).__name__}"
+        return as_tensors(
+            call.run(*inputs, **call.kwargs), lambda: f"output of {type(call.module).__name__}"
         )
-    return _as_tuple(_forward_with_hooks(call, hooks, inputs), f"output of {call.layer}")
+    return as_tensors(_forward_with_hooks(call, hooks, inputs), lambda: f"output of {call.layer}")
 
 
 def _forward_with_hooks(call: _Call, hooks: ModuleHooks, inputs: Tensors) -> Any:
@@ -473,6 +487,7 @@ def _refuse_unsupported(call: _Call) -> None:
             "deprecated register_backward_hook, whose gradients PyTorch itself gets "
             "wrong for modules of several operations. Use register_full_backward_hook"
         )
+    refuse_sharded_submodules(call.layer, call.modules)
 
 
 def _check_before_backward(call: _Call) -> None:
@@ -557,20 +572,22 @@ def _backward(
         grad_outputs = _run_backward_pre_hooks(call, hooks, grad_outputs)
     state = call.state
     assert state is not None
-    with state.replayed():
+    # Checked by _check_before_backward just now, unless a hook has run since.
+    with state.replayed(checked=hooks is None):
         reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs, rebuilt)
 
     for i, freed in rebuilt.items():
         freed.restore(reconstructed[i])
     # Checked after restoring, so that a failing input can be inspected.
-    label = module_name(call.debug, call.wrapper, call.module)
     if call.debug is not None:
+        label = module_name(call.debug, call.wrapper, call.module)
         originals = call.originals or {}
         for i, freed in rebuilt.items():
             check_reconstruction(label, i, freed.tensor, call.outputs, originals[i], call.debug)
         _check_no_unowned_tensors(call, state)
-    elif finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
+    elif rebuilt and finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
         restored = {i: freed.tensor for i, freed in rebuilt.items()}
+        label = module_name(None, call.wrapper, call.module)
         check_finite_when_backward_ends(label, restored, call.outputs)
     if hooks is not None:
         grads = _run_backward_hooks(call, hooks, grads, grad_outputs)
@@ -598,7 +615,7 @@ def _check_no_unowned_tensors(call: _Call, state: ForwardState) -> None:
     """
     with state.replayed(), torch.enable_grad():
         leaves = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in call.inputs)
-        outputs = _as_tuple(call.run(*leaves, **call.kwargs), "recomputed output")
+        outputs = as_tensors(call.run(*leaves, **call.kwargs), "recomputed output")
         found = unowned_leaves(outputs, (*leaves, *call.params))
     if found:
         shapes = ", ".join(str(tuple(t.shape)) for t in found)
@@ -616,7 +633,7 @@ def _run_backward_pre_hooks(call: _Call, hooks: ModuleHooks, grad_outputs: Tenso
     for hook, _ in hooks.backward_pre:
         result = hook(call.module, grad_outputs)
         if result is not None:
-            grad_outputs = _as_tuple(result, f"{call.layer}: gradient from a backward pre-hook")
+            grad_outputs = as_tensors(result, f"{call.layer}: gradient from a backward pre-hook")
     return grad_outputs
 
 
@@ -669,24 +686,29 @@ def _differentiate(
     # forward under grad would have its inner wrappers free what it reads next.
     # An output that got no gradient (None) takes the general path, whose
     # autograd.grad leaves None where no used output reaches, as plain autograd does.
-    accepts = _keyword_parameters(getattr(fused, "__func__", fused)) if fused else frozenset()
+    # A context keyword named as one of the fused backward's own parameters cannot
+    # be handed through it.
     if (
         call.freed
         and fused is not None
         and all(g is not None for g in grad_outputs)
-        and _fused_takes(accepts, call.kwargs)
+        and (not call.kwargs or FUSED_PARAMETERS.isdisjoint(call.kwargs))
     ):
-        options: dict[str, Any] = dict(call.kwargs)
-        if "out" in accepts:
-            # Reconstruct straight into the freed inputs' own memory: the coupling
-            # engine takes each when it first writes it (after the sub-module whose
-            # output it needs has run its backward), others at once.
-            takers: dict[int, Any] = {i: freed.reallocate for i, freed in rebuilt.items()}
-            if not _takes_memory_when_written(fused):
-                takers = {i: take() for i, take in takers.items()}
+        # The contract's options, each passed only where it differs from its default.
+        options: dict[str, Any] = dict(call.kwargs) if call.kwargs else {}
+        if rebuilt:
+            # Reconstruct straight into the freed inputs' own memory: a block that
+            # takes it deferred (the coupling engine) takes each when it first
+            # writes it, after the sub-module whose output it needs has run its
+            # backward; others get it at once.
+            if block_traits(type(call.module)).deferred_out:
+                takers: dict[int, Any] = {i: freed.reallocate for i, freed in rebuilt.items()}
+            else:
+                takers = {i: freed.reallocate() for i, freed in rebuilt.items()}
             options["out"] = tuple(takers.get(i) for i in range(call.num_inputs))
-        if "inputs_need_grad" in accepts:
-            options["inputs_need_grad"] = needs[: call.num_inputs]
+        need_inputs = needs[: call.num_inputs]
+        if not all(need_inputs):
+            options["inputs_need_grad"] = need_inputs
         inputs, grad_inputs, grad_params = fused(call.outputs, grad_outputs, params, **options)
         grads = tuple(
             None if not need or g is None else g if g.dtype == x.dtype else g.to(x.dtype)
@@ -699,7 +721,7 @@ def _differentiate(
     kwargs = call.kwargs
     if rebuilt:
         with torch.no_grad():
-            inputs = _as_tuple(call.undo(*call.outputs, **kwargs), "reconstructed input")
+            inputs = as_tensors(call.undo(*call.outputs, **kwargs), "reconstructed input")
         if state.tape is not None:
             state.tape.reset_to_initial()
         inputs = tuple(inputs[i] if i in rebuilt else x for i, x in enumerate(call.inputs))
@@ -709,7 +731,7 @@ def _differentiate(
         x.detach().requires_grad_(need) for x, need in zip(inputs, needs[: call.num_inputs])
     )
     with torch.enable_grad():
-        outputs = _as_tuple(call.run(*leaves, **kwargs), "recomputed output")
+        outputs = as_tensors(call.run(*leaves, **kwargs), "recomputed output")
     wanted = [leaf for leaf in leaves if leaf.requires_grad] + list(params)
     pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad and g is not None]
     found: tuple[torch.Tensor | None, ...] = ()
@@ -724,35 +746,11 @@ def _differentiate(
 
 def _reconstruction_keeps_finite(module: nn.Module) -> bool:
     """Whether ``module`` says its reconstructions of finite outputs are finite by
-    construction (``reconstruction_keeps_finite()``, as couplings of additive steps
-    do), so that the NaN/Inf check may skip them."""
-    says = getattr(module, "reconstruction_keeps_finite", None)
-    return callable(says) and says() is True
-
-
-@functools.lru_cache(maxsize=256)
-def _keyword_parameters(function: Callable[..., Any]) -> frozenset[str]:
-    """The parameter names of a module's ``inverse_and_vjp``: whether it takes
-    ``out=`` (the buffers to write the reconstructed inputs into) and
-    ``inputs_need_grad=`` (the coupling engine's does; others may not)."""
-    parameters = inspect.signature(function).parameters.values()
-    # "**" marks a function that takes any keyword (context for its sub-modules).
-    return frozenset(
-        "**" if p.kind is inspect.Parameter.VAR_KEYWORD else p.name for p in parameters
+    construction (``reconstruction_keeps_finite()`` of the block contract, as
+    couplings of additive steps do), so that the NaN/Inf check may skip them."""
+    return (
+        block_traits(type(module)).says_if_finite and module.reconstruction_keeps_finite() is True
     )
-
-
-def _fused_takes(accepts: frozenset[str], kwargs: dict[str, Any]) -> bool:
-    """Whether a fused backward with parameters ``accepts`` can be passed ``kwargs``
-    (the call's context keywords), which it hands to the sub-modules; a keyword
-    that would clash with its own parameters takes the general path instead."""
-    return not kwargs or ("**" in accepts and not accepts.intersection(kwargs))
-
-
-def _takes_memory_when_written(fused: FusedBackward) -> bool:
-    """Whether ``fused`` is the coupling engine's own ``inverse_and_vjp``, which takes
-    ``out=`` entries that are callables, called when first written."""
-    return getattr(fused, "__func__", None) is CouplingBase.inverse_and_vjp
 
 
 # The invertnet and torch package folders.
@@ -865,7 +863,7 @@ class InvertibleModuleWrapper(nn.Module):
             raise TypeError(
                 f"InvertibleModuleWrapper expects an nn.Module, got {type(fn).__name__}"
             )
-        if not callable(getattr(fn, "inverse", None)):
+        if missing_methods(fn, INVERTIBLE_METHODS):  # the block contract's forward and inverse
             raise TypeError(
                 f"InvertibleModuleWrapper: {type(fn).__name__} has no inverse method; wrap a "
                 "module that defines both forward(*x) and inverse(*y)"
@@ -920,10 +918,11 @@ class InvertibleModuleWrapper(nn.Module):
         return torch.compiler.is_compiling() or not torch.is_inference_mode_enabled()
 
     def _run(self, xs: tuple[Any, ...], direction: str, kwargs: dict[str, Any]) -> Output:
-        fn = self._fn
+        # Straight from _modules: self._fn would go through nn.Module.__getattr__.
+        fn = self._modules["_fn"]
         if not xs:
             raise ValueError(f"InvertibleModuleWrapper.{direction} needs at least one input tensor")
-        inputs = _as_tuple(xs, f"InvertibleModuleWrapper.{direction}: input")
+        inputs = as_tensors(xs, _INPUT[direction])
         last = self._last_state
         if last is not None and last.awaiting_backward and last.has_buffers:
             # Running the modules again before an earlier call's backward (a siamese
@@ -931,7 +930,7 @@ class InvertibleModuleWrapper(nn.Module):
             last.keep_buffer_values()
         # One walk over the modules serves the decision, the Function and backward.
         recording = self._recording()
-        modules = self._submodules() if recording else []
+        modules = self._submodules(fn) if recording else []
         params = trainable_parameters(modules)
         if not (recording and (params or any(t.requires_grad for t in inputs))):
             y = fn(*inputs, **kwargs) if direction == "forward" else fn.inverse(*inputs, **kwargs)
@@ -955,10 +954,10 @@ class InvertibleModuleWrapper(nn.Module):
             return y[0]
         return y
 
-    def _submodules(self) -> list[nn.Module]:
-        """The wrapped module and those under it; the same list object as last time
-        where they are the same modules, so that calls awaiting backward share it."""
-        modules = submodules(self._fn)
+    def _submodules(self, fn: nn.Module) -> list[nn.Module]:
+        """The wrapped module ``fn`` and those under it; the same list object as last
+        time where they are the same modules, so that calls awaiting backward share it."""
+        modules = submodules(fn)
         last = self._last_state
         if last is not None and same_objects(last.modules, modules):
             return last.modules

@@ -1,8 +1,10 @@
 /*
- * Fused CPU loops of the exact momentum iteration (see invertnet/momentum/kernels.py).
+ * Fused CPU loops of the exact momentum iteration: the "native" backend
+ * (invertnet/momentum/backends/native.py), one loop per phase.
  *
- * Each loop does in one pass over memory what invertnet/momentum/exact.py does
- * with five to ten tensor operations, and gives the same bits: the state holds
+ * Each loop does in one pass over memory what the reference backend
+ * (invertnet/momentum/backends/tensor.py) does with five to ten tensor
+ * operations, and gives the same bits: the state holds
  * whole numbers below 2**50 in doubles, every operation on them is exact, and
  * the one rounding, of the update (1 - gamma) f to units, is the same double
  * multiplication and rounding half to even as torch's. Built with
@@ -43,7 +45,7 @@
 static inline double round_half_even(double a) { return (a + ROUNDER) - ROUNDER; }
 
 /* Floor division by b of whole numbers below 2**50, with no division (the proof
- * is in invertnet.momentum.exact._floor_divmod): round((1 - b) / (2 b) + a / b). */
+ * is in invertnet.momentum.fixed_point.floor_divmod): round((1 - b) / (2 b) + a / b). */
 typedef struct {
     double value, inverse, offset;
 } divisor;
@@ -79,7 +81,7 @@ static inline int64_t max_bits(int64_t a, int64_t b) { return a > b ? a : b; }
  * (SPLIT 1: v = a d + b with 0 <= b < d, so that n v + r = a n d + (b n + r) and
  * every intermediate is exact for any velocity in range). Both give the same bits.
  * F and SPLIT are constants: each combination is its own loop, vectorised. */
-#define STEP_LOOP(T, F, SPLIT)                                                             \
+#define ADVANCE_LOOP(T, F, SPLIT)                                                          \
     for (Py_ssize_t i = 0; i < size; i++) {                                                \
         const double f = F;                                                                \
         const double update = round_half_even(f * mix_units);                              \
@@ -97,10 +99,10 @@ static inline int64_t max_bits(int64_t a, int64_t b) { return a > b ? a : b; }
         peak_v = max_bits(peak_v, magnitude_bits(v[i]));                                   \
     }
 
-/* The loop that undoes a step's velocity and store: the inverse of STEP_LOOP, with
+/* The loop that undoes a step's velocity and store: the inverse of ADVANCE_LOOP, with
  * w = v - update: d w + s directly (SPLIT 0), or with w = e n + f, 0 <= f < n, as
  * e d n + (f d + s) (SPLIT 1). */
-#define UNSTEP_LOOP(F, SPLIT)                                                              \
+#define RETREAT_LOOP(F, SPLIT)                                                             \
     for (Py_ssize_t i = 0; i < size; i++) {                                                \
         const double f = F;                                                                \
         const double w = v[i] - round_half_even(f * mix_units);                            \
@@ -115,29 +117,29 @@ static inline int64_t max_bits(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* One set of loops per dtype T of the functions' inputs and outputs. */
 #define DEFINE_LOOPS(T, SUFFIX)                                                            \
-    /* Forward step: v <- gamma v + update, x <- x + v, store digits, x as T. The         \
-     * largest magnitudes of the update, the position and the velocity go to peaks. */    \
-    VECTOR_CLONES static void step_##SUFFIX(                                               \
+    /* Forward step: v <- gamma v + update, x <- x + v, store digits, x as T. The          \
+     * largest magnitudes of the update, the position and the velocity go to peaks. */     \
+    VECTOR_CLONES static void advance_##SUFFIX(                                            \
         double *restrict z, double *restrict v, double *restrict x, const T *restrict y,   \
         T *restrict x_out, Py_ssize_t size, double n, double d, double mix_units,          \
         double unit, int residual, int split, int64_t peaks[3]) {                          \
         const divisor by_n = divisor_of(n), by_d = divisor_of(d);                          \
         int64_t peak_update = 0, peak_x = 0, peak_v = 0;                                   \
         if (residual && split)                                                             \
-            STEP_LOOP(T, (double)y[i], 1)                                                  \
+            ADVANCE_LOOP(T, (double)y[i], 1)                                               \
         else if (residual)                                                                 \
-            STEP_LOOP(T, (double)y[i], 0)                                                  \
+            ADVANCE_LOOP(T, (double)y[i], 0)                                               \
         else if (split)                                                                    \
-            STEP_LOOP(T, (double)y[i] - x[i], 1)                                           \
+            ADVANCE_LOOP(T, (double)y[i] - x[i], 1)                                        \
         else                                                                               \
-            STEP_LOOP(T, (double)y[i] - x[i], 0)                                           \
+            ADVANCE_LOOP(T, (double)y[i] - x[i], 0)                                        \
         peaks[0] = peak_update;                                                            \
         peaks[1] = peak_x;                                                                 \
         peaks[2] = peak_v;                                                                 \
     }                                                                                      \
                                                                                            \
-    /* Backward, before the function: x <- x - v, x as T, grad_y = (1 - gamma) g_v. */    \
-    VECTOR_CLONES static void unstep_position_##SUFFIX(                                    \
+    /* Backward, before the function: x <- x - v, x as T, grad_y = (1 - gamma) g_v. */     \
+    VECTOR_CLONES static void retreat_position_##SUFFIX(                                   \
         const double *restrict v, double *restrict x, const double *restrict grad_v,       \
         T *restrict x_out, T *restrict grad_y, Py_ssize_t size, double unit, double mix) { \
         for (Py_ssize_t i = 0; i < size; i++) {                                            \
@@ -147,24 +149,24 @@ static inline int64_t max_bits(int64_t a, int64_t b) { return a > b ? a : b; }
         }                                                                                  \
     }                                                                                      \
                                                                                            \
-    /* Backward, after the function: undo the velocity step and the store. */            \
-    VECTOR_CLONES static void unstep_velocity_##SUFFIX(                                    \
+    /* Backward, after the function: undo the velocity step and the store. */              \
+    VECTOR_CLONES static void retreat_velocity_##SUFFIX(                                   \
         double *restrict z, double *restrict v, const double *restrict x,                  \
         const T *restrict y, Py_ssize_t size, double n, double d, double mix_units,        \
         int residual, int split) {                                                         \
         const divisor by_n = divisor_of(n), by_d = divisor_of(d);                          \
         if (residual && split)                                                             \
-            UNSTEP_LOOP((double)y[i], 1)                                                   \
+            RETREAT_LOOP((double)y[i], 1)                                                  \
         else if (residual)                                                                 \
-            UNSTEP_LOOP((double)y[i], 0)                                                   \
+            RETREAT_LOOP((double)y[i], 0)                                                  \
         else if (split)                                                                    \
-            UNSTEP_LOOP((double)y[i] - x[i], 1)                                            \
+            RETREAT_LOOP((double)y[i] - x[i], 1)                                           \
         else                                                                               \
-            UNSTEP_LOOP((double)y[i] - x[i], 0)                                            \
+            RETREAT_LOOP((double)y[i] - x[i], 0)                                           \
     }                                                                                      \
                                                                                            \
-    /* Backward, after the vjp: g_x += found; g_v <- g_x + gamma g_v. */                  \
-    VECTOR_CLONES static void accumulate_##SUFFIX(                                         \
+    /* Backward, after the vjp: g_x += found; g_v <- g_x + gamma g_v. */                   \
+    VECTOR_CLONES static void backpropagate_##SUFFIX(                                      \
         double *restrict grad_x, double *restrict grad_v, const T *restrict found,         \
         Py_ssize_t size, double keep, double mix, int residual) {                          \
         for (Py_ssize_t i = 0; i < size; i++) {                                            \
@@ -182,7 +184,7 @@ DEFINE_LOOPS(double, f64)
 /* Addresses come as Python ints (torch.Tensor.data_ptr()); is_double selects T. */
 #define ADDRESS(a) ((void *)(uintptr_t)(a))
 
-static PyObject *step(PyObject *self, PyObject *args) {
+static PyObject *advance(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long z, v, x, y, x_out;
     Py_ssize_t size;
@@ -194,10 +196,10 @@ static PyObject *step(PyObject *self, PyObject *args) {
         return NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (is_double)
-        step_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
+        advance_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
                  mix_units, unit, residual, split, peaks);
     else
-        step_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
+        advance_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), ADDRESS(x_out), size, n, d,
                  mix_units, unit, residual, split, peaks);
     Py_END_ALLOW_THREADS;
     /* The largest magnitudes of the update (units), the position (its value) and the
@@ -206,7 +208,7 @@ static PyObject *step(PyObject *self, PyObject *args) {
                          bits_to_double(peaks[2]));
 }
 
-static PyObject *unstep_position(PyObject *self, PyObject *args) {
+static PyObject *retreat_position(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long v, x, grad_v, x_out, grad_y;
     Py_ssize_t size;
@@ -217,16 +219,16 @@ static PyObject *unstep_position(PyObject *self, PyObject *args) {
         return NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (is_double)
-        unstep_position_f64(ADDRESS(v), ADDRESS(x), ADDRESS(grad_v), ADDRESS(x_out),
+        retreat_position_f64(ADDRESS(v), ADDRESS(x), ADDRESS(grad_v), ADDRESS(x_out),
                             ADDRESS(grad_y), size, unit, mix);
     else
-        unstep_position_f32(ADDRESS(v), ADDRESS(x), ADDRESS(grad_v), ADDRESS(x_out),
+        retreat_position_f32(ADDRESS(v), ADDRESS(x), ADDRESS(grad_v), ADDRESS(x_out),
                             ADDRESS(grad_y), size, unit, mix);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
 
-static PyObject *unstep_velocity(PyObject *self, PyObject *args) {
+static PyObject *retreat_velocity(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long z, v, x, y;
     Py_ssize_t size;
@@ -237,16 +239,16 @@ static PyObject *unstep_velocity(PyObject *self, PyObject *args) {
         return NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (is_double)
-        unstep_velocity_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
+        retreat_velocity_f64(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
                             mix_units, residual, split);
     else
-        unstep_velocity_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
+        retreat_velocity_f32(ADDRESS(z), ADDRESS(v), ADDRESS(x), ADDRESS(y), size, n, d,
                             mix_units, residual, split);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
 
-static PyObject *accumulate(PyObject *self, PyObject *args) {
+static PyObject *backpropagate(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long grad_x, grad_v, found;
     Py_ssize_t size;
@@ -257,34 +259,34 @@ static PyObject *accumulate(PyObject *self, PyObject *args) {
         return NULL;
     Py_BEGIN_ALLOW_THREADS;
     if (is_double)
-        accumulate_f64(ADDRESS(grad_x), ADDRESS(grad_v), ADDRESS(found), size, keep, mix,
+        backpropagate_f64(ADDRESS(grad_x), ADDRESS(grad_v), ADDRESS(found), size, keep, mix,
                        residual);
     else
-        accumulate_f32(ADDRESS(grad_x), ADDRESS(grad_v), ADDRESS(found), size, keep, mix,
+        backpropagate_f32(ADDRESS(grad_x), ADDRESS(grad_v), ADDRESS(found), size, keep, mix,
                        residual);
     Py_END_ALLOW_THREADS;
     Py_RETURN_NONE;
 }
 
-static PyMethodDef kernel_methods[] = {
-    {"step", step, METH_VARARGS,
-     "step(z, v, x, y, x_out, size, n, d, mix_units, unit, residual, split, is_double) -> "
+static PyMethodDef native_methods[] = {
+    {"advance", advance, METH_VARARGS,
+     "advance(z, v, x, y, x_out, size, n, d, mix_units, unit, residual, split, is_double) -> "
      "(largest update, position, velocity)"},
-    {"unstep_position", unstep_position, METH_VARARGS,
-     "unstep_position(v, x, grad_v, x_out, grad_y, size, unit, mix, is_double)"},
-    {"unstep_velocity", unstep_velocity, METH_VARARGS,
-     "unstep_velocity(z, v, x, y, size, n, d, mix_units, residual, split, is_double)"},
-    {"accumulate", accumulate, METH_VARARGS,
-     "accumulate(grad_x, grad_v, found, size, keep, mix, residual, is_double); found may be 0"},
+    {"retreat_position", retreat_position, METH_VARARGS,
+     "retreat_position(v, x, grad_v, x_out, grad_y, size, unit, mix, is_double)"},
+    {"retreat_velocity", retreat_velocity, METH_VARARGS,
+     "retreat_velocity(z, v, x, y, size, n, d, mix_units, residual, split, is_double)"},
+    {"backpropagate", backpropagate, METH_VARARGS,
+     "backpropagate(grad_x, grad_v, found, size, keep, mix, residual, is_double); found may be 0"},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef kernel_module = {
+static struct PyModuleDef native_module = {
     PyModuleDef_HEAD_INIT,
-    .m_name = "invertnet.momentum._kernels",
-    .m_doc = "Fused CPU loops of the exact momentum iteration (see invertnet.momentum.kernels).",
+    .m_name = "invertnet.momentum.backends._native",
+    .m_doc = "Fused CPU loops of the exact momentum iteration (invertnet.momentum.backends.native).",
     .m_size = -1,
-    .m_methods = kernel_methods,
+    .m_methods = native_methods,
 };
 
-PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernel_module); }
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&native_module); }

@@ -1,14 +1,15 @@
-"""Triton kernels of the exact momentum iteration, for CUDA tensors.
+"""Triton kernels of the exact momentum iteration, for CUDA tensors: the "triton" backend's loops.
 
-One kernel per phase, as the C loops of ``_kernels.c`` (see
-:mod:`invertnet.momentum.kernels`, which decides when they run): a forward step
-with its bit store; undoing the position; undoing the velocity and the store;
-the gradient update. They give the states of the tensor operations of
-:mod:`invertnet.momentum.exact` bit for bit:
+One kernel per phase, as the C loops of ``_native.c`` (the backend,
+:mod:`invertnet.momentum.backends.triton`, decides when they run): ``advance``, a
+forward step with its bit store; ``retreat_position``, undoing the position;
+``retreat_velocity``, undoing the velocity and the store; ``backpropagate``, the
+gradient update. They give the states of the reference backend's tensor
+operations (:mod:`invertnet.momentum.backends.tensor`) bit for bit:
 
 * every value of the state is a whole number below :math:`2^{50}` held in
   float64, and every operation on them is exact (the split products and the
-  division-free floor quotient of ``exact._floor_divmod``);
+  division-free floor quotient of ``fixed_point.floor_divmod``);
 * the roundings that are not exact (the update ``(1 - gamma) f`` to units, the
   state to the functions' dtype) are the same single operations as torch's,
   with fused multiply-adds forbidden (``enable_fp_fusion=False`` at launch), so
@@ -32,8 +33,8 @@ patterns of the magnitudes (which order as the values do, NaN above infinity).
 No ``from __future__ import annotations`` here: Triton before 3.2 or so finds
 ``tl.constexpr`` parameters by their annotations, which that import makes strings.
 
-Importing this module imports Triton; :mod:`invertnet.momentum.kernels` does so
-only when a CUDA tensor first asks for a kernel.
+Importing this module imports Triton; the backend does so only when a forward
+pass on a CUDA tensor first asks for it.
 """
 
 import functools
@@ -42,13 +43,13 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["accumulate", "step", "unstep_position", "unstep_velocity"]
+__all__ = ["advance", "backpropagate", "retreat_position", "retreat_velocity"]
 
 #: Elements per block, and blocks at most per program in a grid.
 BLOCK = 1024
 _WARPS = 4
 
-# The functions' input dtypes served (see invertnet.momentum.kernels).
+# The functions' input dtypes served (see invertnet.momentum.backends.triton).
 _TRITON_TYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
 
 # Indices into the constants tensor (see _constants).
@@ -63,7 +64,7 @@ def _round(a):
 
 @triton.jit
 def _floor_quotient(a, inverse, offset):
-    # floor(a / b) for whole |a| < 2**50 (proof in exact._floor_divmod).
+    # floor(a / b) for whole |a| < 2**50 (proof in fixed_point.floor_divmod).
     return _round(offset + a * inverse)
 
 
@@ -74,7 +75,7 @@ def _magnitude_bits(a):
 
 
 @triton.jit
-def _step_kernel(
+def _advance_kernel(
     z_ptr, v_ptr, x_ptr, y_ptr, out_ptr, constants_ptr, peaks_ptr, size, per_program,
     RESIDUAL: tl.constexpr, OUT_TYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -121,7 +122,7 @@ def _step_kernel(
 
 
 @triton.jit
-def _unstep_position_kernel(
+def _retreat_position_kernel(
     v_ptr, x_ptr, grad_v_ptr, out_ptr, grad_y_ptr, constants_ptr, size, per_program,
     OUT_TYPE: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -141,7 +142,7 @@ def _unstep_position_kernel(
 
 
 @triton.jit
-def _unstep_velocity_kernel(
+def _retreat_velocity_kernel(
     z_ptr, v_ptr, x_ptr, y_ptr, constants_ptr, size, per_program,
     RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -172,7 +173,7 @@ def _unstep_velocity_kernel(
 
 
 @triton.jit
-def _accumulate_kernel(
+def _backpropagate_kernel(
     grad_x_ptr, grad_v_ptr, found_ptr, constants_ptr, size, per_program,
     HAS_FOUND: tl.constexpr, RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
@@ -234,7 +235,7 @@ def _on(t: torch.Tensor) -> torch.cuda.device | _NoDevice:
     return torch.cuda.device(t.device) if t.device.type == "cuda" else _NoDevice()
 
 
-def step(
+def advance(
     head: torch.Tensor,
     velocity: torch.Tensor,
     position: torch.Tensor,
@@ -257,7 +258,7 @@ def step(
     constants = _constants(head.device, n, d, mix_units, unit, 0.0, 0.0)
     programs, per_program = _grid(head)
     with _on(head):
-        _step_kernel[(programs,)](
+        _advance_kernel[(programs,)](
             head, velocity, position, y, out, constants, peaks.view(torch.int64),
             head.numel(), per_program,
             RESIDUAL=residual, OUT_TYPE=_TRITON_TYPES[out.dtype], BLOCK=BLOCK,
@@ -265,7 +266,7 @@ def step(
         )  # fmt: skip
 
 
-def unstep_position(
+def retreat_position(
     velocity: torch.Tensor,
     position: torch.Tensor,
     grad_velocity: torch.Tensor,
@@ -280,7 +281,7 @@ def unstep_position(
     constants = _constants(velocity.device, 1, 2, 0.0, unit, mix, 0.0)
     programs, per_program = _grid(velocity)
     with _on(velocity):
-        _unstep_position_kernel[(programs,)](
+        _retreat_position_kernel[(programs,)](
             velocity, position, grad_velocity, out, grad_y, constants,
             velocity.numel(), per_program,
             OUT_TYPE=_TRITON_TYPES[out.dtype], BLOCK=BLOCK,
@@ -288,7 +289,7 @@ def unstep_position(
         )  # fmt: skip
 
 
-def unstep_velocity(
+def retreat_velocity(
     head: torch.Tensor,
     velocity: torch.Tensor,
     position: torch.Tensor,
@@ -304,13 +305,13 @@ def unstep_velocity(
     constants = _constants(head.device, n, d, mix_units, 0.0, 0.0, 0.0)
     programs, per_program = _grid(head)
     with _on(head):
-        _unstep_velocity_kernel[(programs,)](
+        _retreat_velocity_kernel[(programs,)](
             head, velocity, position, y, constants, head.numel(), per_program,
             RESIDUAL=residual, BLOCK=BLOCK, num_warps=_WARPS, enable_fp_fusion=False,
         )  # fmt: skip
 
 
-def accumulate(
+def backpropagate(
     grad_x: torch.Tensor,
     grad_v: torch.Tensor,
     found: torch.Tensor | None,
@@ -325,7 +326,7 @@ def accumulate(
     constants = _constants(grad_x.device, 1, 2, 0.0, 0.0, mix, keep)
     programs, per_program = _grid(grad_x)
     with _on(grad_x):
-        _accumulate_kernel[(programs,)](
+        _backpropagate_kernel[(programs,)](
             grad_x, grad_v, grad_x if found is None else found, constants,
             grad_x.numel(), per_program,
             HAS_FOUND=found is not None, RESIDUAL=residual, BLOCK=BLOCK,
