@@ -191,6 +191,10 @@ class InvertibleBlock(nn.Module):
 
 
 @functools.cache
+# A fact about classes, the same whenever it is asked: run eagerly, its result taken
+# as a constant, when torch.compile or torch.export traces a first call (Dynamo in
+# PyTorch 2.4 cannot trace vars() of a class).
+@torch.compiler.assume_constant_result
 def declared_with(cls: type, method: str, attribute: str) -> bool:
     """Whether the class that gives ``cls`` its ``method`` also gives it ``attribute``.
 

@@ -236,9 +236,11 @@ class _Plan:
         self.inverse = self._moves(steps, inverse=True)
         self.keeps_finite = all(_keeps_finite(type(step.combine)) for step in steps)
         #: The first rule without a log-determinant (``None``: every rule has one).
-        self.no_log_det = next(
-            (s.combine for s in steps if not _overrides(type(s.combine), "log_det")), None
-        )
+        self.no_log_det = None
+        for step in steps:  # a loop, not next(): Dynamo in PyTorch 2.4 traces this
+            if not _overrides(type(step.combine), "log_det"):
+                self.no_log_det = step.combine
+                break
         self._source_needs: dict[tuple[tuple[bool, ...], bool], tuple[bool, ...]] = {}
 
     @staticmethod
@@ -426,7 +428,11 @@ class CouplingBase(InvertibleBlock):
         # to show per block, and the plan is no attribute a user sets.
         plan = self.__dict__.get("_step_plan")
         if plan is None or plan.steps is not steps:
-            plan = self.__dict__["_step_plan"] = _plan_of(steps)
+            plan = _plan_of(steps)
+            # Kept from eager calls only: Dynamo in PyTorch 2.4 cannot write a
+            # module's __dict__ while tracing.
+            if not torch.compiler.is_compiling():
+                self.__dict__["_step_plan"] = plan
         return plan
 
     def __getstate__(self) -> dict[str, Any]:
