@@ -140,7 +140,7 @@ def test_revvit_activation_memory_is_flat_and_below_checkpointed_vit(depth: int)
     plain = measure(ViT(**vit_args))
     assert revvit == revvit_small
     assert revvit < checkpointed < plain
-    # Every wrapper freed its inputs: none is counted as kept.
+    # Every block of the stack runs under a wrapper the stack made.
     model = _revvit(depth=depth)
     assert all(isinstance(w, InvertibleModuleWrapper) for w in model.blocks)
 

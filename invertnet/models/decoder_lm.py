@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from invertnet.models.transformer import ReversibleDecoderBlock
+from invertnet.models.transformer import ReversibleDecoderBlock, run_streams
 from invertnet.reversible_sequential import ReversibleSequential
 
 __all__ = ["ReversibleDecoderLM"]
@@ -101,5 +101,4 @@ class ReversibleDecoderLM(nn.Module):
         positions = torch.arange(length, device=input_ids.device)
         x = self.drop(self.tokens(input_ids) + self.positions(positions))
         context = {} if attn_mask is None else {"attn_mask": attn_mask}
-        y1, y2 = self.blocks(x, x.clone(), **context)
-        return self.lm_head(self.norm((y1 + y2) / 2))
+        return self.lm_head(self.norm(run_streams(self.blocks, x, **context)))

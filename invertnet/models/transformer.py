@@ -36,6 +36,7 @@ __all__ = [
     "ReversibleTransformerBlock",
     "SelfAttention",
     "TransformerBlock",
+    "run_streams",
 ]
 
 
@@ -52,6 +53,18 @@ def _with_causal(mask: torch.Tensor, length: int) -> torch.Tensor:
     if mask.dtype == torch.bool:
         return mask & allowed
     return mask.masked_fill(~allowed, float("-inf"))
+
+
+def run_streams(stack: nn.Module, tokens: torch.Tensor, **context: torch.Tensor) -> torch.Tensor:
+    """Run a two-stream ``stack`` with ``tokens`` entering both streams, and return the
+    streams' average, as RevViT fuses them.
+
+    The second stream is a copy, so that the first block may free each of its inputs
+    on its own (the same tensor passed twice would be kept). ``context`` (an
+    attention mask) goes to every block.
+    """
+    y1, y2 = stack(tokens, tokens.clone(), **context)
+    return (y1 + y2) / 2
 
 
 class SelfAttention(nn.Module):

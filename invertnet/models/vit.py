@@ -19,7 +19,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from invertnet.models.transformer import ReversibleTransformerBlock, TransformerBlock
+from invertnet.models.transformer import (
+    ReversibleTransformerBlock,
+    TransformerBlock,
+    run_streams,
+)
 from invertnet.reversible_sequential import ReversibleSequential
 
 __all__ = ["PatchEmbedding", "RevViT", "ViT"]
@@ -161,11 +165,7 @@ class RevViT(_Classifier):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Class logits for images ``(batch, channels, image_size, image_size)``."""
-        tokens = self.embed(images)
-        # Both streams start as the embedding; the second is a copy so that the
-        # first block may free each of its inputs on its own.
-        y1, y2 = self.blocks(tokens, tokens.clone())
-        return self._logits((y1 + y2) / 2)
+        return self._logits(run_streams(self.blocks, self.embed(images)))
 
 
 class ViT(_Classifier):
