@@ -18,8 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from invertnet._block_chain import BlockChain, chainable
+from invertnet._runtime.forward_state import same_objects, submodules
+from invertnet._runtime.torch_private import module_hooks
 from invertnet.couplings import AdditiveCoupling
 from invertnet.wrappers import InvertibleModuleWrapper, allow_free
+from invertnet.wrappers.debug import current_settings
 
 __all__ = ["ReversibleSequential"]
 
@@ -35,6 +39,52 @@ def _frees(wrapper: InvertibleModuleWrapper, inverse: bool) -> bool:
     copies of its own rather than views of a tensor someone else may hold)."""
     keep = wrapper.keep_input_inverse if inverse else wrapper.keep_input
     return wrapper.training and not wrapper.disable and not keep and torch.is_grad_enabled()
+
+
+def _chains_now() -> bool:
+    """Whether a call now may run runs of blocks as chains: it records for backward
+    (grad on, not in inference mode), eagerly, and outside debug mode, whose checks
+    are per block."""
+    return (
+        torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not torch.is_inference_mode_enabled()
+        and current_settings() is None
+    )
+
+
+def _settings(layer: nn.Module) -> tuple[bool, int] | None:
+    """The settings a wrapper the stack made runs a chain with (its
+    ``preserve_rng_state`` and ``num_bwd_passes``), or ``None`` where it must run on
+    its own: it does not free its input now, or something watches it or its module
+    call by call (hooks, global ones too), or its module is not :func:`chainable`."""
+    if not layer.training or layer.disable or layer.keep_input:
+        return None
+    fn = layer._modules["_fn"]
+    if module_hooks(layer) is not None or module_hooks(fn) is not None or not chainable(fn):
+        return None
+    return layer.preserve_rng_state, layer.num_bwd_passes
+
+
+def _share_modules(blocks: list[nn.Module]) -> bool:
+    """Whether two of ``blocks`` hold a module in common (or are the same): each
+    block's recomputation then needs its own record of what that module held."""
+    seen: set[int] = set()
+    for block in blocks:
+        own = {id(m) for m in submodules(block)}
+        if not seen.isdisjoint(own):
+            return True
+        seen |= own
+    return False
+
+
+def _owned_copy(x: torch.Tensor) -> torch.Tensor:
+    """A copy of ``x`` that a wrapper may free: a copy rather than a view, so that
+    nobody else holds its memory (``contiguous()`` would return a half that is
+    already contiguous, as a batch of one's channel halves are, as a view), and
+    marked, since without a ``grad_fn`` a wrapper would take it for the caller's
+    data and only hide it."""
+    return allow_free(x.clone(memory_format=torch.contiguous_format))
 
 
 class ReversibleSequential(nn.Module):
@@ -88,6 +138,20 @@ class ReversibleSequential(nn.Module):
     The stack's input is not freed: its halves are copied into the streams (one
     tensor's memory, for the whole stack), and the copies are freed. The stack's
     output is kept, as it must be, to reconstruct the last block's input.
+
+    In training, consecutive blocks the stack wrapped run as one chain under one
+    wrapper call, where nothing needs a check between two of them: the
+    activations in between belong to the stack alone, so only the chain's input
+    is freed and its output kept, and the record of what the forward pass ran
+    under (random states, flags, parameters, buffers) is kept once for the chain.
+    A block runs on its own, with its own wrapper, where hooks are registered on
+    it or its module (or globally), where its settings differ from its
+    neighbours' (``keep_input``, ``disable``, ``training``), where its module
+    shares a sub-module with another block, or may reconstruct non-finite values
+    (the wrapper checks those, an affine coupling say); the last block and all of
+    them in debug mode (:func:`~invertnet.debug_reconstruction`) and under
+    :func:`torch.compile` too. Gradients, the caller's tensors and every error are
+    the same either way.
 
     Examples
     --------
@@ -204,9 +268,10 @@ class ReversibleSequential(nn.Module):
         return self.layers[index]
 
     def _split(
-        self, x: torch.Tensor, nxt: nn.Module | None, inverse: bool = False
+        self, x: torch.Tensor, nxt: nn.Module | None, inverse: bool = False, copy: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Halve ``x`` into the two streams for the layer ``nxt``."""
+        """Halve ``x`` into the two streams for the layer ``nxt`` (copies that it may
+        free where it frees its inputs, or where ``copy``)."""
         size = x.shape[self.split_dim]
         if size % 2:
             raise ValueError(
@@ -215,16 +280,79 @@ class ReversibleSequential(nn.Module):
                 "channel or feature dimension)"
             )
         x1, x2 = torch.chunk(x, 2, dim=self.split_dim)
-        if not (isinstance(nxt, InvertibleModuleWrapper) and _frees(nxt, inverse)):
+        if not (copy or isinstance(nxt, InvertibleModuleWrapper) and _frees(nxt, inverse)):
             return x1, x2
-        # Owned copies rather than views of x, so that the first wrapper may free
-        # them (contiguous() would return a half that is already contiguous, as a
-        # batch of one's channel halves are, as a view); marked, since without a
-        # grad_fn a wrapper would take them for the caller's data and only hide them.
-        return (
-            allow_free(x1.clone(memory_format=torch.contiguous_format)),
-            allow_free(x2.clone(memory_format=torch.contiguous_format)),
-        )
+        return _owned_copy(x1), _owned_copy(x2)
+
+    def _own_streams(
+        self, merged: torch.Tensor | None, streams: tuple[torch.Tensor, ...] | None, own: bool
+    ) -> tuple[torch.Tensor, ...]:
+        """The activations as two streams that the next wrapper may free.
+
+        Streams a block of the stack returned (``own``) are the stack's; any others
+        (the caller's, halves of a merged tensor) are copied and marked as the
+        stack's: a chain that could not free its input would recompute all its
+        blocks with a graph in backward.
+        """
+        if merged is not None:
+            return self._split(merged, None, copy=True)
+        assert streams is not None
+        return streams if own else tuple(_owned_copy(s) for s in streams)
+
+    def _runs(
+        self, layers: list[nn.Module], merged_output: bool
+    ) -> dict[int, tuple[int, InvertibleModuleWrapper]]:
+        """The runs of two or more blocks that run as one chain this call: by the
+        first block's position, the position after the run and the chain's wrapper.
+
+        A run is made of consecutive wrappers the stack made whose
+        :func:`_settings` agree, without blocks that share modules, and without the
+        stack's last layer unless the stack merges its output: a stream it returns
+        may get no gradient, which a block takes on its own (a chain's wrapper would
+        recompute every block with a graph).
+        """
+        runs: dict[int, tuple[int, InvertibleModuleWrapper]] = {}
+        candidates = layers if merged_output else layers[:-1]
+        settings = [
+            _settings(layer) if owned else None for layer, owned in zip(candidates, self._owned)
+        ]
+        start = 0
+        while start < len(settings):
+            stop = start + 1
+            if settings[start] is not None:
+                while stop < len(settings) and settings[stop] == settings[start]:
+                    stop += 1
+            if stop - start >= 2:
+                wrapper = self._chain(layers, start, stop, settings[start])
+                if wrapper is not None:
+                    runs[start] = (stop, wrapper)
+            start = stop
+        return runs
+
+    def _chain(
+        self, layers: list[nn.Module], start: int, stop: int, settings: tuple[bool, int] | None
+    ) -> InvertibleModuleWrapper | None:
+        """The wrapper of the chain of ``layers[start:stop]`` (made once, kept while
+        the stack holds the same modules there), or ``None`` where the blocks share
+        modules."""
+        assert settings is not None
+        blocks = [layer._modules["_fn"] for layer in layers[start:stop]]
+        if _share_modules(blocks):
+            return None
+        chains = self.__dict__.setdefault("_chains", {})
+        cached = chains.get((start, stop))
+        if cached is None or not same_objects(cached.module.blocks, blocks):
+            chain = BlockChain({str(start + k): block for k, block in enumerate(blocks)})
+            cached = chains[(start, stop)] = InvertibleModuleWrapper(chain)
+        cached.preserve_rng_state, cached.num_bwd_passes = settings
+        return cached
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The chains are remade on the next call (they hold records of calls
+        # awaiting backward, which do not pickle).
+        state = dict(super().__getstate__())
+        state.pop("_chains", None)
+        return state
 
     def _merge(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         return torch.cat((x1, x2), dim=self.split_dim)
@@ -256,13 +384,26 @@ class ReversibleSequential(nn.Module):
         # input as it is, without a split and a concatenation.
         merged: torch.Tensor | None = xs[0] if len(xs) == 1 else None
         streams: tuple[torch.Tensor, torch.Tensor] | None = None if merged is not None else xs
-        for layer in self.layers:
+        own = False  # whether the streams are a block's outputs, the stack's own
+        layers = list(self.layers)
+        runs = self._runs(layers, len(xs) == 1) if _chains_now() else {}
+        index = 0
+        while index < len(layers):
+            layer = layers[index]
+            run = runs.get(index)
+            if run is not None:
+                # A chain frees its input: the stack hands it tensors of its own.
+                index, layer = run
+                streams = layer(*self._own_streams(merged, streams, own), **kwargs)
+                merged, own = None, True
+                continue
+            index += 1
             if _is_reversible(layer):
                 if streams is None:
                     assert merged is not None
                     streams = self._split(merged, layer)
                 streams = layer(*streams, **kwargs)
-                merged = None
+                merged, own = None, True
             else:
                 if merged is None:
                     assert streams is not None

@@ -34,8 +34,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("wrappers", "momentum"),
     # Blocks built on those: the couplings (their momentum coupling validates gamma
     # as MomentumNet does), normalizing flows (which run under the wrapper), the
-    # invertibility checker.
-    ("couplings", "flows", "checks"),
+    # invertibility checker, the chain of a stack's blocks under one wrapper call.
+    ("couplings", "flows", "checks", "_block_chain"),
     # The two-stream stack: couplings under wrappers.
     ("reversible_sequential",),
     # The public API, invertnet/__init__.py.

@@ -30,6 +30,13 @@ def _devices_of(tensors: Sequence[torch.Tensor]) -> list[torch.device]:
     )
 
 
+def _wide(state: torch.Tensor) -> torch.Tensor:
+    """The bytes of a generator's state as 8-byte integers where they divide evenly:
+    the same comparison, at a third of the cost of comparing bytes (a CPU state
+    is 5 KiB, compared once per sub-module call)."""
+    return state.view(torch.int64) if state.numel() % 8 == 0 else state
+
+
 class RNGTape:
     """The RNG states seen by one forward call, for replay during its backward.
 
@@ -45,17 +52,22 @@ class RNGTape:
         self._initial = self._capture()
         self._states: dict[Hashable, tuple[torch.Tensor, list[torch.Tensor]]] = {}
         self._last: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+        self._last_wide: torch.Tensor | None = None  # _wide() of its CPU state
         self._replaying = False
 
     def _capture(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        accel = [torch.get_device_module(d.type).get_rng_state(d) for d in self._devices]
-        return torch.get_rng_state(), accel
+        accel = (
+            [torch.get_device_module(d.type).get_rng_state(d) for d in self._devices]
+            if self._devices
+            else []
+        )
+        return torch.default_generator.get_state(), accel
 
     @staticmethod
     def _same(
         a: tuple[torch.Tensor, list[torch.Tensor]], b: tuple[torch.Tensor, list[torch.Tensor]]
     ) -> bool:
-        return torch.equal(a[0], b[0]) and all(map(torch.equal, a[1], b[1]))
+        return torch.equal(_wide(a[0]), _wide(b[0])) and all(map(torch.equal, a[1], b[1]))
 
     def _restore(self, state: tuple[torch.Tensor, list[torch.Tensor]]) -> None:
         cpu, accel = state
@@ -109,9 +121,17 @@ class RNGTape:
         # shrinking. Every call keeps a record all the same: a function that draws
         # under fork_rng leaves the state unchanged but still depends on it.
         state = self._capture()
-        if self._last is not None and self._same(state, self._last):
-            state = self._last
-        self._states[key] = self._last = state
+        wide = _wide(state[0])
+        last = self._last
+        if (
+            last is not None
+            and torch.equal(wide, self._last_wide)
+            and all(map(torch.equal, state[1], last[1]))
+        ):
+            state = last
+        else:
+            self._last, self._last_wide = state, wide
+        self._states[key] = state
         return self._call_untaped(fn, args)
 
     @staticmethod

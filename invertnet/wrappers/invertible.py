@@ -222,7 +222,7 @@ def _finish_forward(
 ) -> None:
     """Check what the forward pass did, seal its record and free the inputs."""
     inputs = tensors[: call.num_inputs]
-    _check_inputs_unwritten(call, inputs, before)
+    refuse_written_inputs(call.layer, call.direction, inputs, before)
     _check_rng_replayable(call)
     state = call.state
     assert state is not None
@@ -388,11 +388,16 @@ def _run_eagerly(call: _Call, inputs: Tensors) -> Tensors:
         return _call_module(call, inputs)
 
 
-def _check_inputs_unwritten(call: _Call, inputs: Tensors, before: tuple[int, ...]) -> None:
+def refuse_written_inputs(
+    layer: str, direction: str, inputs: Tensors, before: tuple[int, ...]
+) -> None:
+    """Raise if a block's ``direction`` call (``"forward"`` or ``"inverse"``) wrote
+    over one of its ``inputs`` in place: their version counters differ from
+    ``before``, read just before the call."""
     for i, (x, seen) in enumerate(zip(inputs, before)):
         if x._version != seen:
             raise RuntimeError(
-                f"{call.layer}.{call.direction} wrote over its input {i} in place (an "
+                f"{layer}.{direction} wrote over its input {i} in place (an "
                 "in-place operation such as nn.ReLU(inplace=True) or x.mul_() applied to "
                 "the input, or to a view of it); the recomputation in backward needs the "
                 "input as it was passed. Make that operation out of place "
@@ -585,7 +590,7 @@ def _backward(
         for i, freed in rebuilt.items():
             check_reconstruction(label, i, freed.tensor, call.outputs, originals[i], call.debug)
         _check_no_unowned_tensors(call, state)
-    elif rebuilt and finite_check_enabled() and not _reconstruction_keeps_finite(call.module):
+    elif rebuilt and finite_check_enabled() and not reconstruction_keeps_finite(call.module):
         restored = {i: freed.tensor for i, freed in rebuilt.items()}
         label = module_name(None, call.wrapper, call.module)
         check_finite_when_backward_ends(label, restored, call.outputs)
@@ -744,7 +749,7 @@ def _differentiate(
     return tuple(leaf.detach() for leaf in leaves), grad_inputs + tuple(found_iter)
 
 
-def _reconstruction_keeps_finite(module: nn.Module) -> bool:
+def reconstruction_keeps_finite(module: nn.Module) -> bool:
     """Whether ``module`` says its reconstructions of finite outputs are finite by
     construction (``reconstruction_keeps_finite()`` of the block contract, as
     couplings of additive steps do), so that the NaN/Inf check may skip them."""
