@@ -81,11 +81,12 @@ class BlockChain(nn.Module):
 
     def forward(self, *xs: torch.Tensor, **kwargs: Any) -> Tensors:
         for name, block in zip(self._names, self._blocks):
-            before = tuple(x._version for x in xs)
+            before = [x._version for x in xs]
             ys = as_tuple(block.forward(*xs, **kwargs))
             # As the wrapper checks each block it runs: the blocks' recomputation in
             # backward needs each input as it was passed.
-            refuse_written_inputs(_name(name, block), "forward", xs, before)
+            if [x._version for x in xs] != before:
+                refuse_written_inputs(_name(name, block), "forward", xs, tuple(before))
             xs = ys
         return xs
 

@@ -24,9 +24,33 @@ from invertnet import (
     InvertibleModuleWrapper,
     MomentumCoupling,
 )
+from invertnet.couplings import base
 from invertnet.couplings.additive import Add
 from invertnet.couplings.base import Step, _source_gradients_needed
 from tests._core_helpers import TwiceCoupling
+
+
+@pytest.fixture(autouse=True)
+def _write_over_any_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The engine writes over tensors of _WRITE_OVER_MIN_BYTES or more; these tests
+    # check which tensors it may write over, on small ones.
+    monkeypatch.setattr(base, "_WRITE_OVER_MIN_BYTES", 0)
+
+
+def test_tensors_below_the_size_limit_are_not_written_over(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Below the limit a new tensor costs less than counting references.
+    torch.manual_seed(0)
+    monkeypatch.setattr(base, "_WRITE_OVER_MIN_BYTES", 4 * 4 * 4)
+    for rows, written_over in ((3, False), (4, True)):  # 48 and 64 bytes of float32
+        coupling = AdditiveCoupling(nn.Linear(4, 4), nn.Linear(4, 4))
+        addresses: list[int] = []
+        _record_output_addresses(coupling.Fm, addresses)
+        _record_output_addresses(coupling.Gm, addresses)
+        with torch.no_grad():
+            y1, y2 = coupling(torch.randn(rows, 4), torch.randn(rows, 4))
+        assert ([y1.data_ptr(), y2.data_ptr()] == addresses) is written_over
 
 
 def _record_output_addresses(module: nn.Module, found: list[int]) -> None:

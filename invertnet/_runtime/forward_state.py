@@ -346,6 +346,8 @@ class ForwardState:
     def check(self) -> None:
         """Raise if a parameter or buffer that the recomputation reads was written in
         place since the forward pass (and, for a buffer, no copy was kept)."""
+        if tuple(t._version for t in self._tensors) == self._versions:
+            return  # nothing written since: one pass, the common case
         kept = self._buffer_values or {}
         start = self._num_params
         written = self._written
