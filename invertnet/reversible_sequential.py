@@ -66,16 +66,36 @@ def _settings(layer: nn.Module) -> tuple[bool, int] | None:
     return layer.preserve_rng_state, layer.num_bwd_passes
 
 
-def _share_modules(blocks: list[nn.Module]) -> bool:
-    """Whether two of ``blocks`` hold a module in common (or are the same): each
-    block's recomputation then needs its own record of what that module held."""
-    seen: set[int] = set()
-    for block in blocks:
-        own = {id(m) for m in submodules(block)}
-        if not seen.isdisjoint(own):
-            return True
+#: The least budget, in bytes, of parameter gradients a chain may hold (see
+#: ``ReversibleSequential._runs``): small blocks chain whatever their activations.
+_MIN_CHAIN_GRADIENT_BYTES = 64 * 1024
+
+
+def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tuple[int, int]]:
+    """``layers[start:stop]`` (wrappers) cut into chains of two or more blocks: a
+    chain ends before a block that shares a module with it (each block's
+    recomputation then needs its own record of what that module held) and before
+    the gradients of its trainable parameters would exceed ``budget`` bytes."""
+    spans = []
+    first, seen, held = start, set(), 0
+    for index in range(start, stop):
+        modules = submodules(layers[index]._modules["_fn"])
+        own = {id(m) for m in modules}
+        size = sum(
+            p.nbytes
+            for m in modules
+            for p in m._parameters.values()
+            if p is not None and p.requires_grad
+        )
+        if not seen.isdisjoint(own) or (index > first and held + size > budget):
+            if index - first >= 2:
+                spans.append((first, index))
+            first, seen, held = index, set(), 0
         seen |= own
-    return False
+        held += size
+    if stop - first >= 2:
+        spans.append((first, stop))
+    return spans
 
 
 def _owned_copy(x: torch.Tensor) -> torch.Tensor:
@@ -300,52 +320,76 @@ class ReversibleSequential(nn.Module):
         return streams if own else tuple(_owned_copy(s) for s in streams)
 
     def _runs(
-        self, layers: list[nn.Module], merged_output: bool
+        self, layers: list[nn.Module], merged_output: bool, budget: int
     ) -> dict[int, tuple[int, InvertibleModuleWrapper]]:
-        """The runs of two or more blocks that run as one chain this call: by the
-        first block's position, the position after the run and the chain's wrapper.
+        """The chains of two or more blocks this call runs: by the first block's
+        position, the position after the chain and the chain's wrapper.
 
-        A run is made of consecutive wrappers the stack made whose
-        :func:`_settings` agree, without blocks that share modules, and without the
-        stack's last layer unless the stack merges its output: a stream it returns
-        may get no gradient, which a block takes on its own (a chain's wrapper would
-        recompute every block with a graph).
+        A chain is made of consecutive wrappers the stack made whose
+        :func:`_settings` agree, without the stack's last layer unless the stack
+        merges its output (a stream it returns may get no gradient, which a block
+        takes on its own: a chain's wrapper would recompute every block with a
+        graph). It is cut before a block that shares a module with it, and where
+        the gradients of its parameters would exceed ``budget`` bytes: a chain's
+        backward returns them all at its end, where separate blocks each return
+        theirs at once, so a chain holds them meanwhile.
         """
-        runs: dict[int, tuple[int, InvertibleModuleWrapper]] = {}
         candidates = layers if merged_output else layers[:-1]
         settings = [
             _settings(layer) if owned else None for layer, owned in zip(candidates, self._owned)
         ]
+        spans: list[tuple[int, int]] = []
         start = 0
         while start < len(settings):
             stop = start + 1
             if settings[start] is not None:
                 while stop < len(settings) and settings[stop] == settings[start]:
                     stop += 1
-            if stop - start >= 2:
-                wrapper = self._chain(layers, start, stop, settings[start])
-                if wrapper is not None:
-                    runs[start] = (stop, wrapper)
+                spans.extend(_cut(layers, start, stop, budget))
             start = stop
+        chains = self.__dict__.setdefault("_chains", {})
+        runs = {
+            start: (stop, self._chain(chains, layers, start, stop, settings[start]))
+            for start, stop in spans
+        }
+        # Chains of other calls (another batch size cuts others) are dropped once
+        # their backward has run.
+        for key in [key for key in chains if key not in spans]:
+            last = chains[key]._last_state
+            if last is None or not last.awaiting_backward:
+                del chains[key]
         return runs
 
+    @staticmethod
     def _chain(
-        self, layers: list[nn.Module], start: int, stop: int, settings: tuple[bool, int] | None
-    ) -> InvertibleModuleWrapper | None:
-        """The wrapper of the chain of ``layers[start:stop]`` (made once, kept while
-        the stack holds the same modules there), or ``None`` where the blocks share
-        modules."""
+        chains: dict[tuple[int, int], InvertibleModuleWrapper],
+        layers: list[nn.Module],
+        start: int,
+        stop: int,
+        settings: tuple[bool, int] | None,
+    ) -> InvertibleModuleWrapper:
+        """The wrapper of the chain of ``layers[start:stop]``: made once, kept in
+        ``chains`` while the stack holds the same modules there."""
         assert settings is not None
         blocks = [layer._modules["_fn"] for layer in layers[start:stop]]
-        if _share_modules(blocks):
-            return None
-        chains = self.__dict__.setdefault("_chains", {})
         cached = chains.get((start, stop))
         if cached is None or not same_objects(cached.module.blocks, blocks):
             chain = BlockChain({str(start + k): block for k, block in enumerate(blocks)})
             cached = chains[(start, stop)] = InvertibleModuleWrapper(chain)
         cached.preserve_rng_state, cached.num_bwd_passes = settings
         return cached
+
+    def _keep_awaiting_buffer_values(self) -> None:
+        """Make every record of this stack that awaits its backward keep its buffer
+        values before the blocks run again (as a wrapper does for its own record
+        when called again, a siamese network): a block may run in a chain in one
+        call and on its own, or in another chain, in the next."""
+        wrappers = [*self.__dict__.get("_chains", {}).values()]
+        wrappers += [layer for layer, owned in zip(self.layers, self._owned) if owned]
+        for wrapper in wrappers:
+            last = wrapper._last_state
+            if last is not None and last.awaiting_backward and last.has_buffers:
+                last.keep_buffer_values()
 
     def __getstate__(self) -> dict[str, Any]:
         # The chains are remade on the next call (they hold records of calls
@@ -386,7 +430,12 @@ class ReversibleSequential(nn.Module):
         streams: tuple[torch.Tensor, torch.Tensor] | None = None if merged is not None else xs
         own = False  # whether the streams are a block's outputs, the stack's own
         layers = list(self.layers)
-        runs = self._runs(layers, len(xs) == 1) if _chains_now() else {}
+        runs = {}
+        if _chains_now():
+            self._keep_awaiting_buffer_values()
+            # A chain holds at most one input's worth of parameter gradients.
+            budget = max(sum(x.nbytes for x in xs), _MIN_CHAIN_GRADIENT_BYTES)
+            runs = self._runs(layers, len(xs) == 1, budget)
         index = 0
         while index < len(layers):
             layer = layers[index]
