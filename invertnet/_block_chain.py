@@ -6,14 +6,13 @@ times a step: an autograd node, a record of the random state, flags, parameters
 and buffers, freeing an input and restoring it. Inside a stack, the activations
 between two blocks belong to the stack alone: nobody else can hold them, write
 them or hand them to another layer. So where nothing needs a check per block
-(the stack decides that: :func:`chainable`), the stack runs a run of its blocks
-as one :class:`BlockChain` under one wrapper call, which frees the run's input
-once and keeps its output; the activations in between are never kept, as in
-RevLib. Everything the wrapper guards (random state of every sub-module call,
-autocast, flags, parameters and buffers with their versions, inputs written in
-place, outputs written before backward) is still guarded, by the one record the
-wrapper keeps for the run.
-"""
+(the stack decides that: :func:`chainable`), the stack runs consecutive blocks as
+one :class:`ReversibleSequentialChain` under one wrapper call, which frees the
+chain's input once and keeps its output; the activations in between are never
+kept, as in RevLib. Everything the wrapper guards (random state of every
+sub-module call, autocast, flags, parameters and buffers with their versions,
+inputs written in place, outputs written before backward) is still guarded, by
+the one record the wrapper keeps for the chain."""
 
 from __future__ import annotations
 
@@ -26,13 +25,13 @@ from invertnet._runtime.contract import as_tuple, block_traits
 from invertnet._runtime.forward_state import submodules, trainable_parameters
 from invertnet.wrappers.invertible import refuse_written_inputs
 
-__all__ = ["BlockChain", "chainable"]
+__all__ = ["ReversibleSequentialChain", "chainable"]
 
 Tensors = tuple[torch.Tensor, ...]
 
 
 def chainable(block: nn.Module) -> bool:
-    """Whether ``block`` (a wrapped module) may run inside a :class:`BlockChain`:
+    """Whether ``block`` (a wrapped module) may run in a :class:`ReversibleSequentialChain`:
     it has the block contract's fused backward, and its reconstructions of finite
     outputs are finite by construction, so the wrapper's finite check has nothing
     to look at between two blocks."""
@@ -40,7 +39,7 @@ def chainable(block: nn.Module) -> bool:
     return traits.fused and traits.says_if_finite and block.reconstruction_keeps_finite() is True
 
 
-class BlockChain(nn.Module):
+class ReversibleSequentialChain(nn.Module):
     """Blocks of a reversible stack, in order, as one invertible block.
 
     ``forward`` runs them in turn, ``inverse`` undoes them in reverse, and
@@ -62,6 +61,9 @@ class BlockChain(nn.Module):
     #: ``out`` entries may be callables: they are handed to the first block, or
     #: called before it where that block takes tensors only.
     deferred_out: ClassVar[bool] = True
+    #: Kept inputs too: recomputing the chain from them would record a graph over
+    #: every block, where the fused backward holds one block's activations at a time.
+    fuses_kept_inputs: ClassVar[bool] = True
 
     def __init__(self, blocks: dict[str, nn.Module]) -> None:
         super().__init__()
@@ -114,7 +116,7 @@ class BlockChain(nn.Module):
         always need their gradients), and the context keywords reach every block.
         """
         if grad_log_det is not None:
-            raise TypeError("BlockChain has no log-determinant to back-propagate")
+            raise TypeError("ReversibleSequentialChain has no log-determinant to back-propagate")
         position = {id(p): k for k, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
         for index in range(len(self._blocks) - 1, -1, -1):

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from invertnet._block_chain import BlockChain, chainable
+from invertnet._block_chain import ReversibleSequentialChain, chainable
 from invertnet._runtime.forward_state import same_objects, submodules
 from invertnet._runtime.torch_private import module_hooks
 from invertnet.couplings import AdditiveCoupling
@@ -207,8 +207,9 @@ class ReversibleSequential(nn.Module):
             layers.append(layer)
             owned.append(made)
         self.layers = nn.ModuleList(layers)
-        # Which wrappers the stack made, whose settings follow the stack's.
-        self._owned = tuple(owned)
+        # The wrappers the stack made, whose settings follow the stack's (by
+        # identity: a layer may be replaced after construction).
+        self._made = tuple(layer for layer, made in zip(layers, owned) if made)
         self._keep_input = keep_input
         self._preserve_rng_state = preserve_rng_state
         self._disable = disable
@@ -244,9 +245,8 @@ class ReversibleSequential(nn.Module):
         return wrapper, True
 
     def _set_owned(self, name: str, value: bool) -> None:
-        for layer, owned in zip(self.layers, self._owned):
-            if owned:
-                setattr(layer, name, value)
+        for wrapper in self._made:
+            setattr(wrapper, name, value)
 
     @property
     def keep_input(self) -> bool:
@@ -304,20 +304,29 @@ class ReversibleSequential(nn.Module):
             return x1, x2
         return _owned_copy(x1), _owned_copy(x2)
 
-    def _own_streams(
+    def _chain_inputs(
         self, merged: torch.Tensor | None, streams: tuple[torch.Tensor, ...] | None, own: bool
-    ) -> tuple[torch.Tensor, ...]:
-        """The activations as two streams that the next wrapper may free.
+    ) -> tuple[tuple[torch.Tensor, ...], bool]:
+        """The activations as two streams for a chain, and whether its wrapper keeps
+        them rather than free them.
 
-        Streams a block of the stack returned (``own``) are the stack's; any others
-        (the caller's, halves of a merged tensor) are copied and marked as the
-        stack's: a chain that could not free its input would recompute all its
-        blocks with a graph in backward.
+        Streams a block of the stack returned (``own``) are the stack's, freed by
+        the chain. Data that needs no gradient (the caller's batch) is held by the
+        caller anyway: the chain keeps it, halves as views, and rebuilds nothing
+        from it. Other activations (the caller's, a non-invertible layer's) are
+        copied and the copies freed: kept, they would hold their memory until
+        backward.
         """
         if merged is not None:
-            return self._split(merged, None, copy=True)
+            if not merged.requires_grad:
+                return self._split(merged, None), True
+            return self._split(merged, None, copy=True), False
         assert streams is not None
-        return streams if own else tuple(_owned_copy(s) for s in streams)
+        if own:
+            return streams, False
+        if not any(s.requires_grad for s in streams):
+            return streams, True
+        return tuple(_owned_copy(s) for s in streams), False
 
     def _runs(
         self, layers: list[nn.Module], merged_output: bool, budget: int
@@ -335,9 +344,8 @@ class ReversibleSequential(nn.Module):
         theirs at once, so a chain holds them meanwhile.
         """
         candidates = layers if merged_output else layers[:-1]
-        settings = [
-            _settings(layer) if owned else None for layer, owned in zip(candidates, self._owned)
-        ]
+        made = {id(wrapper) for wrapper in self._made}
+        settings = [_settings(layer) if id(layer) in made else None for layer in candidates]
         spans: list[tuple[int, int]] = []
         start = 0
         while start < len(settings):
@@ -374,7 +382,8 @@ class ReversibleSequential(nn.Module):
         blocks = [layer._modules["_fn"] for layer in layers[start:stop]]
         cached = chains.get((start, stop))
         if cached is None or not same_objects(cached.module.blocks, blocks):
-            chain = BlockChain({str(start + k): block for k, block in enumerate(blocks)})
+            named = {str(start + k): block for k, block in enumerate(blocks)}
+            chain = ReversibleSequentialChain(named)
             cached = chains[(start, stop)] = InvertibleModuleWrapper(chain)
         cached.preserve_rng_state, cached.num_bwd_passes = settings
         return cached
@@ -384,8 +393,7 @@ class ReversibleSequential(nn.Module):
         values before the blocks run again (as a wrapper does for its own record
         when called again, a siamese network): a block may run in a chain in one
         call and on its own, or in another chain, in the next."""
-        wrappers = [*self.__dict__.get("_chains", {}).values()]
-        wrappers += [layer for layer, owned in zip(self.layers, self._owned) if owned]
+        wrappers = [*self.__dict__.get("_chains", {}).values(), *self._made]
         for wrapper in wrappers:
             last = wrapper._last_state
             if last is not None and last.awaiting_backward and last.has_buffers:
@@ -443,7 +451,8 @@ class ReversibleSequential(nn.Module):
             if run is not None:
                 # A chain frees its input: the stack hands it tensors of its own.
                 index, layer = run
-                streams = layer(*self._own_streams(merged, streams, own), **kwargs)
+                inputs, layer.keep_input = self._chain_inputs(merged, streams, own)
+                streams = layer(*inputs, **kwargs)
                 merged, own = None, True
                 continue
             index += 1

@@ -168,6 +168,13 @@ class InvertibleBlock(nn.Module):
     #: subclass that overrides it may index or inspect ``out``, and gets tensors.
     deferred_out: ClassVar[bool] = False
 
+    #: Whether a wrapper should run this class's ``inverse_and_vjp`` also where it
+    #: kept the inputs (``keep_input=True``) rather than recompute the forward pass
+    #: from them: for a block that keeps nothing between its parts either way, a
+    #: chain of blocks say, whose recomputation would record a graph over all of
+    #: them. Trusted only from the class that defines ``inverse_and_vjp``.
+    fuses_kept_inputs: ClassVar[bool] = False
+
     def reconstruction_keeps_finite(self) -> bool:
         """Whether the inverse of finite outputs is finite by construction (by
         default not known: the wrapper checks)."""
@@ -218,6 +225,8 @@ class BlockTraits:
     fused: bool
     #: Its ``inverse_and_vjp`` takes callables in ``out`` (``deferred_out``).
     deferred_out: bool
+    #: Its ``inverse_and_vjp`` serves kept inputs too (``fuses_kept_inputs``).
+    fuses_kept_inputs: bool
     #: It has ``forward_and_log_det`` (:class:`LogDet`).
     log_det: bool
     #: It has ``reconstruction_keeps_finite()``.
@@ -236,6 +245,9 @@ def block_traits(cls: type) -> BlockTraits:
         deferred_out=fused
         and getattr(cls, "deferred_out", False) is True
         and declared_with(cls, "inverse_and_vjp", "deferred_out"),
+        fuses_kept_inputs=fused
+        and getattr(cls, "fuses_kept_inputs", False) is True
+        and declared_with(cls, "inverse_and_vjp", "fuses_kept_inputs"),
         log_det=issubclass(cls, LogDet),
         says_if_finite=callable(getattr(cls, "reconstruction_keeps_finite", None)),
     )

@@ -694,7 +694,7 @@ def _differentiate(
     # A context keyword named as one of the fused backward's own parameters cannot
     # be handed through it.
     if (
-        call.freed
+        (call.freed or block_traits(type(call.module)).fuses_kept_inputs)
         and fused is not None
         and all(g is not None for g in grad_outputs)
         and (not call.kwargs or FUSED_PARAMETERS.isdisjoint(call.kwargs))
