@@ -933,31 +933,42 @@ class InvertibleModuleWrapper(nn.Module):
             # Running the modules again before an earlier call's backward (a siamese
             # network) updates buffers in place: that call keeps its values first.
             last.keep_buffer_values()
-        # One walk over the modules serves the decision, the Function and backward.
-        recording = self._recording()
-        modules = self._submodules(fn) if recording else []
-        params = trainable_parameters(modules)
-        if not (recording and (params or any(t.requires_grad for t in inputs))):
+        y = self._record(fn, inputs, direction, kwargs) if self._recording() else None
+        if y is None:
             y = fn(*inputs, **kwargs) if direction == "forward" else fn.inverse(*inputs, **kwargs)
-        else:
-            forward = direction == "forward"
-            call = _Call(
-                wrapper=self,
-                module=fn,
-                forward_direction=forward,
-                keep_input=self.keep_input if forward else self.keep_input_inverse,
-                num_inputs=len(inputs),
-                modules=modules,
-                kwargs=kwargs,
-                hooks=module_hooks(fn) if forward else None,
-            )
-            if kwargs:
-                _refuse_grad_kwargs(call.layer, kwargs)
-            _refuse_unsupported(call)
-            y = _InvertibleFunction.apply(call, *inputs, *params)
         if isinstance(y, (tuple, list)) and len(y) == 1:
             return y[0]
         return y
+
+    # torch.compile: the walk over the modules and the hand-over to the Function run
+    # eagerly (Dynamo in PyTorch 2.4 traced the walk to no parameters at all, which
+    # then got no gradient); the wrapped module's forward is still compiled.
+    @torch.compiler.disable(recursive=False)
+    def _record(
+        self, fn: nn.Module, inputs: Tensors, direction: str, kwargs: dict[str, Any]
+    ) -> Any:
+        """Run ``fn`` through the memory-saving Function, or return ``None`` where
+        nothing needs a gradient (then the caller runs it directly)."""
+        # One walk over the modules serves the decision, the Function and backward.
+        modules = self._submodules(fn)
+        params = trainable_parameters(modules)
+        if not (params or any(t.requires_grad for t in inputs)):
+            return None
+        forward = direction == "forward"
+        call = _Call(
+            wrapper=self,
+            module=fn,
+            forward_direction=forward,
+            keep_input=self.keep_input if forward else self.keep_input_inverse,
+            num_inputs=len(inputs),
+            modules=modules,
+            kwargs=kwargs,
+            hooks=module_hooks(fn) if forward else None,
+        )
+        if kwargs:
+            _refuse_grad_kwargs(call.layer, kwargs)
+        _refuse_unsupported(call)
+        return _InvertibleFunction.apply(call, *inputs, *params)
 
     def _submodules(self, fn: nn.Module) -> list[nn.Module]:
         """The wrapped module ``fn`` and those under it; the same list object as last
