@@ -1589,9 +1589,9 @@ def test_siamese_calls_chained_differently(chains, order: str):
 
 
 def test_siamese_calls_with_batches_cut_into_other_chains(chains):
-    """A chain holds at most one input's worth of parameter gradients (64 KiB at
-    least), so wider blocks are cut into shorter chains for a small batch than for
-    a large one. Two calls before one backward, a small batch then a large one, with
+    """A chain holds at most a quarter of an input's worth of parameter gradients
+    (64 KiB at least), so wider blocks are cut into shorter chains for a small batch
+    than for a large one. Two calls before one backward, a small batch then a large one, with
     BatchNorm inside: gradients and running statistics equal plain autograd's.
     (Width 32 here, for blocks of about 17 KiB of gradients.)"""
     width, depth = 32, 6
@@ -1603,7 +1603,7 @@ def test_siamese_calls_with_batches_cut_into_other_chains(chains):
 
     def run(m: nn.Module) -> tuple[list[Any], list[torch.Tensor]]:
         small = data(1, shape=(4, 2 * width))
-        large = data(2, shape=(256, 2 * width))
+        large = data(2, shape=(1024, 2 * width))
         torch.manual_seed(7)
         y1 = m(small * 1)
         y2 = m(large * 1)
