@@ -16,18 +16,17 @@ the one record the wrapper keeps for the chain."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from invertnet._runtime.contract import as_tuple, block_traits
+from invertnet._runtime.contract import Buffer, FusedResult, Tensors, as_tuple, block_traits
 from invertnet._runtime.forward_state import submodules, trainable_parameters
 from invertnet.wrappers.invertible import refuse_written_inputs
 
 __all__ = ["ReversibleSequentialChain", "chainable"]
-
-Tensors = tuple[torch.Tensor, ...]
 
 
 def chainable(block: nn.Module) -> bool:
@@ -102,11 +101,11 @@ class ReversibleSequentialChain(nn.Module):
         outputs: Tensors,
         grad_outputs: Tensors,
         params: Tensors,
-        out: Any = None,
+        out: Sequence[Buffer] | None = None,
         grad_log_det: torch.Tensor | None = None,
-        inputs_need_grad: Any = None,
+        inputs_need_grad: Sequence[bool] | None = None,
         **kwargs: Any,
-    ) -> tuple[Tensors, tuple[torch.Tensor | None, ...], list[torch.Tensor | None]]:
+    ) -> FusedResult:
         """Reconstruct the chain's inputs and back-propagate, block by block.
 
         The block contract's fused backward (see

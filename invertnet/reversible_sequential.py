@@ -58,7 +58,7 @@ def _settings(layer: nn.Module) -> tuple[bool, int] | None:
     ``preserve_rng_state`` and ``num_bwd_passes``), or ``None`` where it must run on
     its own: it does not free its input now, or something watches it or its module
     call by call (hooks, global ones too), or its module is not :func:`chainable`."""
-    if not layer.training or layer.disable or layer.keep_input:
+    if not _frees(layer, inverse=False):
         return None
     fn = layer._modules["_fn"]
     if module_hooks(layer) is not None or module_hooks(fn) is not None or not chainable(fn):

@@ -98,8 +98,12 @@ def compiled() -> Iterator[tuple[Model, nn.Module, Model]]:
     # A limit high enough that Dynamo would compile every layer of the MomentumNet
     # if it traced into it, instead of giving up after 8 and running the rest eagerly.
     # (recompile_limit was cache_size_limit before PyTorch 2.6.)
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else None
-    with torch._dynamo.config.patch(**{limit or "cache_size_limit": 64}):
+    limit = (
+        "recompile_limit"
+        if hasattr(torch._dynamo.config, "recompile_limit")
+        else "cache_size_limit"
+    )
+    with torch._dynamo.config.patch(**{limit: 64}):
         _step(model, run, torch.randn(5, WIDTH))  # compile now, outside the timed tests
         yield model, run, eager
     torch._dynamo.reset()
