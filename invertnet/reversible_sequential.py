@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from invertnet._block_chain import ReversibleSequentialChain, chainable
-from invertnet._runtime.forward_state import same_objects, submodules
+from invertnet._runtime.forward_state import same_objects, submodules, trainable_parameters
 from invertnet._runtime.torch_private import module_hooks
 from invertnet.couplings import AdditiveCoupling
 from invertnet.wrappers import InvertibleModuleWrapper, allow_free
@@ -81,12 +81,7 @@ def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tu
     for index in range(start, stop):
         modules = submodules(layers[index]._modules["_fn"])
         own = {id(m) for m in modules}
-        size = sum(
-            p.nbytes
-            for m in modules
-            for p in m._parameters.values()
-            if p is not None and p.requires_grad
-        )
+        size = sum(p.nbytes for p in trainable_parameters(modules))
         if not seen.isdisjoint(own) or (index > first and held + size > budget):
             if index - first >= 2:
                 spans.append((first, index))
@@ -441,9 +436,10 @@ class ReversibleSequential(nn.Module):
         runs = {}
         if _chains_now():
             self._keep_awaiting_buffer_values()
-            # A chain holds at most a quarter of an input's worth of parameter
-            # gradients: memory stays flat in depth within the benchmark's bound.
-            budget = max(sum(x.nbytes for x in xs) // 4, _MIN_CHAIN_GRADIENT_BYTES)
+            # A chain holds at most an input's worth of parameter gradients, about
+            # what one block's recomputation holds in activations: memory stays
+            # flat in depth.
+            budget = max(sum(x.nbytes for x in xs), _MIN_CHAIN_GRADIENT_BYTES)
             runs = self._runs(layers, len(xs) == 1, budget)
         index = 0
         while index < len(layers):

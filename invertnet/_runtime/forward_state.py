@@ -122,9 +122,11 @@ def trainable_parameters(modules: Iterable[nn.Module]) -> tuple[nn.Parameter, ..
     """The parameters of ``modules`` that require grad, each once."""
     found: dict[int, nn.Parameter] = {}
     for owner in modules:
-        for p in owner._parameters.values():
-            if p is not None and p.requires_grad:
-                found.setdefault(id(p), p)
+        held = owner._parameters
+        if held:  # most modules hold none
+            for p in held.values():
+                if p is not None and p.requires_grad:
+                    found.setdefault(id(p), p)
     return tuple(found.values())
 
 
@@ -482,13 +484,14 @@ def same_objects(a: Sequence[object], b: Sequence[object]) -> bool:
 def _slots(modules: Sequence[nn.Module], kind: str) -> list[_Slot]:
     """``(owner's dict, name, tensor)`` for every parameter or buffer (``kind``) of
     ``modules``, in a fixed order."""
-    return [
-        (tensors, name, t)
-        for owner in modules
-        for tensors in (getattr(owner, kind),)
-        for name, t in tensors.items()
-        if t is not None
-    ]
+    found = []
+    for owner in modules:
+        tensors = getattr(owner, kind)
+        if tensors:  # most modules hold none: skip their empty dicts at once
+            for name, t in tensors.items():
+                if t is not None:
+                    found.append((tensors, name, t))
+    return found
 
 
 class _BuffersTaken:
