@@ -1551,8 +1551,8 @@ def test_siamese_calls_chained_differently(chains, order: str):
 
 
 def test_siamese_calls_with_batches_cut_into_other_chains(chains):
-    """A chain holds at most a quarter of an input's worth of parameter gradients
-    (64 KiB at least), so wider blocks are cut into shorter chains for a small batch
+    """A chain holds at most half an input's worth of parameter gradients (64 KiB
+    at least), so wider blocks are cut into shorter chains for a small batch
     than for a large one. Two calls before one backward, a small batch then a large one, with
     BatchNorm inside: gradients and running statistics equal plain autograd's.
     (Width 32 here, for blocks of about 17 KiB of gradients.)"""
