@@ -75,21 +75,31 @@ def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tu
     """``layers[start:stop]`` (wrappers) cut into chains of two or more blocks: a
     chain ends before a block that shares a module with it (each block's
     recomputation then needs its own record of what that module held) and before
-    the gradients of its trainable parameters would exceed ``budget`` bytes."""
+    the gradients of its trainable parameters would exceed ``budget`` bytes,
+    except that the last block joins the chain before it rather than run alone
+    (one block's gradients over the budget cost less than a wrapper call of its
+    own: a stack of 8 blocks is one chain, not 7 and 1)."""
     spans = []
     first, seen, held = start, set(), 0
+    closed: set[int] | None = None  # the modules of a chain just closed for its budget
+    own: set[int] = set()
     for index in range(start, stop):
         modules = submodules(layers[index]._modules["_fn"])
         own = {id(m) for m in modules}
         size = sum(p.nbytes for p in trainable_parameters(modules))
-        if not seen.isdisjoint(own) or (index > first and held + size > budget):
+        shares = not seen.isdisjoint(own)
+        if shares or (index > first and held + size > budget):
+            closed = None
             if index - first >= 2:
                 spans.append((first, index))
+                closed = None if shares else seen
             first, seen, held = index, set(), 0
         seen |= own
         held += size
     if stop - first >= 2:
         spans.append((first, stop))
+    elif stop - first == 1 and closed is not None and closed.isdisjoint(own):
+        spans[-1] = (spans[-1][0], stop)
     return spans
 
 

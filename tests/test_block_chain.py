@@ -1584,6 +1584,49 @@ def test_siamese_calls_with_batches_cut_into_other_chains(chains):
     assert_identical(got_stats, block_stats)
 
 
+@pytest.mark.parametrize(
+    ("depth", "shared_last", "expected"),
+    [
+        (4, False, [(0, 1, 2, 3)]),  # 3 blocks fill the budget; the 4th joins them
+        (5, False, [(0, 1, 2), (3, 4)]),
+        (4, True, [(0, 1, 2)]),  # the 4th is the 1st again: it runs alone
+    ],
+)
+def test_last_block_joins_the_chain_before_it(chains, depth, shared_last, expected):
+    """A chain is cut where its blocks' gradients would exceed the budget, but the
+    last block joins the chain before it rather than run alone, unless it shares a
+    module with it. (Width 32 in float64: 16.5 to 17.5 KiB of gradients a block, 3
+    blocks to the 64 KiB budget of a small batch.) Results equal plain autograd's.
+    The repeated block has no BatchNorm: two wrappers of one module with buffers
+    in one forward pass raise, on either path (see the note in issue 25)."""
+    width = 32
+
+    def wide() -> nn.Module:
+        if shared_last:
+            return nn.Sequential(nn.Linear(width, width), nn.Tanh())
+        return nn.Sequential(nn.Linear(width, width), nn.BatchNorm1d(width), nn.Tanh())
+
+    blocks = [AdditiveCoupling(wide(), wide()) for _ in range(depth)]
+    if shared_last:
+        blocks[-1] = blocks[0]
+    model = stack_of(*blocks)
+
+    def run(m: nn.Module) -> tuple[list[Any], list[torch.Tensor]]:
+        x = data(1, shape=(4, 2 * width))
+        y = m(x * 1)
+        loss_of(y).backward()
+        return [y.detach(), x.grad, *grads(m)], buffers(m)
+
+    (got, got_stats), (want, want_stats), (blockwise, block_stats), ran = three_ways(
+        model, chains, run
+    )
+    assert ran == expected
+    assert_same(got, want)
+    assert_same(got_stats, want_stats)
+    assert_identical(got, blockwise)
+    assert_identical(got_stats, block_stats)
+
+
 def test_under_torch_compile_no_chain_runs(chains):
     """Under ``torch.compile`` (the eager backend: Dynamo traces the stack) every
     block runs on its own; gradients equal plain autograd's."""
