@@ -634,6 +634,39 @@ def test_siamese_two_batches_one_backward(kind: str, keep_input: bool, how: str)
     assert all(int(b) == 2 for b in stats[0] if b.dtype == torch.long)
 
 
+@pytest.mark.parametrize("dropout", [False, True])
+@pytest.mark.parametrize("keep_input", [False, True])
+@pytest.mark.parametrize("kind", KINDS)
+def test_one_module_under_two_wrappers_in_one_forward(kind: str, keep_input: bool, dropout: bool):
+    """The same module (BatchNorm inside) under two wrappers, called one after the
+    other before one backward, as a block repeated in a stack is: the first call's
+    record keeps its buffer values before the second call updates them, so
+    gradients and running statistics equal plain autograd's (this raised, naming
+    the buffer as written by someone else)."""
+
+    def middle() -> tuple[nn.Module, ...]:
+        return (nn.BatchNorm1d(H), *((nn.Dropout(0.3),) if dropout else ()))
+
+    module = coupling(kind, net(*middle()), net(*middle()))
+    results, stats = [], []
+    for disable in (False, True):
+        shared = copy.deepcopy(module)
+        first, second = (
+            InvertibleModuleWrapper(shared, keep_input=keep_input, disable=disable)
+            for _ in range(2)
+        )
+        x, inp, before = caller_input("activation")
+        torch.manual_seed(5)
+        y = second(first(inp))
+        loss_of(y).backward()
+        assert torch.equal(x.detach(), before)
+        results.append([y.detach(), x.grad, *grads(shared)])
+        stats.append([b.clone() for b in shared.buffers()])
+    assert_same(*results)
+    assert_same(*stats)
+    assert all(int(b) == 2 for b in stats[0] if b.dtype == torch.long)
+
+
 # -- 15. an output unused by the loss -------------------------------------------------------
 
 

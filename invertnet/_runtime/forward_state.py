@@ -19,8 +19,9 @@ the fix:
 * a buffer the forward pass itself wrote (a running statistic, spectral norm's
   vector) is replayed from its value before the pass;
 * a buffer written in place since the forward pass is replayed from a copy where
-  one was kept (the layer keeps one when it is called again before backward, as a
-  siamese network does), and raises otherwise.
+  one was kept (every record of a module awaiting its backward keeps one before
+  any layer runs that module again: the same layer, as in a siamese network, or
+  another, as where one block sits twice in a stack), and raises otherwise.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -43,6 +45,7 @@ __all__ = [
     "AutocastState",
     "BufferSnapshot",
     "ForwardState",
+    "keep_awaiting_buffer_values",
     "same_objects",
     "submodules",
     "trainable_parameters",
@@ -324,6 +327,8 @@ class ForwardState:
         taken, self._taken = self._taken, None
         if taken is not None:
             self._written, self._written_values = taken.written(tensors[self._num_params :])
+        if self.has_buffers:
+            _await_backward(self)
 
     @property
     def has_buffers(self) -> bool:
@@ -472,6 +477,51 @@ class ForwardState:
                 t = self._tensors[start + i]
                 if t._version != self._versions[start + i]:
                     t.copy_(value)
+
+
+# The records awaiting their backward, by the id of each module with buffers that
+# they hold (the record holds the module, so its id stays its own while the record
+# lives). Entries of records that died or ran their backward are dropped when found.
+_awaiting: dict[int, list[weakref.ref[ForwardState]]] = {}
+_awaiting_lock = threading.Lock()
+
+
+def _await_backward(state: ForwardState) -> None:
+    """Register ``state`` (sealed, holding buffers) under its modules with buffers."""
+    ref = weakref.ref(state)
+    with _awaiting_lock:
+        for module in state.modules:
+            if module._buffers:
+                _awaiting.setdefault(id(module), []).append(ref)
+
+
+def keep_awaiting_buffer_values(modules: Sequence[nn.Module]) -> None:
+    """Before ``modules`` run again: every record awaiting its backward that holds one
+    of them keeps its buffer values (:meth:`ForwardState.keep_buffer_values`).
+
+    Running a module updates its buffers in place (BatchNorm's running statistics);
+    a record made by another layer, or by the same layer's earlier call, would then
+    find them written when its backward comes, and raise. Called by every layer
+    before it runs its modules, so that one module under two layers, or called twice
+    before backward, gives plain autograd's result.
+    """
+    with _awaiting_lock:
+        for module in modules:
+            if not module._buffers:
+                continue
+            refs = _awaiting.get(id(module))
+            if refs is None:
+                continue
+            live = []
+            for ref in refs:
+                state = ref()
+                if state is not None and state.awaiting_backward:
+                    state.keep_buffer_values()
+                    live.append(ref)
+            if live:
+                _awaiting[id(module)] = live
+            else:
+                del _awaiting[id(module)]
 
 
 def same_objects(a: Sequence[object], b: Sequence[object]) -> bool:

@@ -24,6 +24,7 @@ from invertnet._runtime.first_order import first_order
 from invertnet._runtime.forward_state import (
     AutocastState,
     ForwardState,
+    keep_awaiting_buffer_values,
     same_objects,
     submodules,
     trainable_parameters,
@@ -932,6 +933,8 @@ class InvertibleModuleWrapper(nn.Module):
         if last is not None and last.awaiting_backward and last.has_buffers:
             # Running the modules again before an earlier call's backward (a siamese
             # network) updates buffers in place: that call keeps its values first.
+            # (A recorded call does this for every layer's records of its modules,
+            # in _record, which walks them.)
             last.keep_buffer_values()
         y = self._record(fn, inputs, direction, kwargs) if self._recording() else None
         if y is None:
@@ -951,6 +954,9 @@ class InvertibleModuleWrapper(nn.Module):
         nothing needs a gradient (then the caller runs it directly)."""
         # One walk over the modules serves the decision, the Function and backward.
         modules = self._submodules(fn)
+        # Another layer's call awaiting backward may hold these modules too (one
+        # block twice in a stack): it keeps its buffer values before they change.
+        keep_awaiting_buffer_values(modules)
         params = trainable_parameters(modules)
         if not (params or any(t.requires_grad for t in inputs)):
             return None
