@@ -667,6 +667,26 @@ def test_one_module_under_two_wrappers_in_one_forward(kind: str, keep_input: boo
     assert all(int(b) == 2 for b in stats[0] if b.dtype == torch.long)
 
 
+def test_records_of_models_dropped_without_backward_do_not_pile_up(monkeypatch):
+    """Records awaiting backward are registered by module, so that another layer
+    running the module makes them keep their buffers; those of models dropped after
+    a forward pass without backward are swept out every few registrations."""
+    from invertnet._runtime import forward_state
+
+    monkeypatch.setattr(forward_state, "_SWEEP_EVERY", 4)
+    monkeypatch.setattr(forward_state, "_registrations", 0)
+    for _ in range(20):
+        layer = InvertibleModuleWrapper(
+            coupling("additive", net(nn.BatchNorm1d(H)), net(nn.BatchNorm1d(H)))
+        )
+        layer(data(1) * 1)  # the graph is dropped without backward
+        del layer
+        gc.collect()
+    # At most the models registered since the last sweep (20 is a multiple of 4),
+    # two BatchNorm modules each.
+    assert len(forward_state._awaiting) <= 2
+
+
 # -- 15. an output unused by the loss -------------------------------------------------------
 
 

@@ -481,18 +481,36 @@ class ForwardState:
 
 # The records awaiting their backward, by the id of each module with buffers that
 # they hold (the record holds the module, so its id stays its own while the record
-# lives). Entries of records that died or ran their backward are dropped when found.
+# lives). Entries of records that died or ran their backward are dropped when their
+# module runs again, and all of them every _SWEEP_EVERY registrations (a model
+# deleted after a forward pass without backward leaves entries nobody looks up).
 _awaiting: dict[int, list[weakref.ref[ForwardState]]] = {}
 _awaiting_lock = threading.Lock()
+_SWEEP_EVERY = 1024
+_registrations = 0
+
+
+def _waiting(ref: weakref.ref[ForwardState]) -> ForwardState | None:
+    state = ref()
+    return state if state is not None and state.awaiting_backward else None
 
 
 def _await_backward(state: ForwardState) -> None:
     """Register ``state`` (sealed, holding buffers) under its modules with buffers."""
+    global _registrations
     ref = weakref.ref(state)
     with _awaiting_lock:
         for module in state.modules:
             if module._buffers:
                 _awaiting.setdefault(id(module), []).append(ref)
+        _registrations += 1
+        if _registrations % _SWEEP_EVERY == 0:
+            for key, refs in list(_awaiting.items()):
+                live = [r for r in refs if _waiting(r) is not None]
+                if live:
+                    _awaiting[key] = live
+                else:
+                    del _awaiting[key]
 
 
 def keep_awaiting_buffer_values(modules: Sequence[nn.Module]) -> None:
@@ -514,8 +532,8 @@ def keep_awaiting_buffer_values(modules: Sequence[nn.Module]) -> None:
                 continue
             live = []
             for ref in refs:
-                state = ref()
-                if state is not None and state.awaiting_backward:
+                state = _waiting(ref)
+                if state is not None:
                     state.keep_buffer_values()
                     live.append(ref)
             if live:
