@@ -667,6 +667,33 @@ def test_one_module_under_two_wrappers_in_one_forward(kind: str, keep_input: boo
     assert all(int(b) == 2 for b in stats[0] if b.dtype == torch.long)
 
 
+@pytest.mark.parametrize("second", ["no_grad", "disabled"])
+def test_module_run_unrecorded_by_another_wrapper_before_backward(second: str):
+    """A second wrapper of the same module runs it without recording (under
+    ``torch.no_grad()`` in training mode, or with ``disable=True``) before the
+    first call's backward: BatchNorm's statistics move, and the first call's record
+    keeps its buffer values first, so its gradients equal plain autograd's."""
+    module = coupling("additive", net(nn.BatchNorm1d(H)), net(nn.BatchNorm1d(H)))
+    results, stats = [], []
+    for disable in (False, True):
+        shared = copy.deepcopy(module)
+        first = InvertibleModuleWrapper(shared, disable=disable)
+        other = InvertibleModuleWrapper(shared, disable=second == "disabled")
+        x, inp, before = caller_input("activation")
+        y = first(inp)
+        if second == "no_grad":
+            with torch.no_grad():
+                other(data(2) * 1)
+        else:
+            other(data(2) * 1)  # its graph is dropped
+        loss_of(y).backward()
+        assert torch.equal(x.detach(), before)
+        results.append([y.detach(), x.grad, *grads(shared)])
+        stats.append([b.clone() for b in shared.buffers()])
+    assert_same(*results)
+    assert_same(*stats)
+
+
 def test_records_of_models_dropped_without_backward_do_not_pile_up(monkeypatch):
     """Records awaiting backward are registered by module, so that another layer
     running the module makes them keep their buffers; those of models dropped after

@@ -933,11 +933,15 @@ class InvertibleModuleWrapper(nn.Module):
         if last is not None and last.awaiting_backward and last.has_buffers:
             # Running the modules again before an earlier call's backward (a siamese
             # network) updates buffers in place: that call keeps its values first.
-            # (A recorded call does this for every layer's records of its modules,
-            # in _record, which walks them.)
+            # (Below, every layer's records of these modules do too.)
             last.keep_buffer_values()
         y = self._record(fn, inputs, direction, kwargs) if self._recording() else None
         if y is None:
+            if self.training:
+                # Unrecorded, in training mode (no_grad, disable=True): the modules
+                # may still update their buffers, which other calls awaiting
+                # backward then keep first, as _record does for recorded calls.
+                keep_awaiting_buffer_values(submodules(fn))
             y = fn(*inputs, **kwargs) if direction == "forward" else fn.inverse(*inputs, **kwargs)
         if isinstance(y, (tuple, list)) and len(y) == 1:
             return y[0]
