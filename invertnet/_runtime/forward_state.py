@@ -513,6 +513,9 @@ def _await_backward(state: ForwardState) -> None:
                     del _awaiting[key]
 
 
+# Bookkeeping (a lock, weak references, ids) that Dynamo need not trace: called
+# from the wrapper's eager frames, it runs eagerly under torch.compile too.
+@torch.compiler.disable
 def keep_awaiting_buffer_values(modules: Sequence[nn.Module]) -> None:
     """Before ``modules`` run again: every record awaiting its backward that holds one
     of them keeps its buffer values (:meth:`ForwardState.keep_buffer_values`).

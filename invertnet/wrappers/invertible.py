@@ -937,10 +937,12 @@ class InvertibleModuleWrapper(nn.Module):
             last.keep_buffer_values()
         y = self._record(fn, inputs, direction, kwargs) if self._recording() else None
         if y is None:
-            if self.training:
+            if self.training and not torch.compiler.is_compiling():
                 # Unrecorded, in training mode (no_grad, disable=True): the modules
                 # may still update their buffers, which other calls awaiting
                 # backward then keep first, as _record does for recorded calls.
+                # (Not while compiling, where it would break the graph: such a
+                # write then raises in the waiting call's backward, naming it.)
                 keep_awaiting_buffer_values(submodules(fn))
             y = fn(*inputs, **kwargs) if direction == "forward" else fn.inverse(*inputs, **kwargs)
         if isinstance(y, (tuple, list)) and len(y) == 1:
