@@ -89,10 +89,9 @@ def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tu
         size = sum(p.nbytes for p in trainable_parameters(modules))
         shares = not seen.isdisjoint(own)
         if shares or (index > first and held + size > budget):
-            closed = None
             if index - first >= 2:
                 spans.append((first, index))
-                closed = None if shares else seen
+            closed = seen if index - first >= 2 and not shares else None
             first, seen, held = index, set(), 0
         seen |= own
         held += size
@@ -347,6 +346,11 @@ class ReversibleSequential(nn.Module):
         the gradients of its parameters would exceed ``budget`` bytes: a chain's
         backward returns them all at its end, where separate blocks each return
         theirs at once, so a chain holds them meanwhile.
+
+        A block may run in one chain in a call awaiting backward and in another
+        chain, or alone, in the next (another batch size): every wrapper call makes
+        the records of its modules awaiting backward keep their buffer values
+        first (:func:`~invertnet._runtime.forward_state.keep_awaiting_buffer_values`).
         """
         candidates = layers if merged_output else layers[:-1]
         made = {id(wrapper) for wrapper in self._made}
@@ -393,17 +397,6 @@ class ReversibleSequential(nn.Module):
         cached.preserve_rng_state, cached.num_bwd_passes = settings
         return cached
 
-    def _keep_awaiting_buffer_values(self) -> None:
-        """Make every record of this stack that awaits its backward keep its buffer
-        values before the blocks run again (as a wrapper does for its own record
-        when called again, a siamese network): a block may run in a chain in one
-        call and on its own, or in another chain, in the next."""
-        wrappers = [*self.__dict__.get("_chains", {}).values(), *self._made]
-        for wrapper in wrappers:
-            last = wrapper._last_state
-            if last is not None and last.awaiting_backward and last.has_buffers:
-                last.keep_buffer_values()
-
     def __getstate__(self) -> dict[str, Any]:
         # The chains are remade on the next call (they hold records of calls
         # awaiting backward, which do not pickle).
@@ -445,7 +438,6 @@ class ReversibleSequential(nn.Module):
         layers = list(self.layers)
         runs = {}
         if _chains_now():
-            self._keep_awaiting_buffer_values()
             # A chain holds at most half an input's worth of parameter gradients,
             # less than one block's recomputation holds in activations, so that
             # memory stays flat in depth (a whole input's worth let the benchmark's

@@ -634,6 +634,26 @@ def test_siamese_two_batches_one_backward(kind: str, keep_input: bool, how: str)
     assert all(int(b) == 2 for b in stats[0] if b.dtype == torch.long)
 
 
+def _shared_module_matches_plain(
+    module: nn.Module, forward: Callable[[nn.Module, bool, torch.Tensor], torch.Tensor]
+) -> list[torch.Tensor]:
+    """``forward(shared, disable, input)`` on a copy of ``module`` through memory-saving
+    wrappers and through disabled ones, then backward: outputs, gradients and
+    buffers agree, and the caller's input comes back; returns the buffers."""
+    results, stats = [], []
+    for disable in (False, True):
+        shared = copy.deepcopy(module)
+        x, inp, before = caller_input("activation")
+        y = forward(shared, disable, inp)
+        loss_of(y).backward()
+        assert torch.equal(x.detach(), before)
+        results.append([y.detach(), x.grad, *grads(shared)])
+        stats.append([b.clone() for b in shared.buffers()])
+    assert_same(*results)
+    assert_same(*stats)
+    return stats[0]
+
+
 @pytest.mark.parametrize("dropout", [False, True])
 @pytest.mark.parametrize("keep_input", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
@@ -647,24 +667,16 @@ def test_one_module_under_two_wrappers_in_one_forward(kind: str, keep_input: boo
     def middle() -> tuple[nn.Module, ...]:
         return (nn.BatchNorm1d(H), *((nn.Dropout(0.3),) if dropout else ()))
 
-    module = coupling(kind, net(*middle()), net(*middle()))
-    results, stats = [], []
-    for disable in (False, True):
-        shared = copy.deepcopy(module)
+    def forward(shared: nn.Module, disable: bool, inp: torch.Tensor) -> torch.Tensor:
         first, second = (
             InvertibleModuleWrapper(shared, keep_input=keep_input, disable=disable)
             for _ in range(2)
         )
-        x, inp, before = caller_input("activation")
         torch.manual_seed(5)
-        y = second(first(inp))
-        loss_of(y).backward()
-        assert torch.equal(x.detach(), before)
-        results.append([y.detach(), x.grad, *grads(shared)])
-        stats.append([b.clone() for b in shared.buffers()])
-    assert_same(*results)
-    assert_same(*stats)
-    assert all(int(b) == 2 for b in stats[0] if b.dtype == torch.long)
+        return second(first(inp))
+
+    stats = _shared_module_matches_plain(coupling(kind, net(*middle()), net(*middle())), forward)
+    assert all(int(b) == 2 for b in stats if b.dtype == torch.long)
 
 
 @pytest.mark.parametrize("second", ["no_grad", "disabled"])
@@ -673,25 +685,20 @@ def test_module_run_unrecorded_by_another_wrapper_before_backward(second: str):
     ``torch.no_grad()`` in training mode, or with ``disable=True``) before the
     first call's backward: BatchNorm's statistics move, and the first call's record
     keeps its buffer values first, so its gradients equal plain autograd's."""
-    module = coupling("additive", net(nn.BatchNorm1d(H)), net(nn.BatchNorm1d(H)))
-    results, stats = [], []
-    for disable in (False, True):
-        shared = copy.deepcopy(module)
-        first = InvertibleModuleWrapper(shared, disable=disable)
+
+    def forward(shared: nn.Module, disable: bool, inp: torch.Tensor) -> torch.Tensor:
+        y = InvertibleModuleWrapper(shared, disable=disable)(inp)
         other = InvertibleModuleWrapper(shared, disable=second == "disabled")
-        x, inp, before = caller_input("activation")
-        y = first(inp)
         if second == "no_grad":
             with torch.no_grad():
                 other(data(2) * 1)
         else:
             other(data(2) * 1)  # its graph is dropped
-        loss_of(y).backward()
-        assert torch.equal(x.detach(), before)
-        results.append([y.detach(), x.grad, *grads(shared)])
-        stats.append([b.clone() for b in shared.buffers()])
-    assert_same(*results)
-    assert_same(*stats)
+        return y
+
+    module = coupling("additive", net(nn.BatchNorm1d(H)), net(nn.BatchNorm1d(H)))
+    stats = _shared_module_matches_plain(module, forward)
+    assert all(int(b) == 2 for b in stats if b.dtype == torch.long)
 
 
 def test_records_of_models_dropped_without_backward_do_not_pile_up(monkeypatch):
