@@ -63,6 +63,10 @@ class ReversibleSequentialChain(nn.Module):
     #: Kept inputs too: recomputing the chain from them would record a graph over
     #: every block, where the fused backward holds one block's activations at a time.
     fuses_kept_inputs: ClassVar[bool] = True
+    #: ``outputs`` may come in a list of their own, emptied once the last block has
+    #: run its backward: the chain's output is then not held through every other
+    #: block's backward (two streams' worth of memory more than separate blocks hold).
+    takes_outputs: ClassVar[bool] = True
 
     def __init__(self, blocks: dict[str, nn.Module]) -> None:
         super().__init__()
@@ -98,7 +102,7 @@ class ReversibleSequentialChain(nn.Module):
 
     def inverse_and_vjp(
         self,
-        outputs: Tensors,
+        outputs: Sequence[torch.Tensor],
         grad_outputs: Tensors,
         params: Tensors,
         out: Sequence[Buffer] | None = None,
@@ -118,6 +122,7 @@ class ReversibleSequentialChain(nn.Module):
             raise TypeError("ReversibleSequentialChain has no log-determinant to back-propagate")
         position = {id(p): k for k, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
+        handed = outputs  # emptied below, where it is a list of the chain's own
         for index in range(len(self._blocks) - 1, -1, -1):
             block = self._blocks[index]
             own = tuple(p for p in trainable_parameters(submodules(block)) if id(p) in position)
@@ -135,6 +140,8 @@ class ReversibleSequentialChain(nn.Module):
             outputs, grads, block_grads = block.inverse_and_vjp(
                 outputs, grad_outputs, own, **options
             )
+            if isinstance(handed, list):
+                handed.clear()
             for p, g in zip(own, block_grads):
                 if g is not None:
                     k = position[id(p)]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import pickle
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -1038,6 +1039,43 @@ def test_activation_memory_is_flat_in_depth_on_the_chain_path(chains):
         model = plain(model_of(d))
         plain_bytes[d] = activation_bytes(model, lambda model=model: model(x).sum())
     assert plain_bytes[8] > 3 * plain_bytes[2]
+
+
+def test_the_chain_lets_go_of_its_output_after_its_last_block(chains):
+    """A chain's backward runs its blocks from the last to the first, and only the
+    last block's reads the chain's output: the chain lets go of it then, rather than
+    hold two streams' worth of memory through every other block's backward, which
+    separate blocks would not. Seen from the first block's recomputation (the last
+    thing the chain's backward runs), through weak references to the chain's output
+    as its wrapper keeps it; gradients stay plain autograd's."""
+    alive_when_first_block_recomputes: list[bool] = []
+    refs: list[Any] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = net()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if torch.is_grad_enabled():  # the recomputation in backward
+                alive_when_first_block_recomputes.append(any(r() is not None for r in refs))
+            return self.inner(x)
+
+    blocks = couplings()
+    blocks[0] = AdditiveCoupling(Probe(), net())
+    model = stack_of(*blocks)
+    reference = plain(model)
+    x = data(1, shape=(N, 2 * H))
+    y = model(x)
+    (chain_node,) = {f for f, _ in y.grad_fn.next_functions}  # the merge's one input
+    refs.extend(weakref.ref(t) for t in chain_node.call.outputs)
+    del chain_node
+    loss_of(y).backward()
+    assert chains == WHOLE
+    assert alive_when_first_block_recomputes == [False]
+    y_ref = reference(x.detach().requires_grad_())
+    loss_of(y_ref).backward()
+    assert_same(grads(model), grads(reference))
 
 
 # -- 23. double backward ------------------------------------------------------------------------

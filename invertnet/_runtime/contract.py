@@ -175,6 +175,13 @@ class InvertibleBlock(nn.Module):
     #: them. Trusted only from the class that defines ``inverse_and_vjp``.
     fuses_kept_inputs: ClassVar[bool] = False
 
+    #: Whether a wrapper may hand this class's ``inverse_and_vjp`` its ``outputs``
+    #: in a list of their own, which the block empties once it has read them, where
+    #: nothing after the backward pass reads them: a block whose backward goes on long
+    #: after it has read its outputs, a chain of blocks say, then does not hold
+    #: them meanwhile. Trusted only from the class that defines ``inverse_and_vjp``.
+    takes_outputs: ClassVar[bool] = False
+
     def reconstruction_keeps_finite(self) -> bool:
         """Whether the inverse of finite outputs is finite by construction (by
         default not known: the wrapper checks)."""
@@ -227,6 +234,9 @@ class BlockTraits:
     deferred_out: bool
     #: Its ``inverse_and_vjp`` serves kept inputs too (``fuses_kept_inputs``).
     fuses_kept_inputs: bool
+    #: Its ``inverse_and_vjp`` may be handed ``outputs`` in a list of their own,
+    #: which it empties once done with them (``takes_outputs``).
+    takes_outputs: bool
     #: It has ``forward_and_log_det`` (:class:`LogDet`).
     log_det: bool
     #: It has ``reconstruction_keeps_finite()``.
@@ -248,6 +258,9 @@ def block_traits(cls: type) -> BlockTraits:
         fuses_kept_inputs=fused
         and getattr(cls, "fuses_kept_inputs", False) is True
         and declared_with(cls, "inverse_and_vjp", "fuses_kept_inputs"),
+        takes_outputs=fused
+        and getattr(cls, "takes_outputs", False) is True
+        and declared_with(cls, "inverse_and_vjp", "takes_outputs"),
         log_det=issubclass(cls, LogDet),
         says_if_finite=callable(getattr(cls, "reconstruction_keeps_finite", None)),
     )

@@ -6,7 +6,7 @@ import functools
 import os
 import sys
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -578,9 +578,19 @@ def _backward(
         grad_outputs = _run_backward_pre_hooks(call, hooks, grad_outputs)
     state = call.state
     assert state is not None
+    finite_check = (
+        bool(rebuilt) and finite_check_enabled() and not reconstruction_keeps_finite(call.module)
+    )
+    # Where nothing after this pass reads the outputs (the last backward pass, no
+    # debug or finite check of the rebuilt inputs), the fused backward takes them
+    # over: a chain of blocks lets go of its output once its last block has run its
+    # backward, rather than hold it through all the others'.
+    hand_over = call.passes_left == 0 and call.debug is None and not finite_check
     # Checked by _check_before_backward just now, unless a hook has run since.
     with state.replayed(checked=hooks is None):
-        reconstructed, grads = _recompute_and_differentiate(call, grad_outputs, needs, rebuilt)
+        reconstructed, grads = _recompute_and_differentiate(
+            call, grad_outputs, needs, rebuilt, hand_over
+        )
 
     for i, freed in rebuilt.items():
         freed.restore(reconstructed[i])
@@ -591,7 +601,7 @@ def _backward(
         for i, freed in rebuilt.items():
             check_reconstruction(label, i, freed.tensor, call.outputs, originals[i], call.debug)
         _check_no_unowned_tensors(call, state)
-    elif rebuilt and finite_check_enabled() and not reconstruction_keeps_finite(call.module):
+    elif finite_check:
         restored = {i: freed.tensor for i, freed in rebuilt.items()}
         label = module_name(None, call.wrapper, call.module)
         check_finite_when_backward_ends(label, restored, call.outputs)
@@ -666,6 +676,7 @@ def _recompute_and_differentiate(
     grad_outputs: tuple[torch.Tensor | None, ...],
     needs: tuple[bool, ...],
     rebuilt: dict[int, FreedInput],
+    hand_over: bool,
 ) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
     params = call.params
     # A parameter frozen (requires_grad_(False)) since the forward pass gets no
@@ -673,11 +684,11 @@ def _recompute_and_differentiate(
     frozen_since = not all(p.requires_grad for p in params)
     if frozen_since:
         live = tuple(p for p in params if p.requires_grad)
-        inputs, grads = _differentiate(call, grad_outputs, needs, rebuilt, live)
+        inputs, grads = _differentiate(call, grad_outputs, needs, rebuilt, live, hand_over)
         found = iter(grads[call.num_inputs :])
         expanded = tuple(next(found) if p.requires_grad else None for p in params)
         return inputs, grads[: call.num_inputs] + expanded
-    return _differentiate(call, grad_outputs, needs, rebuilt, params)
+    return _differentiate(call, grad_outputs, needs, rebuilt, params, hand_over)
 
 
 def _differentiate(
@@ -686,6 +697,7 @@ def _differentiate(
     needs: tuple[bool, ...],
     rebuilt: dict[int, FreedInput],
     params: Tensors,
+    hand_over: bool = False,
 ) -> tuple[Tensors, tuple[torch.Tensor | None, ...]]:
     fused = call.fused
     # Hidden inputs take this path too, although they are back: a coupling's
@@ -715,7 +727,12 @@ def _differentiate(
         need_inputs = needs[: call.num_inputs]
         if not all(need_inputs):
             options["inputs_need_grad"] = need_inputs
-        inputs, grad_inputs, grad_params = fused(call.outputs, grad_outputs, params, **options)
+        outputs: Sequence[torch.Tensor] = call.outputs
+        if hand_over and block_traits(type(call.module)).takes_outputs:
+            # In a list of their own, which the block empties once done with them;
+            # the call keeps none (see _backward).
+            outputs, call.outputs = list(outputs), ()
+        inputs, grad_inputs, grad_params = fused(outputs, grad_outputs, params, **options)
         grads = tuple(
             None if not need or g is None else g if g.dtype == x.dtype else g.to(x.dtype)
             for g, x, need in zip(grad_inputs, call.inputs, needs)
