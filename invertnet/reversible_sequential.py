@@ -69,6 +69,27 @@ def _settings(layer: nn.Module) -> tuple[bool, int] | None:
 #: The least budget, in bytes, of parameter gradients a chain may hold (see
 #: ``ReversibleSequential._runs``): small blocks chain whatever their activations.
 _MIN_CHAIN_GRADIENT_BYTES = 64 * 1024
+#: Up to this many bytes, a chain may hold a whole input's worth of parameter
+#: gradients rather than half (see :func:`_chain_gradient_budget`).
+_SMALL_INPUT_BYTES = 1024 * 1024
+
+
+def _chain_gradient_budget(input_bytes: int) -> int:
+    """The bytes of parameter gradients a chain may hold, for a stack input of
+    ``input_bytes``.
+
+    Half the input, less than one block's recomputation holds in activations, so
+    that memory stays flat in depth; but a whole input's worth up to 1 MiB. The
+    chain lets go of its output (an input's worth) once its last block has run its
+    backward, before it holds most of its gradients, so its peak stays where it
+    was with its output held and half the budget. With small inputs, a chain's own
+    work (its record, freeing and rebuilding its input) weighs more against its
+    blocks': chains of 14 blocks rather than 7 took invertnet from 1.05x and 1.10x
+    RevLib's step time to 0.97x and 0.99x on the benchmark's ``additive-conv``
+    (``tools/chain_tradeoff.py``), at a peak memory within 0.1 MB.
+    """
+    whole = min(input_bytes, _SMALL_INPUT_BYTES)
+    return max(input_bytes // 2, whole, _MIN_CHAIN_GRADIENT_BYTES)
 
 
 def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tuple[int, int]]:
@@ -438,11 +459,7 @@ class ReversibleSequential(nn.Module):
         layers = list(self.layers)
         runs = {}
         if _chains_now():
-            # A chain holds at most half an input's worth of parameter gradients,
-            # less than one block's recomputation holds in activations, so that
-            # memory stays flat in depth (a whole input's worth let the benchmark's
-            # additive-conv peak grow by a quarter from depth 8 to 128).
-            budget = max(sum(x.nbytes for x in xs) // 2, _MIN_CHAIN_GRADIENT_BYTES)
+            budget = _chain_gradient_budget(sum(x.nbytes for x in xs))
             runs = self._runs(layers, len(xs) == 1, budget)
         index = 0
         while index < len(layers):

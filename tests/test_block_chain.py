@@ -39,6 +39,7 @@ from invertnet import (
     ReversibleSequential,
 )
 from invertnet._block_chain import ReversibleSequentialChain
+from invertnet.reversible_sequential import _chain_gradient_budget
 from invertnet.models.transformer import ReversibleTransformerBlock
 from tests._core_helpers import activation_bytes
 from tests._trust_helpers import (
@@ -1660,6 +1661,46 @@ def test_last_block_joins_the_chain_before_it(chains, depth, shared_last, expect
     assert_same(got_stats, want_stats)
     assert_identical(got, blockwise)
     assert_identical(got_stats, block_stats)
+
+
+@pytest.mark.parametrize(
+    ("input_bytes", "budget"),
+    [
+        (1000, 64 * 1024),  # the floor
+        (256 * 1024, 256 * 1024),  # small: a whole input's worth
+        (1024 * 1024, 1024 * 1024),
+        (1536 * 1024, 1024 * 1024),  # between: 1 MiB, no step down at the bound
+        (4 * 1024 * 1024, 2 * 1024 * 1024),  # large: half
+    ],
+)
+def test_chain_gradient_budget(input_bytes, budget):
+    """A chain holds at most half the stack input's bytes of parameter gradients, a
+    whole input's worth up to 1 MiB, 64 KiB at least."""
+    assert _chain_gradient_budget(input_bytes) == budget
+
+
+def test_a_small_input_chains_a_whole_input_worth_of_gradients(chains):
+    """Below 1 MiB of input a chain may hold the whole input's worth of parameter
+    gradients: width 56 in float64 is 49.9 KiB of gradients a block and a batch of
+    300 a 262.5 KiB input, so the 4 blocks run as one chain (with half the input,
+    131 KiB, they would run as two chains of 2). Gradients equal plain autograd's."""
+    width, batch = 56, 300
+
+    def branch() -> nn.Module:
+        return nn.Sequential(nn.Linear(width, width), nn.Tanh())
+
+    model = stack_of(*(AdditiveCoupling(branch(), branch()) for _ in range(4)))
+
+    def run(m: nn.Module) -> tuple[list[Any], list[torch.Tensor]]:
+        x = data(1, shape=(batch, 2 * width))
+        y = m(x * 1)
+        loss_of(y).backward()
+        return [y.detach(), x.grad, *grads(m)], buffers(m)
+
+    (got, _), (want, _), (blockwise, _), ran = three_ways(model, chains, run)
+    assert ran == [(0, 1, 2, 3)]
+    assert_same(got, want)
+    assert_identical(got, blockwise)
 
 
 def test_under_torch_compile_no_chain_runs(chains):
