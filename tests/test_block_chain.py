@@ -39,8 +39,8 @@ from invertnet import (
     ReversibleSequential,
 )
 from invertnet._block_chain import ReversibleSequentialChain
-from invertnet.reversible_sequential import _chain_gradient_budget
 from invertnet.models.transformer import ReversibleTransformerBlock
+from invertnet.reversible_sequential import _chain_gradient_budget
 from tests._core_helpers import activation_bytes
 from tests._trust_helpers import (
     ATOL,
