@@ -122,7 +122,8 @@ class ReversibleSequentialChain(nn.Module):
             raise TypeError("ReversibleSequentialChain has no log-determinant to back-propagate")
         position = {id(p): k for k, p in enumerate(params)}
         grad_params: list[torch.Tensor | None] = [None] * len(params)
-        handed = outputs  # emptied below, where it is a list of the chain's own
+        # A list of the chain's own (takes_outputs): emptied once the last block has read it.
+        handed = outputs if isinstance(outputs, list) else None
         for index in range(len(self._blocks) - 1, -1, -1):
             block = self._blocks[index]
             own = tuple(p for p in trainable_parameters(submodules(block)) if id(p) in position)
@@ -140,8 +141,9 @@ class ReversibleSequentialChain(nn.Module):
             outputs, grads, block_grads = block.inverse_and_vjp(
                 outputs, grad_outputs, own, **options
             )
-            if isinstance(handed, list):
+            if handed is not None:
                 handed.clear()
+                handed = None
             for p, g in zip(own, block_grads):
                 if g is not None:
                     k = position[id(p)]

@@ -31,16 +31,17 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 # Use the invertnet of this checkout, also when another one is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+# tools/paired_timing.py, beside this file (a script's folder is on sys.path).
+from paired_timing import paired_ratios  # noqa: E402
+
 from invertnet import reversible_sequential  # noqa: E402
-from invertnet.bench.measure import Config, measure_here, train_step  # noqa: E402
-from invertnet.bench.workloads import build  # noqa: E402
+from invertnet.bench.measure import Config, measure_here  # noqa: E402
 
 WORKLOAD = "additive-conv"
 _STACKS_OWN_CUT = reversible_sequential._cut
@@ -58,24 +59,6 @@ def use_chains_of(length: int) -> None:
         return [(a, b) for a, b in spans if b - a >= 2]
 
     reversible_sequential._cut = cut  # type: ignore[assignment]
-
-
-def paired_ratios(depth: int, pairs: int, warmup: int = 2) -> list[float]:
-    """invertnet's step time over RevLib's, for each of ``pairs`` pairs of steps."""
-    models = {m: build(WORKLOAD, depth, m) for m in ("revlib", "invertnet")}
-    for model, batch in models.values():
-        for _ in range(warmup):
-            train_step(model, batch)
-    ratios = []
-    for i in range(pairs):
-        seconds = {}
-        for method in ("revlib", "invertnet") if i % 2 == 0 else ("invertnet", "revlib"):
-            model, batch = models[method]
-            start = time.perf_counter()
-            train_step(model, batch)
-            seconds[method] = time.perf_counter() - start
-        ratios.append(seconds["invertnet"] / seconds["revlib"])
-    return ratios
 
 
 def peak_bytes_in_fresh_process(depth: int, length: int) -> int:
@@ -112,7 +95,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for length in args.lengths:
         use_chains_of(length)
         for depth in args.depths:
-            ratios = paired_ratios(depth, args.pairs)
+            ratios = paired_ratios(WORKLOAD, depth, ("revlib", "invertnet"), args.pairs)
             low, median, high = statistics.quantiles(ratios, n=4)
             peak = peak_bytes_in_fresh_process(depth, length)
             rows.append(
