@@ -24,6 +24,7 @@ from torch import nn
 
 from invertnet._runtime.contract import Buffer, FusedResult, Tensors, as_tuple, block_traits
 from invertnet._runtime.forward_state import submodules, trainable_parameters
+from invertnet._runtime.rng import never_draws
 from invertnet.wrappers.invertible import refuse_written_inputs
 
 __all__ = ["ReversibleSequentialChain", "chainable"]
@@ -38,6 +39,7 @@ def chainable(block: nn.Module) -> bool:
     return traits.fused and traits.says_if_finite and block.reconstruction_keeps_finite() is True
 
 
+@never_draws
 class ReversibleSequentialChain(nn.Module):
     """Blocks of a reversible stack, in order, as one invertible block.
 

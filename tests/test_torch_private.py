@@ -254,3 +254,22 @@ def test_gradients_run_the_engine_directly_for_plain_tensors_only(
     outputs, _ = _small_graph()
     with pytest.raises((RuntimeError, ValueError), match="empty"):
         private.gradients(outputs, (), tuple(torch.ones_like(o) for o in outputs))
+
+
+@pytest.mark.parametrize(
+    "register",
+    [
+        torch.nn.modules.module.register_module_forward_pre_hook,
+        torch.nn.modules.module.register_module_forward_hook,
+    ],
+    ids=["pre-hook", "hook"],
+)
+def test_global_forward_hooks_registered(register) -> None:
+    # Read from torch.nn.modules.module's private dictionaries of global hooks.
+    assert not private.global_forward_hooks_registered()
+    handle = register(lambda *args: None)
+    try:
+        assert private.global_forward_hooks_registered()
+    finally:
+        handle.remove()
+    assert not private.global_forward_hooks_registered()

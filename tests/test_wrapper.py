@@ -415,6 +415,94 @@ def test_preserve_rng_state_false_runs_a_module_that_draws_nothing() -> None:
         assert_all_close(g, w, *tolerances(torch.float32))
 
 
+class _ConvOfTheUsers(nn.Module):
+    """A module of a class invertnet does not know: it draws nothing, but could."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).tanh()
+
+
+def _count_recorded_calls(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Patch the tape so that every sub-module call it records is counted."""
+    from invertnet._runtime import rng
+
+    seen: list[object] = []
+    record = rng.RNGTape._call
+
+    def counting(self, key, fn, args):  # type: ignore[no-untyped-def]
+        if not self._replaying:
+            seen.append(key)
+        return record(self, key, fn, args)
+
+    monkeypatch.setattr(rng.RNGTape, "_call", counting)
+    return seen
+
+
+@pytest.mark.parametrize(
+    "F, records",
+    [
+        (lambda: nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU()), 0),
+        (lambda: nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.Dropout(0.3)), 2),
+        (lambda: _ConvOfTheUsers(2), 2),  # a class of the user's: it may draw
+    ],
+    ids=["conv-bn-relu", "dropout", "user-class"],
+)
+def test_random_state_is_recorded_per_call_only_where_a_module_may_draw(
+    monkeypatch: pytest.MonkeyPatch, F, records: int
+) -> None:
+    """Modules of kinds that draw no random numbers are run without a record of the
+    random state before each call (a copy and a comparison of 5 KiB per call), and
+    still give plain autograd's gradients; any other module is recorded call by call."""
+    seen = _count_recorded_calls(monkeypatch)
+    torch.manual_seed(0)
+    wrapped, plain = wrapped_pair(AdditiveCoupling(F()).double())
+    x = [torch.randn(4, 4, 5, 5, dtype=torch.float64, requires_grad=True)]
+    got = run_and_grads(wrapped, x, seed=3)
+    assert len(seen) == records
+    for g, w in zip(got, run_and_grads(plain, x, seed=3)):
+        assert_all_close(g, w, *tolerances(torch.float64))
+
+
+def test_a_forward_hook_that_draws_is_recorded_and_replayed(monkeypatch) -> None:
+    """A hook may draw random numbers, so a module with one is recorded call by call
+    even where its class draws none: the noise the hook adds is replayed."""
+    seen = _count_recorded_calls(monkeypatch)
+    torch.manual_seed(0)
+    module = AdditiveCoupling(nn.Sequential(nn.Linear(3, 3), nn.ReLU())).double()
+    wrapped, plain = wrapped_pair(module)
+    for m in (wrapped, plain):
+        linear = next(x for x in m.modules() if isinstance(x, nn.Linear))
+        linear.register_forward_hook(lambda mod, args, out: out + torch.randn_like(out))
+    x = [torch.randn(8, 6, dtype=torch.float64, requires_grad=True)]
+    got = run_and_grads(wrapped, x, seed=5)
+    assert seen
+    for g, w in zip(got, run_and_grads(plain, x, seed=5)):
+        assert_all_close(g, w, *tolerances(torch.float64))
+
+
+def test_a_replaced_function_that_draws_under_unrecorded_modules_is_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Modules of kinds that draw nothing are not recorded call by call; if they draw
+    all the same (torch.nn.functional.relu replaced by a noisy one), the generators
+    have moved when the forward pass ends, and the wrapper refuses before freeing its
+    input, where a silent run would give gradients with other noise."""
+    wrapped = InvertibleModuleWrapper(AdditiveCoupling(nn.Sequential(nn.Linear(3, 3), nn.ReLU())))
+    relu = torch.nn.functional.relu
+    monkeypatch.setattr(
+        torch.nn.functional, "relu", lambda t, inplace=False: relu(t) + torch.rand_like(t)
+    )
+    x = torch.randn(8, 6, requires_grad=True).clone()
+    before = x.detach().clone()
+    with pytest.raises(RuntimeError, match="generators moved during the forward pass"):
+        wrapped(x)
+    assert torch.equal(x, before)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 @pytest.mark.parametrize(
     "make",

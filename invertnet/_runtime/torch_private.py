@@ -47,6 +47,7 @@ __all__ = [
     "set_version",
     "delayed_error",
     "ModuleHooks",
+    "global_forward_hooks_registered",
     "module_hooks",
     "forward_ad_active",
     "functorch_transforms_active",
@@ -244,6 +245,15 @@ class ModuleHooks(NamedTuple):
     #: Whether a backward hook is of the deprecated, non-"full" kind
     #: (``register_backward_hook``).
     old_style_backward: bool
+
+
+def global_forward_hooks_registered() -> bool:
+    """Whether a forward pre-hook or forward hook is registered for every module
+    (``torch.nn.modules.module.register_module_forward_pre_hook`` and
+    ``register_module_forward_hook``): it then runs around every module call."""
+    from torch.nn.modules import module as nn_module
+
+    return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
 
 
 def module_hooks(module: torch.nn.Module) -> ModuleHooks | None:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from invertnet._runtime.rng import never_draws
 from invertnet.couplings._compat import warn_implementation_args
 from invertnet.couplings.base import CouplingBase, InPlaceCombine, Step
 
@@ -52,6 +53,7 @@ class Add(InPlaceCombine):
 _ADD = Add()
 
 
+@never_draws
 class AdditiveCoupling(CouplingBase):
     r"""Additive coupling block of reversible residual networks (RevNet).
 

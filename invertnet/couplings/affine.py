@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from invertnet._runtime.rng import never_draws
 from invertnet.couplings._compat import warn_implementation_args
 from invertnet.couplings.base import CouplingBase, InPlaceCombine, Step
 
@@ -66,6 +67,7 @@ class ScaleShift(InPlaceCombine):
 _SCALE_SHIFT = ScaleShift()
 
 
+@never_draws
 class AffineAdapterNaive(nn.Module):
     """Turn ``f`` into a (scale, shift) pair ``(exp(f(x)), f(x))``.
 
@@ -84,6 +86,7 @@ class AffineAdapterNaive(nn.Module):
         return torch.exp(t), t
 
 
+@never_draws
 class AffineAdapterSigmoid(nn.Module):
     """Turn ``f`` into a bounded (scale, shift) pair.
 
@@ -112,6 +115,7 @@ class AffineAdapterSigmoid(nn.Module):
         return torch.sigmoid(h[:, 1::2] + 2.0), h[:, 0::2]
 
 
+@never_draws
 class AffineCoupling(CouplingBase):
     r"""Affine coupling block.
 

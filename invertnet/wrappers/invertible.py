@@ -30,7 +30,7 @@ from invertnet._runtime.forward_state import (
     trainable_parameters,
 )
 from invertnet._runtime.graph import unowned_leaves
-from invertnet._runtime.rng import RNGTape
+from invertnet._runtime.rng import RNGTape, calls_never_draw
 from invertnet._runtime.torch_private import (
     ModuleHooks,
     forward_ad_active,
@@ -134,6 +134,10 @@ class _Call:
     # The wrapped module's own call hooks (forward direction), if it has any.
     hooks: ModuleHooks | None = None
     passes_left: int = 0
+    # Whether no module the call runs can draw random numbers (calls_never_draw):
+    # the random state is then recorded around the whole call, not before each
+    # sub-module call.
+    never_draws: bool = False
     # Debug mode (invertnet.debug_reconstruction): copies of the freed inputs, and
     # the tensors the modules held as plain attributes before the forward pass.
     debug: DebugSettings | None = None
@@ -208,7 +212,9 @@ def _prepare(call: _Call, inputs: Tensors) -> tuple[int, ...]:
         call.attributes = _tensor_attributes(call.modules)
     # The random state is always taped: with preserve_rng_state=True to be replayed,
     # and otherwise to find out whether the module drew random numbers, which its
-    # recomputation would then not reproduce.
+    # recomputation would then not reproduce. Where no module can draw, only the
+    # state around the whole call is kept, to check that (debug mode keeps all).
+    call.never_draws = call.debug is None and calls_never_draw(call.modules)
     call.state = ForwardState(
         call.layer, call.modules, RNGTape(inputs), AutocastState.capture(inputs)
     )
@@ -385,6 +391,8 @@ def _run_eagerly(call: _Call, inputs: Tensors) -> Tensors:
     """
     state = call.state
     assert state is not None
+    if call.never_draws:
+        return _call_module(call, inputs)
     with state.recording():
         return _call_module(call, inputs)
 
@@ -419,6 +427,18 @@ def _check_rng_replayable(call: _Call) -> None:
     if not state.tape.drawn_since_start():
         # Nothing to replay: the record keeps no states, backward restores none.
         state.tape = None
+    elif call.never_draws:
+        raise RuntimeError(
+            f"{call.layer}: the random number generators moved during the forward "
+            "pass, although every module it ran is of a kind that draws none "
+            "(convolutions, linear layers, normalisations, activations, containers, "
+            "couplings), so no state was recorded before each of them: a function "
+            "they call was replaced by one "
+            "that draws (a patched torch.nn.functional, say). The recomputation in "
+            "backward could not draw the same numbers, and the gradients would be "
+            "wrong. Draw them in a module of your own class, whose calls the wrapper "
+            "then records one by one"
+        )
     elif not call.wrapper.preserve_rng_state:
         raise RuntimeError(
             f"{call.layer}: the module drew random numbers (dropout, say) in its "
