@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from invertnet._runtime.contract import Buffer, FusedResult, Tensors, as_tuple, block_traits
-from invertnet._runtime.forward_state import submodules, trainable_parameters
+from invertnet._runtime.forward_state import submodules_and_trainable_parameters
 from invertnet._runtime.rng import never_draws
 from invertnet.wrappers.invertible import refuse_written_inputs
 
@@ -128,7 +128,8 @@ class ReversibleSequentialChain(nn.Module):
         handed = outputs if isinstance(outputs, list) else None
         for index in range(len(self._blocks) - 1, -1, -1):
             block = self._blocks[index]
-            own = tuple(p for p in trainable_parameters(submodules(block)) if id(p) in position)
+            _, held = submodules_and_trainable_parameters(block)
+            own = tuple(p for p in held if id(p) in position)
             options = kwargs
             if index == 0 and (out is not None or inputs_need_grad is not None):
                 options = dict(kwargs)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from invertnet._block_chain import ReversibleSequentialChain, chainable
-from invertnet._runtime.forward_state import same_objects, submodules, trainable_parameters
+from invertnet._runtime.forward_state import same_objects, submodules_and_trainable_parameters
 from invertnet._runtime.torch_private import module_hooks
 from invertnet.couplings import AdditiveCoupling
 from invertnet.wrappers import InvertibleModuleWrapper, allow_free
@@ -105,9 +105,9 @@ def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tu
     closed: set[int] | None = None  # the modules of a chain just closed for its budget
     own: set[int] = set()
     for index in range(start, stop):
-        modules = submodules(layers[index]._modules["_fn"])
+        modules, params = submodules_and_trainable_parameters(layers[index]._modules["_fn"])
         own = {id(m) for m in modules}
-        size = sum(p.nbytes for p in trainable_parameters(modules))
+        size = sum(p.nbytes for p in params)
         shares = not seen.isdisjoint(own)
         if shares or (index > first and held + size > budget):
             if index - first >= 2:

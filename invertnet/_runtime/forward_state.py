@@ -48,6 +48,7 @@ __all__ = [
     "keep_awaiting_buffer_values",
     "same_objects",
     "submodules",
+    "submodules_and_trainable_parameters",
     "trainable_parameters",
 ]
 
@@ -119,6 +120,27 @@ def submodules(module: nn.Module) -> list[nn.Module]:
                 seen.add(id(child))
                 found.append(child)
     return found
+
+
+def submodules_and_trainable_parameters(
+    module: nn.Module,
+) -> tuple[list[nn.Module], tuple[nn.Parameter, ...]]:
+    """:func:`submodules` of ``module`` and their :func:`trainable_parameters`, the
+    same lists in the same order, in one walk: a layer asks for both on every call,
+    and each walk over a deep block's modules costs tens of microseconds."""
+    found, seen = [module], {id(module)}
+    params: dict[int, nn.Parameter] = {}
+    for owner in found:  # grows as it is walked
+        held = owner._parameters
+        if held:  # most modules hold none
+            for p in held.values():
+                if p is not None and p.requires_grad:
+                    params.setdefault(id(p), p)
+        for child in owner._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                found.append(child)
+    return found, tuple(params.values())
 
 
 def trainable_parameters(modules: Iterable[nn.Module]) -> tuple[nn.Parameter, ...]:
@@ -311,12 +333,23 @@ class ForwardState:
         no new tuple per call.
         """
         modules = self.modules
-        flags = tuple(m.training for m in modules)
-        self._flags = None if all(flags) else flags
-        params = _slots(modules, "_parameters")
-        buffers = _slots(modules, "_buffers")
+        # One pass over the modules for their flags, parameters and buffers (three
+        # took twice as long on a chain of 14 blocks).
+        params: list[torch.Tensor] = []
+        buffers: list[torch.Tensor] = []
+        all_training = True
+        for owner in modules:
+            if not owner.training:
+                all_training = False
+            held = owner._parameters
+            if held:  # most modules hold none
+                params.extend(t for t in held.values() if t is not None)
+            held = owner._buffers
+            if held:
+                buffers.extend(t for t in held.values() if t is not None)
+        self._flags = None if all_training else tuple(m.training for m in modules)
         self._num_params = len(params)
-        tensors = tuple(t for _, _, t in (*params, *buffers))
+        tensors = (*params, *buffers)
         if previous is not None and same_objects(previous._tensors, tensors):
             tensors = previous._tensors
         self._tensors = tensors  # type: ignore[assignment]

@@ -27,7 +27,7 @@ from invertnet._runtime.forward_state import (
     keep_awaiting_buffer_values,
     same_objects,
     submodules,
-    trainable_parameters,
+    submodules_and_trainable_parameters,
 )
 from invertnet._runtime.graph import unowned_leaves
 from invertnet._runtime.rng import RNGTape, calls_never_draw
@@ -996,11 +996,10 @@ class InvertibleModuleWrapper(nn.Module):
         """Run ``fn`` through the memory-saving Function, or return ``None`` where
         nothing needs a gradient (then the caller runs it directly)."""
         # One walk over the modules serves the decision, the Function and backward.
-        modules = self._submodules(fn)
+        modules, params = self._submodules(fn)
         # Another layer's call awaiting backward may hold these modules too (one
         # block twice in a stack): it keeps its buffer values before they change.
         keep_awaiting_buffer_values(modules)
-        params = trainable_parameters(modules)
         if not (params or any(t.requires_grad for t in inputs)):
             return None
         forward = direction == "forward"
@@ -1019,14 +1018,15 @@ class InvertibleModuleWrapper(nn.Module):
         _refuse_unsupported(call)
         return _InvertibleFunction.apply(call, *inputs, *params)
 
-    def _submodules(self, fn: nn.Module) -> list[nn.Module]:
-        """The wrapped module ``fn`` and those under it; the same list object as last
-        time where they are the same modules, so that calls awaiting backward share it."""
-        modules = submodules(fn)
+    def _submodules(self, fn: nn.Module) -> tuple[list[nn.Module], tuple[nn.Parameter, ...]]:
+        """The wrapped module ``fn`` and those under it, the same list object as last
+        time where they are the same modules (so that calls awaiting backward share
+        it), and their parameters that require grad."""
+        modules, params = submodules_and_trainable_parameters(fn)
         last = self._last_state
         if last is not None and same_objects(last.modules, modules):
-            return last.modules
-        return modules
+            return last.modules, params
+        return modules, params
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling or copying between a forward pass and its backward: the copy has
