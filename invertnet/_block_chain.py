@@ -69,6 +69,9 @@ class ReversibleSequentialChain(nn.Module):
     #: run its backward: the chain's output is then not held through every other
     #: block's backward (two streams' worth of memory more than separate blocks hold).
     takes_outputs: ClassVar[bool] = True
+    #: ``modules_and_trainable_parameters()`` gives the walk of the blocks that the
+    #: stack made for this call (:meth:`hand_walk`), so the wrapper walks none.
+    lists_own_modules: ClassVar[bool] = True
 
     def __init__(self, blocks: dict[str, nn.Module]) -> None:
         super().__init__()
@@ -81,6 +84,29 @@ class ReversibleSequentialChain(nn.Module):
     def blocks(self) -> tuple[nn.Module, ...]:
         """The blocks, in order."""
         return self._blocks
+
+    def hand_walk(self, walks: list[tuple[list[nn.Module], tuple[nn.Parameter, ...]]]) -> None:
+        """Take the stack's walk of each block (its modules and trainable parameters,
+        made as the stack cut this call's chains, which share no module), for the
+        next :meth:`modules_and_trainable_parameters`."""
+        self.__dict__["_handed_walk"] = walks
+
+    def modules_and_trainable_parameters(
+        self,
+    ) -> tuple[list[nn.Module], tuple[nn.Parameter, ...]]:
+        """The chain and every module under it (the chain first), and their
+        parameters that require grad, each once: from the walk handed to it by
+        :meth:`hand_walk` (once), or walked now."""
+        walks = self.__dict__.pop("_handed_walk", None)
+        if walks is None or len(walks) != len(self._blocks):
+            return submodules_and_trainable_parameters(self)
+        modules: list[nn.Module] = [self]
+        found: dict[int, nn.Parameter] = {}
+        for block_modules, params in walks:
+            modules.extend(block_modules)
+            for p in params:  # two blocks may hold one parameter (tied weights)
+                found.setdefault(id(p), p)
+        return modules, tuple(found.values())
 
     def reconstruction_keeps_finite(self) -> bool:
         """Whether every block's reconstructions of finite outputs are finite."""

@@ -92,7 +92,16 @@ def _chain_gradient_budget(input_bytes: int) -> int:
     return max(input_bytes // 2, whole, _MIN_CHAIN_GRADIENT_BYTES)
 
 
-def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tuple[int, int]]:
+_Walk = tuple[list[nn.Module], tuple[nn.Parameter, ...]]
+
+
+def _cut(
+    layers: list[nn.Module],
+    start: int,
+    stop: int,
+    budget: int,
+    walks: dict[int, _Walk] | None = None,
+) -> list[tuple[int, int]]:
     """``layers[start:stop]`` (wrappers) cut into chains of two or more blocks: a
     chain ends before a block that shares a module with it (each block's
     recomputation then needs its own record of what that module held) and before
@@ -106,6 +115,8 @@ def _cut(layers: list[nn.Module], start: int, stop: int, budget: int) -> list[tu
     own: set[int] = set()
     for index in range(start, stop):
         modules, params = submodules_and_trainable_parameters(layers[index]._modules["_fn"])
+        if walks is not None:  # kept for the chain's wrapper, which then walks none
+            walks[index] = (modules, params)
         own = {id(m) for m in modules}
         size = sum(p.nbytes for p in params)
         shares = not seen.isdisjoint(own)
@@ -377,19 +388,24 @@ class ReversibleSequential(nn.Module):
         made = {id(wrapper) for wrapper in self._made}
         settings = [_settings(layer) if id(layer) in made else None for layer in candidates]
         spans: list[tuple[int, int]] = []
+        walks: dict[int, _Walk] = {}
         start = 0
         while start < len(settings):
             stop = start + 1
             if settings[start] is not None:
                 while stop < len(settings) and settings[stop] == settings[start]:
                     stop += 1
-                spans.extend(_cut(layers, start, stop, budget))
+                spans.extend(_cut(layers, start, stop, budget, walks))
             start = stop
         chains = self.__dict__.setdefault("_chains", {})
         runs = {
             start: (stop, self._chain(chains, layers, start, stop, settings[start]))
             for start, stop in spans
         }
+        for start, (stop, wrapper) in runs.items():
+            # The blocks were walked just now: the chain hands that walk to its
+            # wrapper, which then walks none (the cut kept the blocks disjoint).
+            wrapper.module.hand_walk([walks[index] for index in range(start, stop)])
         # Chains of other calls (another batch size cuts others) are dropped once
         # their backward has run.
         for key in [key for key in chains if key not in spans]:

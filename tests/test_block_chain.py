@@ -687,6 +687,55 @@ def test_parameter_shared_by_distinct_modules_in_a_chain(chains, how: str, strea
         assert_identical(got, blockwise)
 
 
+def test_the_stack_hands_each_chain_its_walk(chains, monkeypatch: pytest.MonkeyPatch):
+    """The stack walks every block's modules to cut its chains; each chain's wrapper
+    takes that walk rather than walk the chain again: the same modules and
+    trainable parameters (a parameter two blocks hold, once), and a wrapper that
+    walks nothing itself. Gradients equal plain autograd's."""
+    from invertnet import _block_chain as block_chain
+    from invertnet._runtime.forward_state import submodules_and_trainable_parameters
+    from invertnet.wrappers import invertible
+
+    blocks = couplings(DEPTH, nn.Dropout(0.5))
+    blocks[2].Fm[0].weight = blocks[0].Fm[0].weight
+    model = stack_of(*blocks)
+    walked: list[nn.Module] = []
+    walk = invertible.submodules_and_trainable_parameters
+
+    def spy(module: nn.Module) -> Any:
+        walked.append(module)
+        return walk(module)
+
+    monkeypatch.setattr(invertible, "submodules_and_trainable_parameters", spy)
+    monkeypatch.setattr(block_chain, "submodules_and_trainable_parameters", spy)
+    handed: list[Any] = []
+    take = ReversibleSequentialChain.modules_and_trainable_parameters
+
+    def keep(self: ReversibleSequentialChain) -> Any:
+        handed.append((self, take(self)))
+        return handed[-1][1]
+
+    monkeypatch.setattr(ReversibleSequentialChain, "modules_and_trainable_parameters", keep)
+
+    def run(m: nn.Module) -> list[Any]:
+        m.zero_grad(set_to_none=True)
+        x, inp, before = caller_input("leaf")
+        torch.manual_seed(7)
+        y = m(inp)
+        loss_of(y).backward()
+        return [*detached(y), x.grad, *grads(m)]
+
+    got = run(model)
+    assert chains == WHOLE
+    assert not any(isinstance(m, ReversibleSequentialChain) for m in walked)
+    ((chain, (modules, params)),) = handed
+    fresh_modules, fresh_params = submodules_and_trainable_parameters(chain)
+    assert modules[0] is chain and len(modules) == len(fresh_modules)
+    assert {id(m) for m in modules} == {id(m) for m in fresh_modules}
+    assert sorted(map(id, params)) == sorted(map(id, fresh_params))
+    assert_same(got, run(plain(model)))
+
+
 # -- 14. frozen parameters ---------------------------------------------------------------------
 
 

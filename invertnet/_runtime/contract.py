@@ -182,6 +182,14 @@ class InvertibleBlock(nn.Module):
     #: them meanwhile. Trusted only from the class that defines ``inverse_and_vjp``.
     takes_outputs: ClassVar[bool] = False
 
+    #: Whether the block lists its modules itself: its
+    #: ``modules_and_trainable_parameters()`` returns the block and every module
+    #: under it (the block first, each once) and their parameters that require grad,
+    #: each once, which a wrapper then takes instead of walking the modules on every
+    #: call: a block that knows them already (a chain of blocks whose stack has just
+    #: walked them) spares that walk.
+    lists_own_modules: ClassVar[bool] = False
+
     def reconstruction_keeps_finite(self) -> bool:
         """Whether the inverse of finite outputs is finite by construction (by
         default not known: the wrapper checks)."""
@@ -237,6 +245,8 @@ class BlockTraits:
     #: Its ``inverse_and_vjp`` may be handed ``outputs`` in a list of their own,
     #: which it empties once done with them (``takes_outputs``).
     takes_outputs: bool
+    #: It lists its modules and trainable parameters itself (``lists_own_modules``).
+    lists_own_modules: bool
     #: It has ``forward_and_log_det`` (:class:`LogDet`).
     log_det: bool
     #: It has ``reconstruction_keeps_finite()``.
@@ -261,6 +271,9 @@ def block_traits(cls: type) -> BlockTraits:
         takes_outputs=fused
         and getattr(cls, "takes_outputs", False) is True
         and declared_with(cls, "inverse_and_vjp", "takes_outputs"),
+        lists_own_modules=getattr(cls, "lists_own_modules", False) is True
+        and callable(getattr(cls, "modules_and_trainable_parameters", None))
+        and declared_with(cls, "modules_and_trainable_parameters", "lists_own_modules"),
         log_det=issubclass(cls, LogDet),
         says_if_finite=callable(getattr(cls, "reconstruction_keeps_finite", None)),
     )

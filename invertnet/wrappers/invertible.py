@@ -1022,7 +1022,10 @@ class InvertibleModuleWrapper(nn.Module):
         """The wrapped module ``fn`` and those under it, the same list object as last
         time where they are the same modules (so that calls awaiting backward share
         it), and their parameters that require grad."""
-        modules, params = submodules_and_trainable_parameters(fn)
+        if block_traits(type(fn)).lists_own_modules:
+            modules, params = fn.modules_and_trainable_parameters()
+        else:
+            modules, params = submodules_and_trainable_parameters(fn)
         last = self._last_state
         if last is not None and same_objects(last.modules, modules):
             return last.modules, params
