@@ -1018,6 +1018,9 @@ class InvertibleModuleWrapper(nn.Module):
         _refuse_unsupported(call)
         return _InvertibleFunction.apply(call, *inputs, *params)
 
+    # Eager, as the rest of the record: Dynamo in PyTorch 2.4 can neither trace the
+    # cached trait lookup nor be trusted with the walk (see _record).
+    @torch.compiler.disable
     def _submodules(self, fn: nn.Module) -> tuple[list[nn.Module], tuple[nn.Parameter, ...]]:
         """The wrapped module ``fn`` and those under it, the same list object as last
         time where they are the same modules (so that calls awaiting backward share
