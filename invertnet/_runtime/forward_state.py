@@ -125,22 +125,11 @@ def submodules(module: nn.Module) -> list[nn.Module]:
 def submodules_and_trainable_parameters(
     module: nn.Module,
 ) -> tuple[list[nn.Module], tuple[nn.Parameter, ...]]:
-    """:func:`submodules` of ``module`` and their :func:`trainable_parameters`, the
-    same lists in the same order, in one walk: a layer asks for both on every call,
-    and each walk over a deep block's modules costs tens of microseconds."""
-    found, seen = [module], {id(module)}
-    params: dict[int, nn.Parameter] = {}
-    for owner in found:  # grows as it is walked
-        held = owner._parameters
-        if held:  # most modules hold none
-            for p in held.values():
-                if p is not None and p.requires_grad:
-                    params.setdefault(id(p), p)
-        for child in owner._modules.values():
-            if child is not None and id(child) not in seen:
-                seen.add(id(child))
-                found.append(child)
-    return found, tuple(params.values())
+    """:func:`submodules` of ``module`` and their :func:`trainable_parameters`: what a
+    layer asks for on every call, and what a block that lists its own modules
+    (``lists_own_modules``) hands its wrapper instead."""
+    modules = submodules(module)
+    return modules, trainable_parameters(modules)
 
 
 def trainable_parameters(modules: Iterable[nn.Module]) -> tuple[nn.Parameter, ...]:
