@@ -119,16 +119,13 @@ def _unshared_counts(device_type: str) -> HolderCounts:
     return holder_counts(torch.empty(2, device=torch.device(device_type)))
 
 
-def _python_references(t: torch.Tensor) -> int:
-    return sys.getrefcount(t)
-
-
 @functools.cache
 def _python_references_of_one_local() -> int:
     # Measured, not assumed: what sys.getrefcount counts besides the holders (its
-    # own argument, a callee's parameter) is an implementation detail of CPython.
+    # own argument) is an implementation detail of CPython. Counted as
+    # held_only_by_caller counts, from a frame's local variable.
     t = torch.empty(0)
-    return _python_references(t)
+    return sys.getrefcount(t)
 
 
 def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
@@ -148,11 +145,12 @@ def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
     """
     if type(t) is not torch.Tensor or t.requires_grad or t._base is not None:
         return False
-    # A local variable in this frame is one reference, as in the calibration.
-    extra = _python_references(t) - _python_references_of_one_local()
-    if extra != references:
+    # This frame's parameter is one more reference, counted as the calibration's
+    # local variable is. (Inline: the engine asks at every step of every block.)
+    if sys.getrefcount(t) - _python_references_of_one_local() != references:
         return False
-    return holder_counts(t) == _unshared_counts(t.device.type)
+    counts = (t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata))
+    return counts == _unshared_counts(t.device.type)
 
 
 def storage_key(x: torch.Tensor) -> int:
