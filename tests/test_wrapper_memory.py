@@ -390,13 +390,20 @@ def _objects_alive_after_forward(depth: int) -> int:
         return a, b
 
     forward()[0].sum().backward()  # caches and lazily built state are made once
-    gc.collect()
-    before = {id(o) for o in gc.get_objects()}
-    out = forward()
-    gc.collect()
-    alive = sum(1 for o in gc.get_objects() if id(o) not in before)
-    del out
-    return alive
+    counts = []
+    # Twice, keeping the fewer: every 1024 records of modules with buffers, the
+    # registry of records awaiting backward drops its dead entries, and the entries
+    # then made again for these blocks' BatchNorms (a list each) count in the
+    # window where that happens, which is at most one of the two.
+    for _ in range(2):
+        gc.collect()
+        before = {id(o) for o in gc.get_objects()}
+        out = forward()
+        gc.collect()
+        counts.append(sum(1 for o in gc.get_objects() if id(o) not in before))
+        out[0].sum().backward()
+        del out
+    return min(counts)
 
 
 def test_a_wrapped_block_keeps_few_objects_alive_until_backward() -> None:

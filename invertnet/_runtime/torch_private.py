@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 
 import torch
 from torch.autograd.graph import _engine_run_backward
+from torch.nn.modules import module as nn_module
 
 __all__ = [
     "HolderCounts",
@@ -150,7 +151,9 @@ def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
     if sys.getrefcount(t) - _python_references_of_one_local() != references:
         return False
     counts = (t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata))
-    return counts == _unshared_counts(t.device.type)
+    # is_cpu first: reading t.device makes a device object, which costs as much as
+    # the counts themselves.
+    return counts == _unshared_counts("cpu" if t.is_cpu else t.device.type)
 
 
 def storage_key(x: torch.Tensor) -> int:
@@ -249,16 +252,12 @@ def global_forward_hooks_registered() -> bool:
     """Whether a forward pre-hook or forward hook is registered for every module
     (``torch.nn.modules.module.register_module_forward_pre_hook`` and
     ``register_module_forward_hook``): it then runs around every module call."""
-    from torch.nn.modules import module as nn_module
-
     return bool(nn_module._global_forward_pre_hooks or nn_module._global_forward_hooks)
 
 
 def module_hooks(module: torch.nn.Module) -> ModuleHooks | None:
     """The call hooks of ``module`` (see :class:`ModuleHooks`), or ``None`` when it has
     none, which is the common case and costs a few dictionary checks."""
-    from torch.nn.modules import module as nn_module
-
     own = (
         module._forward_pre_hooks,
         module._forward_hooks,
@@ -271,7 +270,8 @@ def module_hooks(module: torch.nn.Module) -> ModuleHooks | None:
         nn_module._global_backward_pre_hooks,
         nn_module._global_backward_hooks,
     )
-    if not any(own) and not any(glob):
+    # Spelled out rather than any(own) or any(glob): asked per block and per call.
+    if not (own[0] or own[1] or own[2] or own[3] or glob[0] or glob[1] or glob[2] or glob[3]):
         return None
     pre_kwargs = module._forward_pre_hooks_with_kwargs
     post_kwargs = module._forward_hooks_with_kwargs

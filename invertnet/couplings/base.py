@@ -355,12 +355,18 @@ def _may_write_over(t: ModuleOutput, like: torch.Tensor, references: int) -> boo
         and t is not like
         and t.dtype == like.dtype
         and t.shape == like.shape
-        and t.device == like.device
+        and _same_device(t, like)
         and not torch.compiler.is_compiling()
         and _dense(t)
         # And this function's parameter.
         and held_only_by_caller(t, references=references + 1)
     )
+
+
+def _same_device(t: torch.Tensor, like: torch.Tensor) -> bool:
+    # Two CPU tensors without making device objects (which cost more, per step,
+    # than the rest of _may_write_over's checks).
+    return (t.is_cpu and like.is_cpu) or t.device == like.device
 
 
 def _strided_image_half(part: torch.Tensor) -> bool:
