@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from paired_timing import paired_ratios  # noqa: E402
 
 from invertnet import reversible_sequential  # noqa: E402
+from invertnet._runtime.forward_state import submodules_and_trainable_parameters  # noqa: E402
 from invertnet.bench.measure import Config, measure_here  # noqa: E402
 
 WORKLOAD = "additive-conv"
@@ -54,7 +55,13 @@ def use_chains_of(length: int) -> None:
         reversible_sequential._cut = _STACKS_OWN_CUT
         return
 
-    def cut(layers: list, start: int, stop: int, budget: int) -> list[tuple[int, int]]:
+    def cut(
+        layers: list, start: int, stop: int, budget: int, walks: dict | None = None
+    ) -> list[tuple[int, int]]:
+        if walks is not None:  # the walk the stack hands each chain
+            for index in range(start, stop):
+                fn = layers[index]._modules["_fn"]
+                walks[index] = submodules_and_trainable_parameters(fn)
         spans = [(a, min(a + length, stop)) for a in range(start, stop, length)]
         return [(a, b) for a, b in spans if b - a >= 2]
 
