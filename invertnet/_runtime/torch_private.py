@@ -69,8 +69,13 @@ class HolderCounts(NamedTuple):
 
 def holder_counts(x: torch.Tensor) -> HolderCounts:
     """The reference counts of ``x`` and of its storage, at this moment."""
-    storage = torch._C._storage_Use_Count(x.untyped_storage()._cdata)
-    return HolderCounts(tensor=x._use_count(), storage=storage)
+    return HolderCounts(*_counts(x))
+
+
+def _counts(x: torch.Tensor) -> tuple[int, int]:
+    # holder_counts without the named tuple, for held_only_by_caller, which the
+    # coupling engine asks at every step of every block.
+    return x._use_count(), torch._C._storage_Use_Count(x.untyped_storage()._cdata)
 
 
 def input_kind(x: torch.Tensor) -> str:
@@ -150,10 +155,9 @@ def held_only_by_caller(t: torch.Tensor, references: int = 1) -> bool:
     # local variable is. (Inline: the engine asks at every step of every block.)
     if sys.getrefcount(t) - _python_references_of_one_local() != references:
         return False
-    counts = (t._use_count(), torch._C._storage_Use_Count(t.untyped_storage()._cdata))
     # is_cpu first: reading t.device makes a device object, which costs as much as
     # the counts themselves.
-    return counts == _unshared_counts("cpu" if t.is_cpu else t.device.type)
+    return _counts(t) == _unshared_counts("cpu" if t.is_cpu else t.device.type)
 
 
 def storage_key(x: torch.Tensor) -> int:
